@@ -1,0 +1,295 @@
+"""The error tree of dpop_hsm.
+
+One root, :class:`DPoPError`, and four families, so callers can catch at the level they care
+about: configuration mistakes (fix your setup), signer faults (the key or the device), protocol
+errors (the servers said no or spoke nonsense) and verification failures (a proof we were asked
+to check is bad).  Every class carries a stable ``code`` string for programs and log search;
+messages are for people.
+
+Messages are built by our own code from non-secret facts only: no constructor here takes a token,
+PIN, client secret or proof, so none can leak through ``str()`` or ``repr()``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AmbiguousKeyError",
+    "ConfigurationError",
+    "DPoPError",
+    "DeviceError",
+    "InsecureEndpointError",
+    "InvalidProofError",
+    "KeyNotFoundError",
+    "KeyReferenceError",
+    "MechanismNotSupportedError",
+    "MissingDependencyError",
+    "NonceError",
+    "OAuthError",
+    "PinError",
+    "PinLockedError",
+    "ProtocolError",
+    "RedirectError",
+    "ReplayError",
+    "SecretSourceError",
+    "SignatureEncodingError",
+    "SignerError",
+    "TokenBindingError",
+    "TokenNotPresentError",
+    "TokenResponseError",
+    "TokenTypeError",
+    "TransportError",
+    "UnauthorizedError",
+    "UnsupportedKeyError",
+    "UseDPoPNonceError",
+    "VerificationError",
+]
+
+
+class DPoPError(Exception):
+    """Root of every error dpop_hsm raises on purpose."""
+
+    code = "dpop_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+    def diagnostics(self) -> str:
+        """A one-line hint for people, used by the CLI; subclasses add advice."""
+        return self.message
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Server-supplied text, bounded and stripped of control characters before it is shown."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class ConfigurationError(DPoPError):
+    """The caller's setup is wrong: fix the arguments, the key reference or the environment."""
+
+    code = "configuration_error"
+
+
+class KeyReferenceError(ConfigurationError):
+    """A key reference (path, ``pkcs11:`` or ``tpm2:`` URI) cannot be parsed or used."""
+
+    code = "invalid_key_reference"
+
+
+class MissingDependencyError(ConfigurationError):
+    """An optional backend is needed but its extra is not installed."""
+
+    code = "missing_dependency"
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(
+            f"the Python module {module!r} is not installed: pip install 'dpop_hsm[{extra}]'"
+        )
+        self.module = module
+        self.extra = extra
+
+
+class InsecureEndpointError(ConfigurationError):
+    """An endpoint is plain HTTP on a non-loopback host: credentials would travel in clear."""
+
+    code = "insecure_endpoint"
+
+
+class SecretSourceError(ConfigurationError):
+    """A PIN, password or client secret could not be read from its source (never shown)."""
+
+    code = "secret_source_error"
+
+
+# --- signer --------------------------------------------------------------------------------
+
+
+class SignerError(DPoPError):
+    """The key or the device holding it failed to produce a signature or a public key."""
+
+    code = "signer_error"
+
+
+class UnsupportedKeyError(SignerError):
+    """The key exists but is of a type, curve or form that DPoP signing cannot use."""
+
+    code = "unsupported_key"
+
+
+class SignatureEncodingError(SignerError):
+    """A signature is not in the encoding it must be in (strict DER or fixed-length raw)."""
+
+    code = "signature_encoding"
+
+
+class KeyNotFoundError(SignerError):
+    """No key on the device matches the reference."""
+
+    code = "key_not_found"
+
+
+class AmbiguousKeyError(SignerError):
+    """Several keys match the reference; we never pick one silently."""
+
+    code = "ambiguous_key"
+
+
+class TokenNotPresentError(SignerError):
+    """The module loaded but no matching token/device is present (unplugged YubiKey, no TPM)."""
+
+    code = "token_not_present"
+
+    def diagnostics(self) -> str:
+        return (
+            f"{self.message} (is the device plugged in, pcscd running, the slot/token label right?)"
+        )
+
+
+class PinError(SignerError):
+    """The PIN or key auth value was rejected. Never retried: retries lock tokens."""
+
+    code = "pin_incorrect"
+
+    def diagnostics(self) -> str:
+        return f"{self.message} (check the PIN source; the PIN itself is never printed)"
+
+
+class PinLockedError(PinError):
+    """The token locked the PIN after too many wrong attempts."""
+
+    code = "pin_locked"
+
+
+class MechanismNotSupportedError(SignerError):
+    """The device cannot perform the mechanism the key's algorithm needs."""
+
+    code = "mechanism_not_supported"
+
+
+class DeviceError(SignerError):
+    """The device failed in a way that is not about the key or the PIN."""
+
+    code = "device_error"
+
+
+# --- protocol (client side) ----------------------------------------------------------------
+
+
+class ProtocolError(DPoPError):
+    """A server did not behave as OAuth 2.0 / RFC 9449 require, or refused us."""
+
+    code = "protocol_error"
+
+
+class TransportError(ProtocolError):
+    """The server could not be reached, timed out, or broke the connection."""
+
+    code = "transport_error"
+
+
+class OAuthError(ProtocolError):
+    """An OAuth error response (RFC 6749 §5.2): ``error`` and ``error_description`` as sent."""
+
+    code = "oauth_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error: str | None = None,
+        error_description: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        details = []
+        if status is not None:
+            details.append(f"HTTP {status}")
+        if error:
+            details.append(f"error={_printable(error)!r}")
+        if error_description:
+            details.append(f"error_description={_printable(error_description)!r}")
+        super().__init__(f"{message} ({', '.join(details)})" if details else message)
+        self.error = error
+        self.error_description = error_description
+        self.status = status
+
+
+class TokenResponseError(ProtocolError):
+    """The token endpoint answered 2xx but the body is not a usable token response."""
+
+    code = "invalid_token_response"
+
+
+class TokenTypeError(TokenResponseError):
+    """The AS issued a token that is not DPoP-bound; refusing avoids a silent Bearer downgrade."""
+
+    code = "token_type_not_dpop"
+
+
+class NonceError(ProtocolError):
+    """The server kept demanding a nonce after our one retry (RFC 9449 §8, §9)."""
+
+    code = "nonce_loop"
+
+
+class UnauthorizedError(OAuthError):
+    """The resource server rejected the request (401/403) after any allowed retry."""
+
+    code = "unauthorized"
+
+
+class RedirectError(ProtocolError):
+    """A redirect that we will not follow with DPoP credentials."""
+
+    code = "redirect_refused"
+
+
+# --- verification (server side) ------------------------------------------------------------
+
+
+class VerificationError(DPoPError):
+    """A DPoP proof or a DPoP-bound token failed a check.
+
+    ``check`` names the failed check (``typ``, ``alg``, ``jwk``, ``signature``, ``htm``, ``htu``,
+    ``iat``, ``jti``, ``ath``, ``nonce``, ``cnf``, ``syntax``); ``oauth_error`` is the error code
+    a server should send back (RFC 9449 §5, §7.1, §8, §9).
+    """
+
+    code = "verification_failed"
+    oauth_error = "invalid_dpop_proof"
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(f"{check}: {message}")
+        self.check = check
+
+
+class InvalidProofError(VerificationError):
+    """The proof is malformed, badly signed, or its claims do not match the request."""
+
+    code = "invalid_dpop_proof"
+
+
+class ReplayError(InvalidProofError):
+    """The proof's ``jti`` was seen before within the acceptance window."""
+
+    code = "dpop_proof_replay"
+
+
+class UseDPoPNonceError(VerificationError):
+    """The server requires a (fresh) nonce; it answers with ``use_dpop_nonce`` and a new one."""
+
+    code = "use_dpop_nonce"
+    oauth_error = "use_dpop_nonce"
+
+
+class TokenBindingError(VerificationError):
+    """The access token is not bound to the proof's key (``cnf.jkt`` mismatch) or is invalid."""
+
+    code = "invalid_token"
+    oauth_error = "invalid_token"

@@ -1,0 +1,355 @@
+"""Server-side DPoP proof verification (RFC 9449 §4.3, §7.1, §8, §11).
+
+For resource servers and authorization servers written in Python, and for our own local test
+servers. Every check raises a typed error naming the check; nothing returns False. Checks run
+cheapest-first, and the replay cache is only written after the signature verified, so unsigned
+junk cannot fill it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from .algorithms import ALGORITHMS, MIN_RSA_BITS
+from .ecdsa import raw_to_der
+from .errors import (
+    ConfigurationError,
+    DPoPError,
+    InvalidProofError,
+    ReplayError,
+    TokenBindingError,
+    UseDPoPNonceError,
+)
+from .htu import comparable_htu
+from .jose import b64url_decode, compact_json, jwk_thumbprint, split_compact
+from .proof import access_token_hash
+
+__all__ = [
+    "DEFAULT_ALGORITHMS",
+    "ReplayCache",
+    "VerifiedProof",
+    "public_key_from_jwk",
+    "verify_proof",
+]
+
+DEFAULT_ALGORITHMS: frozenset[str] = frozenset(ALGORITHMS)
+MAX_PROOF_LENGTH = 8192
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
+    "P-256": (ec.SECP256R1, 32),
+    "P-384": (ec.SECP384R1, 48),
+    "P-521": (ec.SECP521R1, 66),
+}
+
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+
+
+@dataclass(frozen=True)
+class VerifiedProof:
+    """What a verified proof tells the server: its claims, header and the key's thumbprint."""
+
+    claims: Mapping[str, Any]
+    header: Mapping[str, Any]
+    jkt: str
+
+
+class ReplayCache:
+    """Seen ``jti`` values until their proofs could no longer pass the ``iat`` window (§11.1).
+
+    Bounded: at ``max_entries`` the entry closest to expiry is evicted first. All entries share
+    one lifetime, so insertion order is expiry order. If the bound is reached while entries are
+    still live, the oldest of them can be replayed: size it above peak proofs/s times the
+    window (the default, 100,000, covers ~1,500 proofs/s with a 60 s window).
+    """
+
+    def __init__(self, *, max_entries: int = 100_000) -> None:
+        if max_entries < 1:
+            raise ConfigurationError("max_entries must be positive")
+        self._max = max_entries
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_store(self, key: str, expires_at: float, now: float) -> bool:
+        """Record ``key``; False when it was already recorded and not expired."""
+        with self._lock:
+            seen = self._seen
+            while seen:
+                oldest_key, oldest_exp = next(iter(seen.items()))
+                if oldest_exp > now and len(seen) < self._max:
+                    break
+                del seen[oldest_key]
+            previous = seen.get(key)
+            if previous is not None and previous > now:
+                return False
+            seen[key] = expires_at
+            seen.move_to_end(key)
+            return True
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise InvalidProofError("syntax", f"duplicate JSON member {key[:40]!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidProofError("syntax", f"non-standard JSON constant {name}")
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_strict_object, parse_constant=_reject_constant)
+
+
+def _decode_part(part: str, what: str) -> dict[str, Any]:
+    try:
+        raw = b64url_decode(part)
+        value = _decoder.decode(raw.decode("utf-8"))
+    except InvalidProofError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidProofError("syntax", f"{what} is not base64url-encoded JSON") from e
+    if not isinstance(value, dict):
+        raise InvalidProofError("syntax", f"{what} is not a JSON object")
+    return value
+
+
+def _b64_int(jwk: Mapping[str, Any], name: str) -> int:
+    value = jwk.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidProofError("jwk", f"member {name!r} missing or not a string")
+    try:
+        return int.from_bytes(b64url_decode(value), "big")
+    except ValueError as e:
+        raise InvalidProofError("jwk", f"member {name!r} is not base64url") from e
+
+
+@lru_cache(maxsize=1024)
+def _public_key_cached(canonical: bytes) -> PublicKey:
+    return _build_public_key(json.loads(canonical))
+
+
+def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
+    """A ``cryptography`` public key from a public JWK; private members are refused."""
+    if not isinstance(jwk, Mapping):
+        raise InvalidProofError("jwk", "jwk header is not a JSON object")
+    private = _PRIVATE_MEMBERS.intersection(jwk)
+    if private:
+        raise InvalidProofError("jwk", f"jwk carries private key members {sorted(private)}")
+    members = {k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y", "n", "e")}
+    try:
+        canonical = compact_json(dict(sorted(members.items())))
+    except (TypeError, ValueError) as e:
+        raise InvalidProofError("jwk", "jwk members are not JSON values") from e
+    return _public_key_cached(canonical)
+
+
+def _build_public_key(jwk: Mapping[str, Any]) -> PublicKey:
+    kty = jwk.get("kty")
+    if kty == "EC":
+        crv = jwk.get("crv")
+        if not isinstance(crv, str) or crv not in _EC_CURVES:
+            raise InvalidProofError("jwk", f"EC curve {str(crv)[:20]!r} is not supported")
+        curve, size = _EC_CURVES[crv]
+        for name in ("x", "y"):
+            value = jwk.get(name)
+            if not isinstance(value, str) or len(value) != (size * 8 + 5) // 6:
+                raise InvalidProofError("jwk", f"EC coordinate {name!r} is not {size} bytes")
+        try:
+            return ec.EllipticCurvePublicNumbers(
+                _b64_int(jwk, "x"), _b64_int(jwk, "y"), curve()
+            ).public_key()
+        except ValueError as e:
+            raise InvalidProofError("jwk", "EC point is not on the curve") from e
+    if kty == "OKP":
+        if jwk.get("crv") != "Ed25519":
+            raise InvalidProofError("jwk", "OKP curve is not Ed25519")
+        x = jwk.get("x")
+        try:
+            return ed25519.Ed25519PublicKey.from_public_bytes(b64url_decode(x if isinstance(x, str) else ""))
+        except ValueError as e:
+            raise InvalidProofError("jwk", "Ed25519 public key is malformed") from e
+    if kty == "RSA":
+        n, e = _b64_int(jwk, "n"), _b64_int(jwk, "e")
+        if n.bit_length() < MIN_RSA_BITS:
+            raise InvalidProofError("jwk", f"RSA modulus is shorter than {MIN_RSA_BITS} bits")
+        try:
+            return rsa.RSAPublicNumbers(e, n).public_key()
+        except ValueError as err:
+            raise InvalidProofError("jwk", "RSA public key is malformed") from err
+    raise InvalidProofError("jwk", f"kty {str(kty)[:20]!r} is not EC, OKP or RSA")
+
+
+def _verify_signature(key: PublicKey, alg: str, signature: bytes, signing_input: bytes) -> None:
+    info = ALGORITHMS[alg]
+    try:
+        if info.kty == "EC":
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != {
+                "P-256": "secp256r1",
+                "P-384": "secp384r1",
+                "P-521": "secp521r1",
+            }.get(info.crv or ""):
+                raise InvalidProofError("alg", f"{alg} does not match the jwk's key type/curve")
+            if len(signature) != 2 * info.coord_size:
+                raise InvalidProofError(
+                    "signature", f"{alg} signature must be {2 * info.coord_size} bytes"
+                )
+            try:
+                der = raw_to_der(signature)
+            except DPoPError as e:
+                raise InvalidProofError("signature", "ECDSA r or s out of range") from e
+            key.verify(der, signing_input, ec.ECDSA(info.hash_algorithm()))
+        elif info.kty == "OKP":
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                raise InvalidProofError("alg", f"{alg} does not match the jwk's key type")
+            key.verify(signature, signing_input)
+        else:
+            if not isinstance(key, rsa.RSAPublicKey):
+                raise InvalidProofError("alg", f"{alg} does not match the jwk's key type")
+            pad: padding.AsymmetricPadding = (
+                padding.PSS(mgf=padding.MGF1(info.hash_algorithm()), salt_length=32)
+                if info.pss
+                else padding.PKCS1v15()
+            )
+            key.verify(signature, signing_input, pad, info.hash_algorithm())
+    except InvalidSignature as e:
+        raise InvalidProofError("signature", "signature does not verify with the jwk") from e
+
+
+NonceCheck = str | Collection[str] | Callable[[str], bool]
+
+
+def _check_nonce(claims: Mapping[str, Any], nonce: NonceCheck | None) -> None:
+    if nonce is None:
+        return
+    sent = claims.get("nonce")
+    if sent is None:
+        raise UseDPoPNonceError("nonce", "the server requires a nonce and the proof has none")
+    if not isinstance(sent, str):
+        raise InvalidProofError("nonce", "nonce claim is not a string")
+    if isinstance(nonce, str):
+        ok = hmac.compare_digest(sent.encode(), nonce.encode())
+    elif callable(nonce):
+        ok = bool(nonce(sent))
+    else:
+        ok = sent in nonce
+    if not ok:
+        raise UseDPoPNonceError("nonce", "the proof's nonce is not current")
+
+
+def verify_proof(
+    proof: str,
+    *,
+    htm: str,
+    htu: str,
+    access_token: str | None = None,
+    nonce: NonceCheck | None = None,
+    expected_jkt: str | None = None,
+    algorithms: Collection[str] = DEFAULT_ALGORITHMS,
+    max_age: float = 60.0,
+    leeway: float = 5.0,
+    replay_cache: ReplayCache | None = None,
+    now: float | None = None,
+) -> VerifiedProof:
+    """Verify one DPoP proof for one request; raise the error of the first failed check.
+
+    ``htm``/``htu`` are the request's method and URL (query and fragment are ignored);
+    ``access_token`` makes ``ath`` mandatory; ``nonce`` is the current nonce, a collection of
+    acceptable ones or a predicate; ``expected_jkt`` is the bound token's ``cnf.jkt``.
+    ``iat`` must lie in [now - max_age - leeway, now + leeway].
+
+    Raises InvalidProofError (check: syntax, typ, alg, jwk, signature, htm, htu, iat, jti, ath),
+    ReplayError, UseDPoPNonceError (check: nonce) and TokenBindingError (check: cnf).
+    """
+    if not isinstance(proof, str):
+        raise InvalidProofError("syntax", "proof is not a string")
+    if len(proof) > MAX_PROOF_LENGTH:
+        raise InvalidProofError("syntax", f"proof is longer than {MAX_PROOF_LENGTH} characters")
+    if not proof.isascii():
+        raise InvalidProofError("syntax", "proof has non-ASCII characters")
+    header_b64, payload_b64, signature_b64 = split_compact(proof)
+    header = _decode_part(header_b64, "header")
+    claims = _decode_part(payload_b64, "payload")
+    try:
+        signature = b64url_decode(signature_b64)
+    except ValueError as e:
+        raise InvalidProofError("syntax", "signature is not base64url") from e
+
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() != "dpop+jwt":
+        raise InvalidProofError("typ", "typ header must be 'dpop+jwt'")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in ALGORITHMS or alg not in algorithms:
+        allowed = ", ".join(sorted(set(algorithms) & set(ALGORITHMS)))
+        raise InvalidProofError("alg", f"alg {str(alg)[:20]!r} is not allowed (allowed: {allowed})")
+    if "crit" in header:
+        raise InvalidProofError("syntax", "crit header parameters are not understood")
+    jwk = header.get("jwk")
+    if not isinstance(jwk, dict):
+        raise InvalidProofError("jwk", "jwk header is missing or not a JSON object")
+    key = public_key_from_jwk(jwk)
+    if not signature:
+        raise InvalidProofError("signature", "signature is empty")
+    _verify_signature(key, alg, signature, (header_b64 + "." + payload_b64).encode("ascii"))
+    try:
+        jkt = jwk_thumbprint(jwk)
+    except DPoPError as e:
+        raise InvalidProofError("jwk", str(e)) from e
+
+    method = claims.get("htm")
+    if not isinstance(method, str) or method != htm:
+        raise InvalidProofError("htm", f"htm does not match the request method {htm!r}")
+    sent_htu = claims.get("htu")
+    if not isinstance(sent_htu, str):
+        raise InvalidProofError("htu", "htu claim missing or not a string")
+    try:
+        matches = comparable_htu(sent_htu) == comparable_htu(htu)
+    except ConfigurationError as e:
+        raise InvalidProofError("htu", "htu is not an http(s) URI") from e
+    if not matches:
+        raise InvalidProofError("htu", "htu does not match the request URI")
+
+    iat = claims.get("iat")
+    if isinstance(iat, bool) or not isinstance(iat, int | float):
+        raise InvalidProofError("iat", "iat claim missing or not a number")
+    current = time.time() if now is None else now
+    if iat > current + leeway:
+        raise InvalidProofError("iat", "iat is in the future (check the client's clock)")
+    if iat < current - max_age - leeway:
+        raise InvalidProofError("iat", f"proof is older than {max_age:g}s")
+
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not jti or len(jti) > 256:
+        raise InvalidProofError("jti", "jti claim missing, empty or too long")
+
+    if access_token is not None:
+        ath = claims.get("ath")
+        if not isinstance(ath, str):
+            raise InvalidProofError("ath", "ath claim is required with an access token")
+        if not hmac.compare_digest(ath.encode(), access_token_hash(access_token).encode()):
+            raise InvalidProofError("ath", "ath does not match the access token")
+    if expected_jkt is not None and not hmac.compare_digest(expected_jkt.encode(), jkt.encode()):
+        raise TokenBindingError("cnf", "the proof's key does not match the token's cnf.jkt")
+
+    _check_nonce(claims, nonce)
+
+    if replay_cache is not None and not replay_cache.check_and_store(
+        jkt + ":" + jti, float(iat) + max_age + 2 * leeway, current
+    ):
+        raise ReplayError("jti", "proof was already used (jti replay)")
+    return VerifiedProof(claims=claims, header=header, jkt=jkt)

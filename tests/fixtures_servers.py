@@ -1,0 +1,1 @@
+"""Fixtures for the servers backend (filled in by its issue)."""

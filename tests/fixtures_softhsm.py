@@ -1,0 +1,1 @@
+"""Fixtures for the softhsm backend (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""Fixtures for the tpm backend (filled in by its issue)."""
