@@ -29,7 +29,9 @@ CURVE_ORDERS: dict[int, int] = {
         16,
     ),  # P-384
     66: int(
-        "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        "01FF"
+        + "FFFFFFFF" * 7
+        + "FFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
         16,
     ),  # P-521
 }
@@ -61,7 +63,9 @@ def der_to_raw(der: bytes, size: int) -> bytes:
     try:
         r, s = decode_dss_signature(der)
     except (ValueError, TypeError) as e:
-        raise SignatureEncodingError("ECDSA signature is not a strict DER SEQUENCE of two INTEGERs") from e
+        raise SignatureEncodingError(
+            "ECDSA signature is not a strict DER SEQUENCE of two INTEGERs"
+        ) from e
     return rs_to_raw(r, s, size)
 
 
@@ -69,7 +73,8 @@ def raw_to_der(raw: bytes) -> bytes:
     """Raw ``r||s`` (64, 96 or 132 bytes) -> DER, for verifiers and devices that want DER."""
     if len(raw) % 2 or len(raw) // 2 not in CURVE_ORDERS:
         raise SignatureEncodingError(
-            f"raw ECDSA signature has {len(raw)} bytes; expected 64 (ES256), 96 (ES384) or 132 (ES512)"
+            f"raw ECDSA signature has {len(raw)} bytes; "
+            "expected 64 (ES256), 96 (ES384) or 132 (ES512)"
         )
     size = len(raw) // 2
     r = int.from_bytes(raw[:size], "big")
