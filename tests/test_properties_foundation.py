@@ -1,0 +1,412 @@
+"""Property tests for the foundation parsers: DER <-> raw ECDSA, strict base64url, verify_proof.
+
+The rule for every parser that sees attacker-controlled input: it returns a value or raises one
+of our typed errors (``DPoPError`` subclasses) — never a bare KeyError/ValueError/TypeError/
+IndexError/RecursionError — and it never hangs. ``b64url_decode`` is the one documented
+exception: it raises ``ValueError`` by contract and its callers wrap it (checked below through
+``verify_proof``, which is the caller an attacker reaches).
+
+Example counts are small by default (the whole hardening suite has a time budget); set
+``HYPOTHESIS_PROFILE=long`` for ~20x more examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from dpop_hsm.ecdsa import CURVE_ORDERS, der_to_raw, raw_to_der, rs_to_raw
+from dpop_hsm.errors import SignatureEncodingError, VerificationError
+from dpop_hsm.jose import b64url_decode, b64url_encode
+from dpop_hsm.proof import ProofFactory
+from dpop_hsm.signers.software import SoftwareSigner
+from dpop_hsm.verify import MAX_PROOF_LENGTH, ReplayCache, VerifiedProof, verify_proof
+
+_LONG = os.environ.get("HYPOTHESIS_PROFILE", "") == "long"
+
+
+def examples(n: int) -> int:
+    """Default budget, or 20x under ``HYPOTHESIS_PROFILE=long``."""
+    return n * 20 if _LONG else n
+
+
+FAST = {"deadline": 2000, "suppress_health_check": [HealthCheck.too_slow]}
+SIZES = sorted(CURVE_ORDERS)  # 32 (P-256), 48 (P-384), 66 (P-521)
+
+
+# --- DER <-> raw ---------------------------------------------------------------------------
+
+
+@st.composite
+def curve_and_rs(draw: st.DrawFn) -> tuple[int, int, int]:
+    size = draw(st.sampled_from(SIZES))
+    n = CURVE_ORDERS[size]
+    # Edge values (1, n-1, short integers needing padding) are where encoders break.
+    scalar = st.one_of(
+        st.integers(min_value=1, max_value=n - 1),
+        st.sampled_from([1, 2, 127, 128, 255, 256, n - 1, n - 2, 2 ** (8 * size - 9)]).filter(
+            lambda v: 0 < v < n
+        ),
+        st.integers(min_value=1, max_value=2**64),
+    )
+    return size, draw(scalar), draw(scalar)
+
+
+@settings(max_examples=examples(300), **FAST)
+@given(curve_and_rs())
+def test_der_raw_round_trip_for_every_r_s_in_range(case: tuple[int, int, int]) -> None:
+    size, r, s = case
+    raw = rs_to_raw(r, s, size)
+    assert len(raw) == 2 * size
+    der = raw_to_der(raw)
+    assert der == encode_dss_signature(r, s)  # independent encoder
+    assert der_to_raw(der, size) == raw
+    assert int.from_bytes(raw[:size], "big") == r
+    assert int.from_bytes(raw[size:], "big") == s
+
+
+@settings(max_examples=examples(100), **FAST)
+@given(st.sampled_from(SIZES), st.integers(), st.integers())
+def test_rs_out_of_range_is_a_typed_error(size: int, r: int, s: int) -> None:
+    n = CURVE_ORDERS[size]
+    assume(not (0 < r < n and 0 < s < n))
+    with pytest.raises(SignatureEncodingError):
+        rs_to_raw(r, s, size)
+    if r >= 0 and s >= 0:
+        with pytest.raises(SignatureEncodingError):
+            der_to_raw(encode_dss_signature(r, s), size)
+
+
+@settings(max_examples=examples(400), **FAST)
+@given(st.binary(max_size=300), st.sampled_from([*SIZES, 0, 1, 31, 64, -1]))
+def test_der_to_raw_arbitrary_bytes_only_typed_errors(data: bytes, size: int) -> None:
+    try:
+        raw = der_to_raw(data, size)
+    except SignatureEncodingError:
+        return
+    # Accepted input is canonical strict DER: re-encoding gives the same bytes back.
+    assert len(raw) == 2 * size
+    assert raw_to_der(raw) == data
+
+
+@settings(max_examples=examples(200), **FAST)
+@given(curve_and_rs(), st.data())
+def test_der_mutations_are_rejected_or_canonical(case: tuple[int, int, int], data: Any) -> None:
+    size, r, s = case
+    der = bytearray(encode_dss_signature(r, s))
+    kind = data.draw(st.sampled_from(["flip", "truncate", "append", "length"]))
+    if kind == "flip":
+        i = data.draw(st.integers(0, len(der) - 1))
+        der[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif kind == "truncate":
+        der = der[: data.draw(st.integers(0, len(der) - 1))]
+    elif kind == "append":
+        der += data.draw(st.binary(min_size=1, max_size=4))
+    else:
+        der[1] = data.draw(st.integers(0, 255))
+    try:
+        raw = der_to_raw(bytes(der), size)
+    except SignatureEncodingError:
+        return
+    assert raw_to_der(raw) == bytes(der)
+
+
+@settings(max_examples=examples(300), **FAST)
+@given(st.binary(max_size=200))
+def test_raw_to_der_arbitrary_bytes_only_typed_errors(raw: bytes) -> None:
+    try:
+        der = raw_to_der(raw)
+    except SignatureEncodingError:
+        return
+    assert der_to_raw(der, len(raw) // 2) == raw
+
+
+@pytest.mark.parametrize("bad", [None, "30060201010201", 12, b"\x30" * 10_000])
+def test_der_to_raw_wrong_types_and_sizes(bad: Any) -> None:
+    with pytest.raises(SignatureEncodingError):
+        der_to_raw(bad, 32)
+
+
+# --- base64url -----------------------------------------------------------------------------
+
+
+@settings(max_examples=examples(300), **FAST)
+@given(st.binary(max_size=200))
+def test_b64url_round_trip(data: bytes) -> None:
+    text = b64url_encode(data)
+    assert "=" not in text
+    assert b64url_decode(text) == data
+    assert b64url_decode(text.encode("ascii")) == data
+
+
+_B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@settings(max_examples=examples(500), **FAST)
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.text(alphabet=_B64_ALPHABET + "=+/ \n.", max_size=80),
+        st.binary(max_size=80),
+    )
+)
+def test_b64url_decode_arbitrary_input_bytes_or_value_error(text: str | bytes) -> None:
+    try:
+        decoded = b64url_decode(text)
+    except ValueError:  # the documented contract (callers wrap it)
+        return
+    # Strict: exactly one spelling per byte string.
+    expected = text if isinstance(text, str) else text.decode("ascii")
+    assert b64url_encode(decoded) == expected
+
+
+# --- verify_proof --------------------------------------------------------------------------
+
+HTU = "https://rs.example.com/resource"
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def es256() -> SoftwareSigner:
+    return SoftwareSigner.generate("ES256")
+
+
+@pytest.fixture(scope="module")
+def eddsa() -> SoftwareSigner:
+    return SoftwareSigner.generate("EdDSA")
+
+
+def _json_b64(value: Any) -> str:
+    # ensure_ascii: lone surrogates and any unicode survive as \\u escapes, as an attacker's
+    # JSON would carry them.
+    return b64url_encode(json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode())
+
+
+def signed(signer: SoftwareSigner, header_b64: str, payload_b64: str) -> str:
+    """A compact JWS over arbitrary (possibly hostile) parts, validly signed by ``signer``."""
+    signing_input = header_b64 + "." + payload_b64
+    return signing_input + "." + b64url_encode(signer.sign(signing_input.encode("ascii")))
+
+
+def good_header(signer: SoftwareSigner) -> dict[str, Any]:
+    return {"typ": "dpop+jwt", "alg": signer.alg, "jwk": dict(signer.public_jwk)}
+
+
+def good_claims() -> dict[str, Any]:
+    return {"jti": "j-1", "htm": "GET", "htu": HTU, "iat": int(NOW)}
+
+
+def only_typed_errors(proof: Any, **kwargs: Any) -> VerifiedProof | None:
+    """Run verify_proof; a typed verification error is fine, anything else fails the test."""
+    options: dict[str, Any] = {"htm": "GET", "htu": HTU, "now": NOW}
+    options.update(kwargs)
+    try:
+        return verify_proof(proof, **options)
+    except VerificationError:
+        return None
+
+
+def test_baseline_proof_verifies(es256: SoftwareSigner) -> None:
+    proof = ProofFactory(es256, clock=lambda: NOW).create("GET", HTU)
+    assert verify_proof(proof, htm="GET", htu=HTU, now=NOW).jkt == es256.thumbprint
+
+
+@settings(max_examples=examples(150), **FAST)
+@given(st.data())
+def test_bit_flips_and_truncations_never_verify(es256: SoftwareSigner, data: Any) -> None:
+    proof = ProofFactory(es256, clock=lambda: NOW).create("GET", HTU, access_token="tok")
+    kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete"]))
+    i = data.draw(st.integers(0, len(proof) - 1))
+    if kind == "flip":
+        mutated = (
+            proof[:i] + chr(ord(proof[i]) ^ (1 << data.draw(st.integers(0, 6)))) + proof[i + 1 :]
+        )
+    elif kind == "truncate":
+        mutated = proof[:i]
+    elif kind == "insert":
+        mutated = proof[:i] + data.draw(st.characters(codec="ascii")) + proof[i:]
+    else:
+        mutated = proof[:i] + proof[i + 1 :]
+    assume(mutated != proof)
+    with pytest.raises(VerificationError):
+        verify_proof(mutated, htm="GET", htu=HTU, access_token="tok", now=NOW)
+
+
+@settings(max_examples=examples(300), **FAST)
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=100), st.none(), st.integers()))
+def test_arbitrary_input_only_typed_errors(junk: Any) -> None:
+    assert only_typed_errors(junk) is None
+
+
+# JSON values of every type, nested, with hostile strings (surrogates, controls, long).
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+    st.sampled_from(["\ud800", "\x00", "dpop+jwt", "ES256", "EC", "P-256", "GET", HTU, "1e999"]),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+HEADER_NAMES = ["typ", "alg", "jwk", "crit", "kid", "x5c"]
+CLAIM_NAMES = ["jti", "htm", "htu", "iat", "ath", "nonce", "exp"]
+JWK_NAMES = ["kty", "crv", "x", "y", "n", "e", "d"]
+
+
+@settings(max_examples=examples(250), **FAST)
+@given(
+    st.data(),
+    st.sampled_from(["header", "claims", "jwk"]),
+    st.sampled_from(["ES256", "EdDSA"]),
+)
+def test_type_confusion_in_signed_proofs_only_typed_errors(
+    es256: SoftwareSigner, eddsa: SoftwareSigner, data: Any, where: str, which: str
+) -> None:
+    signer = es256 if which == "ES256" else eddsa
+    header, claims = good_header(signer), good_claims()
+    target = {"header": header, "claims": claims, "jwk": header["jwk"]}[where]
+    names = {"header": HEADER_NAMES, "claims": CLAIM_NAMES, "jwk": JWK_NAMES}[where]
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(names))
+        if data.draw(st.booleans()):
+            target[name] = data.draw(json_values)
+        else:
+            target.pop(name, None)
+    proof = signed(signer, _json_b64(header), _json_b64(claims))
+    access_token = data.draw(st.sampled_from([None, "tok"]))
+    nonce = data.draw(st.sampled_from([None, "n-1", ("n-1", "n-2"), lambda v: v == "n-1"]))
+    result = only_typed_errors(
+        proof, access_token=access_token, nonce=nonce, replay_cache=ReplayCache(max_entries=4)
+    )
+    if result is not None:  # whatever passed must really satisfy the checks
+        assert result.claims["htm"] == "GET"
+        assert isinstance(result.claims["iat"], int | float)
+        assert result.header["typ"].lower() == "dpop+jwt"
+
+
+# Found by this suite: a *validly signed* proof whose ``ath`` or ``nonce`` claim is a JSON string
+# with a lone surrogate ("\\ud800") makes verify_proof call ``str.encode()`` -> UnicodeEncodeError
+# (a bare ValueError) instead of InvalidProofError. Anyone can sign such a proof with their own key.
+SURROGATE_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=UnicodeEncodeError,
+    reason="verify.py: ath/nonce .encode() on a lone-surrogate claim raises UnicodeEncodeError",
+)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "kwargs"),
+    [
+        ("claims", {"iat": str(int(NOW))}, {}),
+        ("claims", {"iat": True}, {}),
+        ("claims", {"iat": 1e400}, {}),
+        ("claims", {"iat": -1e400}, {}),
+        ("claims", {"iat": 10**300}, {}),
+        ("claims", {"htu": ["https://rs.example.com/resource"]}, {}),
+        ("claims", {"htm": {"GET": 1}}, {}),
+        ("claims", {"jti": 7}, {}),
+        ("claims", {"jti": "x" * 300}, {}),
+        ("claims", {"ath": ["a"]}, {"access_token": "tok"}),
+        pytest.param(
+            "claims",
+            {"ath": "\ud800"},
+            {"access_token": "tok"},
+            marks=SURROGATE_BUG,
+            id="ath-lone-surrogate",
+        ),
+        pytest.param(
+            "claims",
+            {"nonce": "\ud800"},
+            {"nonce": "n-1"},
+            marks=SURROGATE_BUG,
+            id="nonce-lone-surrogate",
+        ),
+        ("claims", {"nonce": 5}, {"nonce": "n-1"}),
+        ("claims", {"htu": "https://\ud800/x"}, {}),
+        ("claims", {"htu": "https://rs.example.com:99999/"}, {}),
+        ("claims", {"htu": "https://[::1/"}, {}),
+        ("header", {"jwk": [1, 2]}, {}),
+        ("header", {"jwk": "key"}, {}),
+        ("header", {"alg": ["ES256"]}, {}),
+        ("header", {"alg": "none"}, {}),
+        ("header", {"alg": "HS256"}, {}),
+        ("header", {"typ": None}, {}),
+        ("header", {"crit": ["exp"]}, {}),
+        ("jwk", {"crv": ["P-256"]}, {}),
+        ("jwk", {"x": 1}, {}),
+        ("jwk", {"x": "\ud800" * 43}, {}),
+        ("jwk", {"kty": {"EC": 1}}, {}),
+        ("jwk", {"kty": "RSA", "n": "AQAB", "e": "AQAB"}, {}),
+        ("jwk", {"kty": "oct", "k": "AAAA"}, {}),
+        ("jwk", {"d": "AAAA"}, {}),
+        ("jwk", {"y": {"deep": [[[[]]]]}}, {}),
+    ],
+)
+def test_known_type_confusions_are_typed_errors(
+    es256: SoftwareSigner, where: str, value: dict[str, Any], kwargs: dict[str, Any]
+) -> None:
+    header, claims = good_header(es256), good_claims()
+    {"header": header, "claims": claims, "jwk": header["jwk"]}[where].update(value)
+    proof = signed(es256, _json_b64(header), _json_b64(claims))
+    with pytest.raises(VerificationError):
+        verify_proof(proof, htm="GET", htu=HTU, now=NOW, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "payload_json",
+    [
+        '{"jti":"a","jti":"b","htm":"GET","htu":"%s","iat":%d}',
+        '{"jti":"a","htm":"GET","htu":"%s","iat":%d,"iat":1}',
+        '{"jti":"a","htm":"GET","htu":"%s","iat":%d,"x":NaN}',
+        '{"jti":"a","htm":"GET","htu":"%s","iat":%d,"x":Infinity}',
+        '{"jti":"a","htm":"GET","htu":"%s","iat":%d,"x":' + "9" * 5000 + "}",
+        '{"jti":"a","htm":"GET","htu":"%s","iat":%d}  trailing',
+        '["jti","htm","htu","iat","%s",%d]',
+    ],
+)
+def test_hostile_json_text_is_rejected(es256: SoftwareSigner, payload_json: str) -> None:
+    text = payload_json % (HTU, int(NOW))
+    proof = signed(es256, _json_b64(good_header(es256)), b64url_encode(text.encode()))
+    with pytest.raises(VerificationError):
+        verify_proof(proof, htm="GET", htu=HTU, now=NOW)
+
+
+@pytest.mark.parametrize("depth", [50, 900, 1200, 5000])
+@pytest.mark.parametrize("where", ["header", "claims"])
+def test_deep_nesting_never_escapes_as_recursion_error(
+    es256: SoftwareSigner, depth: int, where: str
+) -> None:
+    nested = "[" * depth + "]" * depth
+    header_text = json.dumps(good_header(es256), separators=(",", ":"))
+    claims_text = json.dumps(good_claims(), separators=(",", ":"))
+    if where == "header":
+        header_text = header_text[:-1] + ',"x":' + nested + "}"
+    else:
+        claims_text = claims_text[:-1] + ',"x":' + nested + "}"
+    proof = signed(es256, b64url_encode(header_text.encode()), b64url_encode(claims_text.encode()))
+    result = only_typed_errors(proof)
+    if len(proof) > MAX_PROOF_LENGTH:
+        assert result is None
+    # Shallow nesting in an unknown member is legal JSON and may verify; deep nesting may not
+    # crash the verifier (a RecursionError would propagate out of only_typed_errors).
+
+
+def test_oversized_proofs_are_rejected_before_parsing() -> None:
+    for size in (MAX_PROOF_LENGTH + 1, 1 << 20, 1 << 24):
+        started = time.monotonic()
+        with pytest.raises(VerificationError):
+            verify_proof("a" * size, htm="GET", htu=HTU, now=NOW)
+        assert time.monotonic() - started < 5  # bounded: no parsing of a 16 MiB string
