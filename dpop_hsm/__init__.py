@@ -46,7 +46,27 @@ _LAZY: dict[str, str] = {
     "raw_to_der": "dpop_hsm.ecdsa",
 }
 
-__all__ = [*_error_names, *_LAZY, "__version__"]
+__all__ = [
+    "DPoPAuth",
+    "DPoPSession",
+    "Pkcs11Signer",
+    "ProofFactory",
+    "ReplayCache",
+    "Signer",
+    "SoftwareSigner",
+    "Token",
+    "TokenClient",
+    "TpmSigner",
+    "VerifiedProof",
+    "__version__",
+    "der_to_raw",
+    "jwk_thumbprint",
+    "load_signer",
+    "raw_to_der",
+    "register_scheme",
+    "verify_proof",
+]
+__all__ += _error_names
 
 
 def __getattr__(name: str) -> Any:
