@@ -24,7 +24,8 @@ from .signers.base import Signer
 __all__ = ["ProofFactory", "access_token_hash"]
 
 _RESERVED_CLAIMS = frozenset({"jti", "htm", "htu", "iat", "ath", "nonce"})
-_json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})  # RFC 7518 §6
+_json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _b64encode = b64url_encode
 _METHOD_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")  # RFC 9110 §9.1 method token
 
@@ -54,8 +55,10 @@ class ProofFactory:
         clock: Callable[[], float] = time.time,
     ) -> None:
         jwk = dict(signer.public_jwk)
-        if "d" in jwk:
-            raise ConfigurationError("signer.public_jwk holds private members; refusing to publish it")
+        if _PRIVATE_MEMBERS.intersection(jwk):  # RFC 9449 §4.2: MUST NOT contain a private key
+            raise ConfigurationError(
+                "signer.public_jwk holds private members; refusing to publish it"
+            )
         self._signer = signer
         self._sign = signer.sign
         self.clock_offset = clock_offset
@@ -106,7 +109,13 @@ class ProofFactory:
             if clash:
                 raise ConfigurationError(f"extra_claims may not set {sorted(clash)}")
             claims.update(extra_claims)
-        signing_input = self._header_prefix + _b64encode(_json_dumps(claims).encode())
+        try:
+            payload = _json_dumps(claims).encode()
+        except (TypeError, ValueError) as e:  # only extra_claims can hold non-JSON values
+            raise ConfigurationError(
+                "extra_claims must be JSON values (no NaN/Infinity, bytes or objects)"
+            ) from e
+        signing_input = self._header_prefix + _b64encode(payload)
         signature = self._sign(signing_input.encode("ascii"))
         return signing_input + "." + _b64encode(signature)
 
