@@ -1,1 +1,110 @@
-"""Fixtures for the softhsm backend (filled in by its issue)."""
+"""A throwaway SoftHSM2 installation per test run.
+
+``SOFTHSM2_CONF`` is set before anything loads libsofthsm2 (the module reads it once, at
+``C_Initialize``), and every token the run needs is initialized up front, because SoftHSM2 only
+sees tokens that exist when it is initialized. PINs are random per run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.hardware import unavailable
+
+# Tokens of one run: "dpop" for signing tests, "fault" for the re-initialization test (it is
+# wiped and re-created under a live signer), "spare" for tests that must not share a login.
+TOKEN_LABELS = ("dpop", "fault", "spare")
+
+
+@dataclass(frozen=True)
+class SoftHsm:
+    """Where the run's SoftHSM2 lives and how to reach its tokens (PINs are test-only)."""
+
+    module: str
+    conf: Path
+    tokendir: Path
+    pin: str
+    so_pin: str
+
+    def uri(self, token: str = "dpop", **attrs: str) -> str:
+        """A pkcs11: URI on one of the run's tokens (no PIN inside)."""
+        from dpop_hsm.signers.pkcs11_uri import Pkcs11Uri
+
+        return str(Pkcs11Uri(token=token, module_path=self.module).replace(**attrs))
+
+    def util(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["softhsm2-util", *args],
+            env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def init_token(self, label: str) -> None:
+        self.util(
+            "--init-token", "--free", "--label", label, "--pin", self.pin, "--so-pin", self.so_pin
+        )
+
+    def delete_token(self, label: str) -> None:
+        self.util("--delete-token", "--token", label)
+
+
+def softhsm_module() -> str | None:
+    from dpop_hsm.errors import TokenNotPresentError
+    from dpop_hsm.signers.pkcs11_uri import resolve_module_name
+
+    try:
+        return resolve_module_name("softhsm2")
+    except TokenNotPresentError:
+        return None
+
+
+def write_conf(conf: Path, tokendir: Path) -> None:
+    conf.write_text(
+        f"directories.tokendir = {tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n",
+        encoding="utf-8",
+    )
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    if shutil.which("softhsm2-util") is None:
+        unavailable("softhsm2-util not installed (apt-get install softhsm2)")
+    try:
+        import pkcs11  # noqa: F401
+    except ImportError:
+        unavailable("python-pkcs11 not installed (pip install 'dpop_hsm[pkcs11]')")
+    module = softhsm_module()
+    if module is None:
+        unavailable("libsofthsm2.so not found")
+    base = tmp_path_factory.mktemp("softhsm")
+    tokendir = base / "tokens"
+    tokendir.mkdir()
+    conf = base / "softhsm2.conf"
+    write_conf(conf, tokendir)
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    hsm = SoftHsm(
+        module=module,
+        conf=conf,
+        tokendir=tokendir,
+        pin=secrets.token_hex(6),
+        so_pin=secrets.token_hex(6),
+    )
+    for label in TOKEN_LABELS:
+        hsm.init_token(label)
+    yield hsm
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous

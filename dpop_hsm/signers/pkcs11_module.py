@@ -1,0 +1,285 @@
+"""One loaded PKCS#11 module per process: locking mode, login, re-initialization, fork.
+
+Why this exists: python-pkcs11 calls ``C_Initialize(NULL)``, which tells the module that the
+application will never call it from two threads at once (PKCS#11 v2.40 §5.4, §6.7). SoftHSM2
+then switches its own locking off, and two threads signing — even on separate sessions —
+crash the process. python-pkcs11 has no way to pass ``CK_C_INITIALIZE_ARGS``, and it does not
+tolerate ``CKR_CRYPTOKI_ALREADY_INITIALIZED`` if we initialize first (verified: its
+``lib.__init__`` raises). So right after python-pkcs11 has loaded and initialized the module we
+call ``C_Finalize`` and ``C_Initialize({flags = CKF_OS_LOCKING_OK})`` ourselves, through ctypes
+on the same ``dlopen``'ed library (``dlopen`` returns the same handle, so it is the same module
+state). python-pkcs11's function table stays valid and its ``initialized`` flag stays true.
+If the module refuses OS locking (``CKR_CANT_LOCK``) we fall back to ``C_Initialize(NULL)`` and
+serialize every call into that module with one lock.
+
+Login goes through ctypes too: python-pkcs11's ``Session.close()`` logs the *whole application*
+out when the session was opened with a PIN, which would silently log out every other signer on
+the token. Our sessions are opened without a PIN and one ``C_Login`` is made per signer;
+``CKR_USER_ALREADY_LOGGED_IN`` is success (login state is per application and token,
+PKCS#11 v2.40 §5.6).
+
+Everything here is private to the pkcs11 backend; the module is separate only to keep
+``pkcs11.py`` about keys and signatures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pkcs11
+from pkcs11.exceptions import PKCS11Error
+
+from ..errors import DeviceError, PinError, PinLockedError, TokenNotPresentError
+
+__all__ = ["Module", "load_module"]
+
+CKF_OS_LOCKING_OK = 0x2
+CKU_USER = 1
+
+CKR_OK = 0x0
+CKR_CANT_LOCK = 0xA
+CKR_PIN_INCORRECT = 0xA0
+CKR_PIN_INVALID = 0xA1
+CKR_PIN_LEN_RANGE = 0xA2
+CKR_PIN_EXPIRED = 0xA3
+CKR_PIN_LOCKED = 0xA4
+CKR_SESSION_CLOSED = 0xB0
+CKR_SESSION_HANDLE_INVALID = 0xB3
+CKR_TOKEN_NOT_PRESENT = 0xE0
+CKR_DEVICE_REMOVED = 0x32
+CKR_USER_ALREADY_LOGGED_IN = 0x100
+CKR_USER_PIN_NOT_INITIALIZED = 0x102
+CKR_USER_ANOTHER_ALREADY_LOGGED_IN = 0x104
+CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+
+_RV = ctypes.c_ulong
+_INIT = ctypes.CFUNCTYPE(_RV, ctypes.c_void_p)
+_CLOSE_ALL = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong)
+_LOGIN = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
+
+
+class _InitArgs(ctypes.Structure):
+    # CK_C_INITIALIZE_ARGS (PKCS#11 v2.40 §5.4): no mutex callbacks, OS locking allowed.
+    _fields_ = (
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    )
+
+
+class _FunctionList(ctypes.Structure):
+    # CK_FUNCTION_LIST up to C_Logout, in the order of PKCS#11 v2.40 §5.15 (pkcs11f.h).
+    _fields_ = (
+        ("major", ctypes.c_ubyte),
+        ("minor", ctypes.c_ubyte),
+        ("C_Initialize", _INIT),
+        ("C_Finalize", _INIT),
+        ("C_GetInfo", ctypes.c_void_p),
+        ("C_GetFunctionList", ctypes.c_void_p),
+        ("C_GetSlotList", ctypes.c_void_p),
+        ("C_GetSlotInfo", ctypes.c_void_p),
+        ("C_GetTokenInfo", ctypes.c_void_p),
+        ("C_GetMechanismList", ctypes.c_void_p),
+        ("C_GetMechanismInfo", ctypes.c_void_p),
+        ("C_InitToken", ctypes.c_void_p),
+        ("C_InitPIN", ctypes.c_void_p),
+        ("C_SetPIN", ctypes.c_void_p),
+        ("C_OpenSession", ctypes.c_void_p),
+        ("C_CloseSession", ctypes.c_void_p),
+        ("C_CloseAllSessions", _CLOSE_ALL),
+        ("C_GetSessionInfo", ctypes.c_void_p),
+        ("C_GetOperationState", ctypes.c_void_p),
+        ("C_SetOperationState", ctypes.c_void_p),
+        ("C_Login", _LOGIN),
+        ("C_Logout", ctypes.c_void_p),
+    )
+
+
+class _Gate:
+    """Calls into a module enter here; re-initialization waits until no call is inside.
+
+    With OS locking the module runs calls in parallel and the gate only counts them; without
+    it every call takes one lock (PKCS#11 v2.40 §6.7.3: a NULL-initialized module must not be
+    entered by two threads at once).
+    """
+
+    def __init__(self, *, parallel: bool) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._closed = False
+        self._serial: threading.RLock | None = None if parallel else threading.RLock()
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._active += 1
+        if self._serial is not None:
+            self._serial.acquire()
+
+    def leave(self) -> None:
+        if self._serial is not None:
+            self._serial.release()
+        with self._cond:
+            self._active -= 1
+            if self._active == 0 and self._closed:
+                self._cond.notify_all()
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._closed = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._closed = False
+                self._cond.notify_all()
+
+
+class Module:
+    """A PKCS#11 module loaded into this process, re-initialized with OS locking if allowed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        # Bumped whenever the module is finalized and initialized again: every session and
+        # object handle from an older generation is dead (PKCS#11 v2.40 §5.4 C_Finalize).
+        self.generation = 0
+        try:
+            self.lib: Any = pkcs11.lib(path)
+        except PKCS11Error as e:
+            raise TokenNotPresentError(
+                f"PKCS#11 module {path!r} could not be loaded or initialized ({type(e).__name__})"
+            ) from e
+        try:
+            self._cdll = ctypes.CDLL(path)
+            table = ctypes.POINTER(_FunctionList)()
+            rv = self._cdll.C_GetFunctionList(ctypes.byref(table))
+        except (OSError, AttributeError) as e:
+            raise TokenNotPresentError(f"PKCS#11 module {path!r} has no C_GetFunctionList") from e
+        if rv != CKR_OK:
+            raise DeviceError(f"PKCS#11 module {path!r}: C_GetFunctionList failed (0x{rv:x})")
+        self._fl = table.contents
+        self.parallel = self._initialize_with_locking()
+        self.gate = _Gate(parallel=self.parallel)
+
+    def _initialize_with_locking(self) -> bool:
+        """Finalize python-pkcs11's NULL initialization and initialize with OS locking."""
+        rv = self._fl.C_Finalize(None)
+        if rv not in (CKR_OK, CKR_CRYPTOKI_NOT_INITIALIZED):
+            return False  # cannot re-init: stay as python-pkcs11 left it, serialized
+        args = _InitArgs(flags=CKF_OS_LOCKING_OK)
+        rv = self._fl.C_Initialize(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
+        if rv in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            return True
+        rv2 = self._fl.C_Initialize(None)
+        if rv2 not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise DeviceError(
+                f"PKCS#11 module {self.path!r}: C_Initialize failed (0x{rv:x}, then 0x{rv2:x})"
+            )
+        return False
+
+    def reinitialize(self) -> None:
+        """Finalize and initialize again: the removed-and-reinserted token path.
+
+        Modules such as SoftHSM2 only rescan their slots at ``C_Initialize``. Waits until no
+        call is inside the module; every signer on it re-opens its sessions on its next call.
+        """
+        with self.gate.exclusive():
+            self.generation += 1
+            self.parallel = self._initialize_with_locking()
+        # The gate's locking mode must match the new initialization.
+        self.gate = _Gate(parallel=self.parallel)
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's sessions and login are not ours (PKCS#11 §6.7.7)."""
+        self.pid = os.getpid()
+        self.generation += 1
+        self.parallel = self._initialize_with_locking()
+        self.gate = _Gate(parallel=self.parallel)
+
+    def login(self, session_handle: int, pin: str, *, what: str) -> None:
+        """``C_Login(CKU_USER)`` on one session; maps PIN failures, never shows the PIN."""
+        data = pin.encode("utf-8")
+        with self.gate.call():
+            rv = self._fl.C_Login(session_handle, CKU_USER, data, len(data))
+        if rv in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
+            return
+        raise login_error(rv, what)
+
+    def close_all_sessions(self, slot_id: int) -> None:
+        """``C_CloseAllSessions``: also logs the application out of the token."""
+        with self.gate.call():
+            self._fl.C_CloseAllSessions(slot_id)
+
+
+def login_error(rv: int, what: str) -> Exception:
+    if rv == CKR_PIN_LOCKED:
+        return PinLockedError(f"{what}: the PIN is locked (CKR_PIN_LOCKED)")
+    if rv in (CKR_PIN_INCORRECT, CKR_PIN_INVALID, CKR_PIN_LEN_RANGE):
+        return PinError(f"{what}: the token rejected the PIN (0x{rv:x})")
+    if rv == CKR_PIN_EXPIRED:
+        return PinError(f"{what}: the PIN has expired; change it with the token's tools")
+    if rv == CKR_USER_PIN_NOT_INITIALIZED:
+        return PinError(f"{what}: the token's user PIN is not initialized")
+    if rv == CKR_USER_ANOTHER_ALREADY_LOGGED_IN:
+        return PinError(f"{what}: the security officer is logged in to this token")
+    if rv in (CKR_TOKEN_NOT_PRESENT, CKR_DEVICE_REMOVED):
+        return TokenNotPresentError(f"{what}: token not present (0x{rv:x})")
+    if rv in (CKR_SESSION_CLOSED, CKR_SESSION_HANDLE_INVALID):
+        return SessionLostError(f"{what}: session closed during login (0x{rv:x})")
+    return DeviceError(f"{what}: C_Login failed (0x{rv:x})")
+
+
+class SessionLostError(DeviceError):
+    """A session vanished under us: the caller re-opens once."""
+
+
+_MODULES: dict[str, Module] = {}
+_LOCK = threading.Lock()
+
+
+def load_module(path: str) -> Module:
+    """The process-wide :class:`Module` for ``path`` (re-initialized in a forked child)."""
+    key = os.path.realpath(path)
+    with _LOCK:
+        module = _MODULES.get(key)
+        if module is None:
+            if not os.path.isfile(key):
+                raise TokenNotPresentError(f"PKCS#11 module {path!r} does not exist")
+            module = Module(path)
+            _MODULES[key] = module
+        elif module.pid != os.getpid():
+            module.after_fork()
+        return module
+
+
+def _after_fork_in_child() -> None:
+    # Locks held by other parent threads at fork() time would never be released here.
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
