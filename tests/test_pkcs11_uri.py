@@ -1,0 +1,197 @@
+"""RFC 7512 URI parsing, printing, module lookup and PIN resolution (no token needed)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from dpop_hsm.errors import KeyReferenceError, SecretSourceError, TokenNotPresentError
+from dpop_hsm.signers.pkcs11_uri import (
+    PIN_ENV,
+    Pkcs11Uri,
+    module_search_dirs,
+    resolve_module_name,
+)
+
+
+def test_parse_all_standard_attributes() -> None:
+    # Every path and query attribute of RFC 7512 §2.3, with percent-encoding.
+    u = Pkcs11Uri.parse(
+        "pkcs11:token=My%20Token;manufacturer=SoftHSM%20project;serial=abc123;model=SoftHSM%20v2;"
+        "library-manufacturer=Acme;library-description=Acme%20lib;library-version=2.6;"
+        "slot-manufacturer=SM;slot-description=Slot%201;slot-id=42;object=dpop%2Fkey;"
+        "type=private;id=%01%02%ff"
+        "?pin-source=file:/run/pin&module-name=softhsm2&module-path=/opt/lib/p11.so"
+    )
+    assert u.token == "My Token"
+    assert u.manufacturer == "SoftHSM project"
+    assert u.serial == "abc123"
+    assert u.model == "SoftHSM v2"
+    assert u.library_manufacturer == "Acme"
+    assert u.library_description == "Acme lib"
+    assert u.library_version == "2.6"
+    assert u.slot_manufacturer == "SM"
+    assert u.slot_description == "Slot 1"
+    assert u.slot_id == 42
+    assert u.object == "dpop/key"
+    assert u.type == "private"
+    assert u.id == b"\x01\x02\xff"
+    assert u.pin_source == "file:/run/pin"
+    assert u.module_name == "softhsm2"
+    assert u.module_path == "/opt/lib/p11.so"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pkcs11:",
+        "pkcs11:token=dpop",
+        "pkcs11:token=dpop;object=dpop-demo;type=private;id=%01%ab",
+        "pkcs11:object=a%20b%3bc;x-vendor=v?module-path=/usr/lib/p.so&x-flag=1",
+        "pkcs11:slot-id=0;object=%c3%a9t%c3%a9?pin-source=env:PIN",
+    ],
+)
+def test_round_trip(text: str) -> None:
+    u = Pkcs11Uri.parse(text)
+    again = Pkcs11Uri.parse(str(u))
+    assert again == u
+    assert str(again) == str(u)
+
+
+def test_id_printed_as_percent_bytes_and_unicode_label() -> None:
+    u = Pkcs11Uri(token="t", object="été;x", id=b"\x00\xff")
+    text = str(u)
+    assert "id=%00%ff" in text
+    assert "object=%C3%A9t%C3%A9%3Bx" in text
+    assert Pkcs11Uri.parse(text).object == "été;x"
+
+
+def test_pin_value_never_printed() -> None:
+    u = Pkcs11Uri.parse("pkcs11:token=t?pin-value=s3cr3t-pin&module-name=x")
+    assert u.pin_value == "s3cr3t-pin"
+    assert "s3cr3t" not in str(u)
+    assert "s3cr3t" not in repr(u)
+    assert "pin-value=s3cr3t-pin" in u.to_string(include_pin=True)
+
+
+def test_vendor_attributes_kept_in_order() -> None:
+    u = Pkcs11Uri.parse("pkcs11:token=t;x-b=2;x-a=1?x-q=%20")
+    assert u.vendor_path == (("x-b", "2"), ("x-a", "1"))
+    assert u.vendor_query == (("x-q", " "),)
+
+
+@pytest.mark.parametrize(
+    ("text", "attribute"),
+    [
+        ("pkcs11:token=a;token=b", "token"),  # RFC 7512 §2.3: path attributes at most once
+        ("pkcs11:colour=red", "colour"),  # unknown, non-vendor name: outside the grammar
+        ("pkcs11:token=t?colour=red", "colour"),
+        ("pkcs11:id=%zz", "id"),  # malformed percent-encoding
+        ("pkcs11:object=%4", "object"),
+        ("pkcs11:slot-id=abc", "slot-id"),
+        ("pkcs11:slot-id=-1", "slot-id"),
+        ("pkcs11:type=key", "type"),
+        ("pkcs11:library-version=x.1", "library-version"),
+        ("pkcs11:token", "token"),  # no '='
+        ("pkcs11:object=%ff%fe", "object"),  # not UTF-8
+        ("pkcs11:token=t?module-name=a&module-name=b", "module-name"),
+        ("pkcs11:token=t?pin-source=file:/p&pin-value=1", "pin-source"),
+    ],
+)
+def test_malformed_uris_name_the_attribute(text: str, attribute: str) -> None:
+    with pytest.raises(KeyReferenceError) as info:
+        Pkcs11Uri.parse(text)
+    assert attribute in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["pkcs12:token=a", "token=a", "pkcs11:token=a#frag", "pkcs11:\x01"]
+)
+def test_not_a_pkcs11_uri(text: str) -> None:
+    with pytest.raises(KeyReferenceError):
+        Pkcs11Uri.parse(text)
+
+
+def test_scheme_is_case_insensitive() -> None:
+    assert Pkcs11Uri.parse("PKCS11:token=a").token == "a"
+
+
+# --- PIN resolution ------------------------------------------------------------------------
+
+
+def test_pin_order_explicit_then_source_then_value_then_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("from-file\n", encoding="utf-8")
+    monkeypatch.setenv(PIN_ENV, "from-env")
+    with_source = Pkcs11Uri.parse(f"pkcs11:token=t?pin-source=file:{pin_file}")
+    assert with_source.resolve_pin("explicit") == "explicit"
+    assert with_source.resolve_pin(lambda: "callback") == "callback"
+    assert with_source.resolve_pin() == "from-file"
+    bare_path = Pkcs11Uri.parse(f"pkcs11:token=t?pin-source={pin_file}")
+    assert bare_path.resolve_pin() == "from-file"
+    monkeypatch.setenv("MY_TOKEN_PIN", "from-named-env")
+    assert Pkcs11Uri.parse("pkcs11:token=t?pin-source=env:MY_TOKEN_PIN").resolve_pin() == (
+        "from-named-env"
+    )
+    with caplog.at_level(logging.WARNING, logger="dpop_hsm.pkcs11"):
+        assert Pkcs11Uri.parse("pkcs11:token=t?pin-value=inline-9f2").resolve_pin() == "inline-9f2"
+    assert any("pin-value" in r.getMessage() for r in caplog.records)
+    assert all("inline-9f2" not in r.getMessage() for r in caplog.records)
+    assert Pkcs11Uri.parse("pkcs11:token=t").resolve_pin() == "from-env"
+    monkeypatch.delenv(PIN_ENV)
+    assert Pkcs11Uri.parse("pkcs11:token=t").resolve_pin() is None
+
+
+def test_pin_source_errors_do_not_leak(tmp_path: Path) -> None:
+    with pytest.raises(SecretSourceError) as info:
+        Pkcs11Uri.parse(f"pkcs11:token=t?pin-source=file:{tmp_path}/missing").resolve_pin()
+    assert "missing" in str(info.value)
+    with pytest.raises(SecretSourceError):
+        Pkcs11Uri.parse("pkcs11:token=t?pin-source=%7C/bin/echo%201234").resolve_pin()
+    with pytest.raises(SecretSourceError):
+        Pkcs11Uri.parse("pkcs11:token=t?pin-source=env:DPOP_HSM_TEST_UNSET_VAR").resolve_pin()
+
+
+# --- module lookup -------------------------------------------------------------------------
+
+
+def test_module_path_wins_and_must_exist(tmp_path: Path) -> None:
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(b"")
+    u = Pkcs11Uri(module_path=str(lib), module_name="other")
+    assert u.module() == str(lib)
+    with pytest.raises(TokenNotPresentError):
+        Pkcs11Uri(module_path=str(tmp_path / "none.so")).module()
+
+
+def test_module_name_lookup_in_search_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = tmp_path / "libacme-p11.so"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("DPOP_HSM_PKCS11_MODULE_DIRS", str(tmp_path))
+    assert tmp_path in module_search_dirs()
+    for name in ("acme-p11", "libacme-p11", "libacme-p11.so"):
+        assert resolve_module_name(name) == str(lib)
+    assert Pkcs11Uri(module_name="acme-p11").module() == str(lib)
+    with pytest.raises(TokenNotPresentError) as info:
+        resolve_module_name("no-such-module-xyz")
+    assert "no-such-module-xyz" in str(info.value)
+    with pytest.raises(KeyReferenceError):
+        resolve_module_name("../etc/evil")
+
+
+def test_default_dirs_include_distro_locations() -> None:
+    dirs = {str(d) for d in module_search_dirs()}
+    assert "/usr/lib/pkcs11" in dirs
+    assert "/usr/lib/softhsm" in dirs
+    assert "/usr/local/lib" in dirs
+
+
+def test_no_module_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DPOP_HSM_PKCS11_MODULE", raising=False)
+    with pytest.raises(KeyReferenceError) as info:
+        Pkcs11Uri(token="t").module()
+    assert "module-path" in str(info.value)
