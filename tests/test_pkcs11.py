@@ -1,0 +1,520 @@
+"""Pkcs11Signer on a real SoftHSM2 token: keys, proofs, threads and every fault of issue 3.
+
+Signatures are checked with ``cryptography`` (an independent implementation), never with the
+token itself. Faults are caused for real: sessions closed under the signer, the token wiped and
+re-created, wrong PINs, a real ``fork()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from dpop_hsm import load_signer
+from dpop_hsm.ecdsa import raw_to_der
+from dpop_hsm.errors import (
+    AmbiguousKeyError,
+    KeyNotFoundError,
+    KeyReferenceError,
+    PinError,
+    SignerError,
+    TokenNotPresentError,
+    UnsupportedKeyError,
+)
+from dpop_hsm.jose import b64url_decode
+from dpop_hsm.proof import ProofFactory
+from dpop_hsm.verify import public_key_from_jwk, verify_proof
+from tests.fixtures_softhsm import SoftHsm
+from tests.hardware import unavailable
+
+pytestmark = pytest.mark.softhsm
+
+HTU = "https://api.example.com/resource"
+YKCS11 = "/usr/lib/x86_64-linux-gnu/libykcs11.so"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def es256(softhsm: SoftHsm) -> Iterator[Any]:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    with Pkcs11Signer.generate(
+        softhsm.uri(object="test-es256"), "ES256", secret=softhsm.pin
+    ) as signer:
+        yield signer
+
+
+def _verify_es256_jws(proof: str, jwk: dict[str, str]) -> None:
+    head, payload, sig = proof.split(".")
+    key = public_key_from_jwk(jwk)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    raw = b64url_decode(sig)
+    assert len(raw) == 64
+    key.verify(raw_to_der(raw), f"{head}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def test_generated_key_never_leaves_the_token(softhsm: SoftHsm, es256: Any) -> None:
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    # python-pkcs11 directly, on its own session (the signer's login covers the application).
+    lib = pkcs11.lib(softhsm.module)
+    token = lib.get_token(token_label="dpop")
+    with token.open() as session:
+        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label="test-es256")
+        assert key[Attribute.TOKEN] is True
+        assert key[Attribute.PRIVATE] is True
+        assert key[Attribute.SENSITIVE] is True
+        assert key[Attribute.ALWAYS_SENSITIVE] is True
+        assert key[Attribute.NEVER_EXTRACTABLE] is True
+        assert key[Attribute.EXTRACTABLE] is False
+        assert key[Attribute.SIGN] is True
+        assert key[Attribute.DECRYPT] is False
+        assert key[Attribute.DERIVE] is False
+        with pytest.raises(pkcs11.exceptions.PKCS11Error):
+            key[Attribute.VALUE]
+
+
+def test_generated_key_attributes_with_pkcs11_tool(softhsm: SoftHsm, es256: Any) -> None:
+    tool = shutil.which("pkcs11-tool")
+    if tool is None:
+        pytest.skip("pkcs11-tool (opensc) not installed: python-pkcs11 check above still ran")
+    out = subprocess.run(
+        [tool, "--module", softhsm.module, "--token-label", "dpop", "--login", "--pin",
+         softhsm.pin, "--list-objects", "--type", "privkey"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    block = out[out.index("test-es256") :].split("Private Key Object")[0]
+    assert "sensitive" in block
+    assert "always sensitive" in block
+    assert "never extractable" in block
+    assert "local" in block
+
+
+def test_public_jwk_and_uri_round_trip(softhsm: SoftHsm, es256: Any) -> None:
+    assert es256.alg == "ES256"
+    jwk = dict(es256.public_jwk)
+    assert set(jwk) == {"kty", "crv", "x", "y"}
+    assert len(b64url_decode(jwk["x"])) == 32 == len(b64url_decode(jwk["y"]))
+    assert softhsm.pin not in es256.uri
+    assert softhsm.pin not in repr(es256)
+    assert es256.uri.startswith("pkcs11:token=dpop;object=test-es256;type=private;id=%")
+    again = load_signer(es256.uri, secret=softhsm.pin)
+    try:
+        assert again.thumbprint == es256.thumbprint
+        assert again.public_jwk == es256.public_jwk
+    finally:
+        again.close()  # type: ignore[attr-defined]
+
+
+def test_ten_thousand_es256_proofs_verify(es256: Any) -> None:
+    factory = ProofFactory(es256)
+    jwk = dict(es256.public_jwk)
+    for i in range(10_000):
+        proof = factory.create("POST", HTU, access_token=f"token-{i % 7}")
+        _verify_es256_jws(proof, jwk)
+    # and one through the project's verifier, for the claims
+    verified = verify_proof(factory.create("GET", HTU), htm="GET", htu=HTU)
+    assert verified.jkt == es256.thumbprint
+
+
+@pytest.mark.parametrize("alg", ["ES384", "ES512", "EdDSA", "PS256", "RS256"])
+def test_other_algorithms_sign_valid_proofs(softhsm: SoftHsm, alg: str) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    with Pkcs11Signer.generate(
+        softhsm.uri(object=f"test-{alg.lower()}"), alg, secret=softhsm.pin
+    ) as signer:
+        assert signer.alg == alg
+        factory = ProofFactory(signer)
+        for _ in range(20):
+            verified = verify_proof(
+                factory.create("GET", HTU), htm="GET", htu=HTU, algorithms=(alg,)
+            )
+            assert verified.jkt == signer.thumbprint
+        if alg in ("ES384", "ES512"):
+            sig = b64url_decode(factory.create("GET", HTU).rsplit(".", 1)[1])
+            assert len(sig) == {"ES384": 96, "ES512": 132}[alg]
+
+
+def test_alg_must_fit_the_key(softhsm: SoftHsm, es256: Any) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    with pytest.raises(UnsupportedKeyError):
+        Pkcs11Signer(es256.uri, secret=softhsm.pin, alg="ES384")
+
+
+def test_generate_refuses_to_overwrite(softhsm: SoftHsm, es256: Any) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    with pytest.raises(KeyReferenceError) as info:
+        Pkcs11Signer.generate(softhsm.uri(object="test-es256"), secret=softhsm.pin)
+    assert "refusing to overwrite" in str(info.value)
+
+
+def test_key_selection_is_unambiguous(softhsm: SoftHsm, es256: Any) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    # A second key with the same label but another id: by label alone it is ambiguous.
+    Pkcs11Signer.generate(softhsm.uri(object="twin", id="\x01"), secret=softhsm.pin).close()
+    Pkcs11Signer.generate(softhsm.uri(object="twin-b", id="\x02"), secret=softhsm.pin).close()
+    _relabel(softhsm, b"\x02", "twin")
+    with pytest.raises(AmbiguousKeyError) as info:
+        Pkcs11Signer(softhsm.uri(object="twin"), secret=softhsm.pin)
+    assert "id=01" in str(info.value)
+    assert "id=02" in str(info.value)
+    with Pkcs11Signer(softhsm.uri(object="twin", id="\x02"), secret=softhsm.pin) as one:
+        assert one.uri.endswith("id=%02?module-path=" + softhsm.module)
+    with pytest.raises(KeyNotFoundError) as nf:
+        Pkcs11Signer(softhsm.uri(object="no-such-key"), secret=softhsm.pin)
+    assert "test-es256" in str(nf.value)  # candidates are listed
+    with pytest.raises(KeyNotFoundError):  # RFC 7512 §2.3: unknown path attribute
+        Pkcs11Signer(softhsm.uri().replace("?", ";x-vendor=1?"), secret=softhsm.pin)
+
+
+def _relabel(softhsm: SoftHsm, key_id: bytes, label: str) -> None:
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+    with token.open(rw=True) as session:
+        session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)[Attribute.LABEL] = label
+
+
+# --- threads -------------------------------------------------------------------------------
+
+_STRESS = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from dpop_hsm.ecdsa import raw_to_der
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+    from dpop_hsm.verify import public_key_from_jwk
+
+    uri, pin, seconds, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    signer = Pkcs11Signer(uri, secret=pin, max_sessions=threads)
+    public = public_key_from_jwk(dict(signer.public_jwk))
+    counts, bad, errors = [0] * threads, [0], []
+    deadline = time.monotonic() + seconds
+
+    def work(i):
+        n = 0
+        try:
+            while time.monotonic() < deadline:
+                msg = b"%d:%d" % (i, n)
+                try:
+                    public.verify(raw_to_der(signer.sign(msg)), msg, ec.ECDSA(hashes.SHA256()))
+                except Exception as e:
+                    if type(e).__name__ == "InvalidSignature":
+                        bad[0] += 1
+                    else:
+                        raise
+                n += 1
+        except Exception as e:
+            errors.append(repr(e))
+        counts[i] = n
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool: t.start()
+    for t in pool: t.join()
+    signer.close()
+    print(json.dumps({"signed": sum(counts), "per_thread": counts, "bad": bad[0],
+                      "errors": errors, "parallel": signer.parallel}))
+    """
+)
+
+
+def test_sixteen_threads_sign_without_crash(softhsm: SoftHsm, es256: Any) -> None:
+    # In a subprocess: a crash of the module (the failure this guards against) is a SIGSEGV,
+    # which would take pytest down with it; here it is an exit code we assert on.
+    proc = subprocess.run(
+        [sys.executable, "-c", _STRESS, es256.uri, softhsm.pin, "3", "16"],
+        env={**os.environ, "SOFTHSM2_CONF": str(softhsm.conf), "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stress run died (rc={proc.returncode}): {proc.stderr[-2000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == []
+    assert result["bad"] == 0
+    assert result["parallel"] is True  # SoftHSM2 accepted CKF_OS_LOCKING_OK
+    assert all(n > 0 for n in result["per_thread"]), result["per_thread"]
+    assert result["signed"] >= 16
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+def _sign_ok(signer: Any) -> None:
+    msg = b"fault-check"
+    key = public_key_from_jwk(dict(signer.public_jwk))
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(raw_to_der(signer.sign(msg)), msg, ec.ECDSA(hashes.SHA256()))
+
+
+def test_session_closed_under_the_signer_is_reopened(es256: Any) -> None:
+    _sign_ok(es256)
+    # C_CloseAllSessions on the token: every session of the signer dies and the login with it.
+    es256._module.close_all_sessions(es256._token.slot.slot_id)
+    _sign_ok(es256)
+    _sign_ok(es256)
+
+
+def test_token_reinitialized_under_the_signer(softhsm: SoftHsm, tmp_path: Path) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "k.pem"
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    args = ("--token", "fault", "--label", "imported", "--id", "0a0b", "--pin", softhsm.pin)
+    softhsm.util("--import", str(pem), *args)
+    with Pkcs11Signer(softhsm.uri("fault", object="imported"), secret=softhsm.pin) as signer:
+        _sign_ok(signer)
+        # Removed and re-inserted: the token directory is wiped and the same key imported
+        # again into a new token with the same label (new serial, new slot id).
+        softhsm.delete_token("fault")
+        softhsm.init_token("fault")
+        softhsm.util("--import", str(pem), *args)
+        _sign_ok(signer)
+        # Re-created with ANOTHER key under the same name: never sign with it silently.
+        softhsm.delete_token("fault")
+        softhsm.init_token("fault")
+        other = tmp_path / "other.pem"
+        other.write_bytes(
+            ec.generate_private_key(ec.SECP256R1()).private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        softhsm.util("--import", str(other), *args)
+        with pytest.raises(KeyNotFoundError) as info:
+            signer.sign(b"x")
+        assert "changed" in str(info.value)
+
+
+def test_other_signers_survive_a_module_reinit(es256: Any) -> None:
+    # The previous test restarted the module (C_Finalize/C_Initialize); es256's sessions are
+    # from the old generation and must be dropped, not reused.
+    _sign_ok(es256)
+
+
+def test_missing_token_and_module(softhsm: SoftHsm) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    with pytest.raises(TokenNotPresentError) as info:
+        Pkcs11Signer(softhsm.uri("absent-token", object="x"), secret=softhsm.pin)
+    assert "'dpop'" in str(info.value)  # lists the tokens that are present
+    with pytest.raises(TokenNotPresentError):
+        Pkcs11Signer("pkcs11:token=dpop?module-path=/nonexistent/libnone.so")
+    with pytest.raises(TokenNotPresentError):
+        Pkcs11Signer("pkcs11:token=dpop?module-name=no-such-pkcs11-module")
+
+
+_YKCS11 = textwrap.dedent(
+    """
+    import sys
+    from dpop_hsm.errors import TokenNotPresentError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+    try:
+        Pkcs11Signer("pkcs11:object=x?module-path=" + sys.argv[1], secret="123456")
+    except TokenNotPresentError as e:
+        print("TokenNotPresentError", e)
+    """
+)
+
+
+def _require_ykcs11() -> None:
+    if not Path(YKCS11).is_file():
+        unavailable(f"ykcs11 not installed ({YKCS11})")
+
+
+def test_ykcs11_without_yubikey_and_without_pcscd() -> None:
+    _require_ykcs11()
+    if Path("/run/pcscd/pcscd.comm").exists():
+        pytest.skip("a system pcscd is running: the no-pcscd case cannot be staged here")
+    proc = subprocess.run(
+        [sys.executable, "-c", _YKCS11, YKCS11],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("TokenNotPresentError"), proc.stdout
+
+
+def test_ykcs11_without_yubikey_with_pcscd() -> None:
+    _require_ykcs11()
+    pcscd, unshare = shutil.which("pcscd"), shutil.which("unshare")
+    if pcscd is None or unshare is None or os.geteuid() != 0:
+        pytest.skip("needs pcscd, unshare and root to run a private pcscd")
+    # A private pcscd in its own mount namespace with a tmpfs /run: the real daemon, with no
+    # trace on the host and no clash with a system pcscd.
+    script = (
+        "mount -t tmpfs dpop-test-run /run || exit 97; "
+        f"{pcscd} -f -e >/dev/null 2>&1 & pid=$!; "
+        "i=0; while [ ! -S /run/pcscd/pcscd.comm ] && [ $i -lt 50 ]; do "
+        "sleep 0.1; i=$((i+1)); done; "
+        f'"{sys.executable}" -c "$0" "$1"; rc=$?; kill $pid; wait $pid; exit $rc'
+    )
+    proc = subprocess.run(
+        [unshare, "--mount", "--propagation", "private", "sh", "-c", script, _YKCS11, YKCS11],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if proc.returncode == 97:
+        pytest.skip("cannot mount a private /run (no CAP_SYS_ADMIN)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("TokenNotPresentError"), proc.stdout
+    assert "tokens present: none" in proc.stdout
+
+
+def test_wrong_pin_is_a_pin_error_never_retried_never_shown(
+    softhsm: SoftHsm, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    # The "spare" token has no login from this process (a logged-in application gets
+    # CKR_USER_ALREADY_LOGGED_IN whatever PIN it sends).
+    wrong = "wrong-pin-7f3a9c"
+    calls = []
+
+    def pin() -> str:
+        calls.append(1)
+        return wrong
+
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(PinError) as info:
+        Pkcs11Signer(softhsm.uri("spare"), secret=pin)
+    assert calls == [1]
+    err = info.value
+    for text in (str(err), repr(err), err.diagnostics(), str(err.__cause__ or "")):
+        assert wrong not in text
+    assert all(wrong not in r.getMessage() for r in caplog.records)
+    with pytest.raises(PinError):
+        Pkcs11Signer(softhsm.uri("spare") + "&pin-value=" + wrong)
+
+
+def test_pin_value_uri_warns_and_never_shows_the_pin(
+    softhsm: SoftHsm, es256: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    with caplog.at_level(logging.WARNING, logger="dpop_hsm.pkcs11"):
+        signer = Pkcs11Signer(es256.uri + "&pin-value=" + softhsm.pin)
+    with signer:
+        assert softhsm.pin not in repr(signer)
+        assert softhsm.pin not in signer.uri
+        _sign_ok(signer)
+    assert any("pin-value" in r.getMessage() for r in caplog.records)
+    assert all(softhsm.pin not in r.getMessage() for r in caplog.records)
+
+
+def test_always_authenticate_key_and_wrong_context_pin(softhsm: SoftHsm, es256: Any) -> None:
+    import pkcs11
+    from asn1crypto import core
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    # Like a YubiKey PIV slot 9c key: CKA_ALWAYS_AUTHENTICATE (a login before each signature).
+    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+    with token.open(rw=True) as session:  # logged in through es256's login
+        session.generate_keypair(
+            KeyType.EC,
+            mechanism=Mechanism.EC_KEY_PAIR_GEN,
+            store=True,
+            label="test-always-auth",
+            id=b"\x9c",
+            public_template={
+                Attribute.EC_PARAMS: core.ObjectIdentifier("1.2.840.10045.3.1.7").dump()
+            },
+            private_template={Attribute.ALWAYS_AUTHENTICATE: True, Attribute.SIGN: True},
+        )
+    pins = [softhsm.pin]
+    asked = []
+
+    def pin() -> str:
+        asked.append(1)
+        return pins[0]
+
+    with Pkcs11Signer(softhsm.uri(object="test-always-auth"), secret=pin) as signer:
+        assert signer.always_authenticate is True
+        before = len(asked)
+        _sign_ok(signer)
+        _sign_ok(signer)
+        assert len(asked) - before == 2  # one context login per signature
+        pins[0] = "wrong-context-pin-1c2d"
+        with pytest.raises(PinError) as info:
+            signer.sign(b"x")
+        assert "wrong-context-pin" not in str(info.value)
+        pins[0] = softhsm.pin
+        for _ in range(3):  # no session stuck in OperationActive
+            _sign_ok(signer)
+    assert es256.always_authenticate is False
+
+
+def test_fork_child_reinitializes(es256: Any) -> None:
+    _sign_ok(es256)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must not use the parent's sessions
+        code = 1
+        try:
+            os.close(read)
+            _sign_ok(es256)
+            _sign_ok(es256)
+            code = 0 if es256._module.pid == os.getpid() else 2
+            os.write(write, b"ok" if code == 0 else b"stale module")
+        except BaseException as e:  # report anything to the parent, then leave at once
+            os.write(write, repr(e).encode()[:500])
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        message = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"child crashed: {status}"
+    assert os.WEXITSTATUS(status) == 0, message
+    assert message == "ok"
+    _sign_ok(es256)  # the parent's sessions are untouched
+
+
+def test_closed_signer_refuses(softhsm: SoftHsm, es256: Any) -> None:
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    with Pkcs11Signer(es256.uri, secret=softhsm.pin) as signer:
+        _sign_ok(signer)
+    with pytest.raises(SignerError):
+        signer.sign(b"x")
+    _sign_ok(es256)  # closing one signer leaves the shared login for the other
+
+
+def test_signature_is_checked_independently(es256: Any) -> None:
+    # A tampered message must fail with cryptography: guards against a verifier that accepts all.
+    key = public_key_from_jwk(dict(es256.public_jwk))
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    sig = raw_to_der(es256.sign(b"message"))
+    with pytest.raises(InvalidSignature):
+        key.verify(sig, b"messagf", ec.ECDSA(hashes.SHA256()))
