@@ -448,6 +448,13 @@ class TpmSigner:
         primary = esapi.create_primary(None, _primary_template(), ESYS_TR.OWNER)[0]
         try:
             key = esapi.load(primary, self._blob.private, self._blob.public)
+        except TSS2_Exception as e:
+            if not _is_link_error(e) and int(e.error) == int(TPM2_RC.INTEGRITY):
+                raise KeyNotFoundError(
+                    f"{self._what} was not created by this TPM (or the TPM was cleared since): "
+                    "its storage primary key cannot unwrap it"
+                ) from e
+            raise
         finally:
             esapi.flush_context(primary)
         try:
