@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
 
-__all__ = ["ALGORITHMS", "AlgorithmInfo", "DEFAULT_ALG", "algorithm"]
+__all__ = ["ALGORITHMS", "DEFAULT_ALG", "AlgorithmInfo", "algorithm"]
 
 DEFAULT_ALG = "ES256"
 

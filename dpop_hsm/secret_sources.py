@@ -55,7 +55,9 @@ def resolve_secret(source: SecretSource | None, *, what: str) -> str | None:
         try:
             value = source()
         except Exception as e:  # a user callback may raise anything; keep the chain, not the text
-            raise SecretSourceError(f"{what}: the secret callback failed ({type(e).__name__})") from e
+            raise SecretSourceError(
+                f"{what}: the secret callback failed ({type(e).__name__})"
+            ) from e
         source = value
     if isinstance(source, bytes):
         try:

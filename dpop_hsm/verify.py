@@ -181,15 +181,19 @@ def _build_public_key(jwk: Mapping[str, Any]) -> PublicKey:
             raise InvalidProofError("jwk", "OKP curve is not Ed25519")
         x = jwk.get("x")
         try:
-            return ed25519.Ed25519PublicKey.from_public_bytes(b64url_decode(x if isinstance(x, str) else ""))
+            return ed25519.Ed25519PublicKey.from_public_bytes(
+                b64url_decode(x if isinstance(x, str) else "")
+            )
         except ValueError as e:
             raise InvalidProofError("jwk", "Ed25519 public key is malformed") from e
     if kty == "RSA":
-        n, e = _b64_int(jwk, "n"), _b64_int(jwk, "e")
-        if n.bit_length() < MIN_RSA_BITS:
+        modulus, exponent = _b64_int(jwk, "n"), _b64_int(jwk, "e")
+        if modulus.bit_length() < MIN_RSA_BITS:
             raise InvalidProofError("jwk", f"RSA modulus is shorter than {MIN_RSA_BITS} bits")
+        if modulus.bit_length() > 8192:
+            raise InvalidProofError("jwk", "RSA modulus is longer than 8192 bits")
         try:
-            return rsa.RSAPublicNumbers(e, n).public_key()
+            return rsa.RSAPublicNumbers(exponent, modulus).public_key()
         except ValueError as err:
             raise InvalidProofError("jwk", "RSA public key is malformed") from err
     raise InvalidProofError("jwk", f"kty {str(kty)[:20]!r} is not EC, OKP or RSA")

@@ -48,7 +48,9 @@ def _resolve(scheme: str) -> Loader:
         entry = _LOADERS.get(scheme)
     if entry is None:
         known = ", ".join(sorted(_LOADERS))
-        raise KeyReferenceError(f"unknown key reference scheme {scheme!r} (known: {known}, or a path)")
+        raise KeyReferenceError(
+            f"unknown key reference scheme {scheme!r} (known: {known}, or a path)"
+        )
     if callable(entry):
         return entry
     module_name, _, attr = entry.partition(":")

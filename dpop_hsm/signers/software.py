@@ -29,12 +29,11 @@ __all__ = ["SoftwareSigner", "load_file_reference", "public_jwk_of"]
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
-_CURVES: dict[str, type[ec.EllipticCurve]] = {
-    "secp256r1": ec.SECP256R1,
-    "secp384r1": ec.SECP384R1,
-    "secp521r1": ec.SECP521R1,
+_JWK_CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
+    "P-256": ec.SECP256R1,
+    "P-384": ec.SECP384R1,
+    "P-521": ec.SECP521R1,
 }
-_JWK_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
 _CURVE_JWK_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _MAX_KEY_FILE = 1 << 20
 
@@ -84,9 +83,10 @@ def _default_alg(key: PrivateKey) -> str:
 
 def _check_alg_fits(key: PrivateKey, info: AlgorithmInfo) -> None:
     if info.kty == "EC":
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or _CURVE_JWK_NAMES.get(
-            key.curve.name
-        ) != info.crv:
+        if (
+            not isinstance(key, ec.EllipticCurvePrivateKey)
+            or _CURVE_JWK_NAMES.get(key.curve.name) != info.crv
+        ):
             raise UnsupportedKeyError(f"{info.name} needs an EC {info.crv} key")
     elif info.kty == "OKP":
         if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -178,7 +178,11 @@ class SoftwareSigner:
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike[str], *, password: SecretSource | None = None, alg: str | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        password: SecretSource | None = None,
+        alg: str | None = None,
     ) -> SoftwareSigner:
         """Load PEM (PKCS#8, SEC1, PKCS#1; encrypted with ``password``), DER or a JWK file."""
         p = Path(path)
@@ -213,15 +217,21 @@ class SoftwareSigner:
         if is_pem and b"PRIVATE KEY" not in stripped.split(b"\n", 1)[0]:
             first = stripped.split(b"\n", 1)[0].decode("ascii", "replace")
             if "PUBLIC KEY" in first or "CERTIFICATE" in first:
-                raise UnsupportedKeyError(f"{name}: holds a public key only; a private key is needed")
+                raise UnsupportedKeyError(
+                    f"{name}: holds a public key only; a private key is needed"
+                )
             raise UnsupportedKeyError(f"{name}: PEM block {first!r} is not a private key")
-        loader = serialization.load_pem_private_key if is_pem else serialization.load_der_private_key
+        loader = (
+            serialization.load_pem_private_key if is_pem else serialization.load_der_private_key
+        )
         try:
             key = loader(stripped if is_pem else data, password=pw)
         except TypeError as e:
             # cryptography: encrypted key without password, or password for a plain key.
             if pw is None:
-                raise SecretSourceError(f"{name}: the key is encrypted; give a password source") from e
+                raise SecretSourceError(
+                    f"{name}: the key is encrypted; give a password source"
+                ) from e
             raise KeyReferenceError(f"{name}: the key is not encrypted; drop the password") from e
         except UnsupportedAlgorithm as e:
             raise UnsupportedKeyError(f"{name}: unsupported key algorithm or curve") from e
@@ -231,8 +241,12 @@ class SoftwareSigner:
             if not is_pem:
                 _reject_public_der(data, name)
             raise KeyReferenceError(f"{name}: not a readable PEM/DER private key or JWK") from e
-        if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
-            raise UnsupportedKeyError(f"{name}: key type {type(key).__name__} is not usable for DPoP")
+        if not isinstance(
+            key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+        ):
+            raise UnsupportedKeyError(
+                f"{name}: key type {type(key).__name__} is not usable for DPoP"
+            )
         return cls(key, alg=alg)
 
     @classmethod
@@ -278,7 +292,9 @@ def _private_key_from_jwk(jwk: Mapping[str, Any]) -> PrivateKey:
         crv = jwk.get("crv")
         if crv not in _JWK_CURVES:
             raise UnsupportedKeyError(f"JWK curve {crv!r} is not supported (P-256, P-384, P-521)")
-        public = ec.EllipticCurvePublicNumbers(_b64_int(jwk, "x"), _b64_int(jwk, "y"), _JWK_CURVES[crv]())
+        public = ec.EllipticCurvePublicNumbers(
+            _b64_int(jwk, "x"), _b64_int(jwk, "y"), _JWK_CURVES[crv]()
+        )
         return ec.EllipticCurvePrivateNumbers(_b64_int(jwk, "d"), public).private_key()
     if kty == "OKP":
         if jwk.get("crv") != "Ed25519":
