@@ -221,3 +221,145 @@ def fresh_handle() -> int:
     """A persistent handle no earlier test in this session used."""
     _next_handle[0] += 1
     return _next_handle[0]
+
+
+# --- tpm2-pkcs11 behind tpm2-abrmd on a private D-Bus session bus ----------------------------
+
+TPM2_PKCS11_MODULE = Path("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so")
+TABRMD_TCTI_LIB = "libtss2-tcti-tabrmd.so.0"
+
+
+@dataclass(frozen=True)
+class Tpm2Pkcs11:
+    """A tpm2-pkcs11 store with one initialized token, reached through tpm2-abrmd."""
+
+    module: Path
+    store: Path
+    token: str
+    user_pin: str
+    so_pin: str
+
+    def uri(self, obj: str) -> str:
+        return f"pkcs11:token={self.token};object={obj}?module-path={self.module}"
+
+
+def _tabrmd_tcti_present() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL(TABRMD_TCTI_LIB)
+    except OSError:
+        return False
+    return True
+
+
+def _stop_pid(proc: subprocess.Popen[bytes] | None, pid: int | None = None) -> None:
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    elif pid:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+
+@pytest.fixture(scope="session")
+def tpm2_pkcs11(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tpm2Pkcs11]:
+    """swtpm → tpm2-abrmd (own D-Bus session bus) → a tpm2_ptool store with token "dpop".
+
+    tpm2-pkcs11 keeps objects loaded across calls, so it needs a resource manager: swtpm alone
+    runs out of its 3 object slots. Environment for the module (read when it is loaded):
+    DBUS_SESSION_BUS_ADDRESS, TPM2_PKCS11_TCTI=tabrmd:bus_type=session, TPM2_PKCS11_STORE.
+    All three daemons are started here and stopped by PID.
+    """
+    require_swtpm()
+    for tool in ("dbus-daemon", "tpm2-abrmd", "tpm2_ptool", "tpm2_getcap"):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is not installed (tpm2-pkcs11 needs dbus, tpm2-abrmd, tpm2_ptool)")
+    if not TPM2_PKCS11_MODULE.exists():
+        unavailable(f"{TPM2_PKCS11_MODULE} is missing (apt-get install libtpm2-pkcs11-1)")
+    if not _tabrmd_tcti_present():
+        unavailable("the tabrmd TCTI is missing (apt-get install libtss2-tcti-tabrmd0)")
+    base = tmp_path_factory.mktemp("tpm2pkcs11")
+    tpm = SwTpm(base / "swtpm")
+    dbus: subprocess.Popen[bytes] | None = None
+    abrmd: subprocess.Popen[bytes] | None = None
+    saved = {k: os.environ.get(k) for k in _P11_ENV}
+    try:
+        tpm.start()
+        tpm.disable_da_lockout()
+        bus = f"unix:path={base}/bus"
+        dbus = subprocess.Popen(
+            ["dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={bus}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for(lambda: Path(f"{base}/bus").exists(), "dbus-daemon socket")
+        env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus, TSS2_LOG="all+NONE")
+        abrmd = subprocess.Popen(
+            ["tpm2-abrmd", "--session", "--allow-root", f"--tcti={tpm.tcti}", "--flush-all"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        env["TPM2TOOLS_TCTI"] = "tabrmd:bus_type=session"
+        _wait_for(lambda: _tcti_answers(env), "tpm2-abrmd on the session bus")
+        store = base / "store"
+        store.mkdir()
+        info = Tpm2Pkcs11(TPM2_PKCS11_MODULE, store, "dpop", "1234", "so-pin-5678")
+        for args in (
+            ["init", f"--path={store}"],
+            [
+                "addtoken",
+                "--pid=1",
+                f"--label={info.token}",
+                f"--userpin={info.user_pin}",
+                f"--sopin={info.so_pin}",
+                f"--path={store}",
+            ],
+        ):
+            subprocess.run(["tpm2_ptool", *args], env=env, check=True, capture_output=True)
+        os.environ.update(
+            DBUS_SESSION_BUS_ADDRESS=bus,
+            TPM2_PKCS11_TCTI="tabrmd:bus_type=session",
+            TPM2_PKCS11_STORE=str(store),
+            TPM2_PKCS11_LOG_LEVEL="0",
+        )
+        yield info
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _stop_pid(abrmd)
+        _stop_pid(dbus)
+        tpm.stop()
+
+
+_P11_ENV = (
+    "DBUS_SESSION_BUS_ADDRESS",
+    "TPM2_PKCS11_TCTI",
+    "TPM2_PKCS11_STORE",
+    "TPM2_PKCS11_LOG_LEVEL",
+)
+
+
+def _tcti_answers(env: dict[str, str]) -> bool:
+    out = subprocess.run(
+        ["tpm2_getcap", "properties-fixed"], env=env, capture_output=True, timeout=10
+    )
+    return out.returncode == 0
+
+
+def _wait_for(check: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up in {timeout} s")
+        time.sleep(0.05)
