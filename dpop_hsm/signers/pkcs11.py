@@ -15,9 +15,9 @@ digest (some tokens silently truncate longer input).
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
@@ -53,7 +53,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .pkcs11_module import Module, SessionLostError, load_module
+from .pkcs11_module import FORKS, Module, SessionLostError, load_module
 from .software import public_jwk_of
 
 __all__ = ["Pkcs11Signer", "load_pkcs11_reference"]
@@ -241,10 +241,11 @@ class Pkcs11Signer:
         self._max = max_sessions
         self._cond = threading.Condition(threading.Lock())
         self._reopen_lock = threading.Lock()
-        self._idle: list[_Entry] = []
+        self._idle: deque[_Entry] = deque()
         self._open = 0
+        self._waiting = 0
         self._closed = False
-        self._pid = os.getpid()
+        self._forks = FORKS[0]
         self._pin: str | None = self._parsed.resolve_pin(secret)
         self._module: Module = load_module(self._module_path)
         self._jwk: Mapping[str, str] = MappingProxyType({})
@@ -538,22 +539,32 @@ class Pkcs11Signer:
         )
         with self._cond:
             self._generation = (self._module.generation, self._epoch)
-            self._idle.append(_Entry(session, key, self._generation))
             self._open += 1
+        self._idle.append(_Entry(session, key, self._generation))
 
     # Sessions -------------------------------------------------------------------------------
-    def _acquire(self) -> _Entry:
+    # The pool's fast path is lock-free: ``deque.append``/``pop`` are atomic in CPython. Only
+    # when no session is idle does a thread take ``_cond`` (to open one, or to wait for one).
+    # A waiter counts itself in ``_waiting`` BEFORE its last look at the deque, and a releaser
+    # appends BEFORE it looks at ``_waiting``, so no wake-up is lost.
+    def _acquire_slow(self) -> _Entry:
         with self._cond:
-            while True:
-                if self._closed:
-                    raise SignerError("Pkcs11Signer is closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._open < self._max:
-                    self._open += 1
-                    generation = self._generation
-                    break
-                self._cond.wait()
+            self._waiting += 1
+            try:
+                while True:
+                    if self._closed:
+                        raise SignerError("Pkcs11Signer is closed")
+                    try:
+                        return self._idle.pop()
+                    except IndexError:
+                        pass
+                    if self._open < self._max:
+                        self._open += 1
+                        generation = self._generation
+                        break
+                    self._cond.wait(0.5)
+            finally:
+                self._waiting -= 1
         try:
             session = self._open_session(self._token)
             try:
@@ -583,15 +594,9 @@ class Pkcs11Signer:
             self._open -= 1
             self._cond.notify()
 
-    def _release(self, entry: _Entry) -> None:
-        with self._cond:
-            if entry.generation == self._generation and not self._closed:
-                self._idle.append(entry)
-                self._cond.notify()
-                return
-        self._discard(entry)
-
     def _discard(self, entry: _Entry) -> None:
+        # A session from an older module generation is never closed: after C_Finalize its
+        # handle number may already belong to someone else's new session.
         if entry.generation[0] == self._module.generation:
             self._close_session(entry.session)
         self._forget()
@@ -602,7 +607,8 @@ class Pkcs11Signer:
             if failed != self._generation:
                 return  # another thread already re-opened after the same fault
             with self._cond:
-                idle, self._idle = self._idle, []
+                idle = list(self._idle)
+                self._idle.clear()
                 self._epoch += 1
                 self._generation = (self._module.generation, self._epoch)
             for entry in idle:
@@ -617,14 +623,15 @@ class Pkcs11Signer:
                     self._epoch += 1
                 self._connect(first=False)
 
-    def _check_fork(self) -> None:
+    def _after_fork(self) -> None:
         # PKCS#11 v2.40 §6.7.7: a child must not use the parent's sessions; it initializes
         # the module again (load_module does it) and logs in on fresh sessions.
-        self._pid = os.getpid()
+        self._forks = FORKS[0]
         self._cond = threading.Condition(threading.Lock())
         self._reopen_lock = threading.Lock()
-        self._idle = []  # the parent's sessions: never closed from here (handles may be reused)
+        self._idle = deque()  # the parent's sessions: never closed here (handles get reused)
         self._open = 0
+        self._waiting = 0
         self._module = load_module(self._module_path)
         self._epoch += 1
         self._connect(first=False)
@@ -635,29 +642,33 @@ class Pkcs11Signer:
 
         Raises PinError (never retried), TokenNotPresentError, SignatureEncodingError, DeviceError.
         """
-        if self._pid != os.getpid():
-            self._check_fork()
+        if self._forks != FORKS[0]:
+            self._after_fork()
         plan = self._plan
         payload = plan.digest(signing_input) if plan.digest is not None else signing_input
         for attempt in (0, 1):
             try:
-                entry = self._acquire()
-            except _Retry as r:
-                if attempt or not isinstance(r.cause, _SESSION_FAULTS):
-                    raise _map_error(r.cause, "sign") from r.cause
-                self._reopen(self._generation)
-                continue
-            except SessionLostError:
-                if attempt:
-                    raise
-                self._reopen(self._generation)
-                continue
+                entry = self._idle.pop()
+            except IndexError:
+                try:
+                    entry = self._acquire_slow()
+                except _Retry as r:
+                    if attempt or not isinstance(r.cause, _SESSION_FAULTS):
+                        raise _map_error(r.cause, "sign") from r.cause
+                    self._reopen(self._generation)
+                    continue
+                except SessionLostError:
+                    if attempt:
+                        raise
+                    self._reopen(self._generation)
+                    continue
             pin = self._context_pin() if self._always_auth else None
-            gate = self._module.gate
+            module = self._module
+            gate = module.gate
             gate.enter()
-            if entry.generation[0] != self._module.generation:
-                # The module was re-initialized (another signer's reopen, fork): this entry's
-                # handles may now name other sessions or keys. Drop it unclosed, reconnect.
+            if entry.generation[0] != module.generation:
+                # The module was re-initialized (another signer's reopen): this entry's handles
+                # may now name other sessions or keys. Drop it unclosed and reconnect.
                 gate.leave()
                 self._forget()
                 self._reopen(entry.generation)
@@ -684,9 +695,16 @@ class Pkcs11Signer:
                 self._discard(entry)
                 raise
             gate.leave()
-            self._release(entry)
-            if plan.coord_size:
-                size = plan.coord_size
+            # Release: back to the pool unless the pool moved on (reopen) or was closed.
+            if entry.generation == self._generation and not self._closed:
+                self._idle.append(entry)
+                if self._waiting:
+                    with self._cond:
+                        self._cond.notify()
+            else:
+                self._discard(entry)
+            size = plan.coord_size
+            if size:
                 if len(signature) != 2 * size:
                     raise DeviceError(
                         f"CKM_ECDSA returned {len(signature)} bytes; expected {2 * size} (raw r||s)"
@@ -713,9 +731,10 @@ class Pkcs11Signer:
         """Close every session (the token logs this application out with the last one)."""
         with self._cond:
             self._closed = True
-            idle, self._idle = self._idle, []
+            idle = list(self._idle)
+            self._idle.clear()
             self._cond.notify_all()
-        if self._pid != os.getpid():
+        if self._forks != FORKS[0]:
             return
         for entry in idle:
             self._discard(entry)

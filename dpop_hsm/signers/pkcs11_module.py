@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -107,32 +108,38 @@ class _FunctionList(ctypes.Structure):
 class _Gate:
     """Calls into a module enter here; re-initialization waits until no call is inside.
 
-    With OS locking the module runs calls in parallel and the gate only counts them; without
-    it every call takes one lock (PKCS#11 v2.40 §6.7.3: a NULL-initialized module must not be
-    entered by two threads at once).
+    With OS locking the module runs calls in parallel and the gate only tracks them; without
+    it every call also takes one lock (PKCS#11 v2.40 §6.7.3: a NULL-initialized module must
+    not be entered by two threads at once).
+
+    Hot path, so no Condition: a caller appends to ``_inside`` and then checks ``_closing``;
+    the re-initializer sets ``_closing`` and then waits for ``_inside`` to drain. ``list``
+    append/pop are atomic in CPython, so either the caller sees the flag and backs off, or the
+    re-initializer sees the caller and waits (the classic flag/counter handshake).
     """
 
     def __init__(self, *, parallel: bool) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._active = 0
-        self._closed = False
+        self._inside: list[None] = []
+        self._closing = False
+        self._reopened = threading.Event()
+        self._reopened.set()
         self._serial: threading.RLock | None = None if parallel else threading.RLock()
 
     def enter(self) -> None:
-        with self._cond:
-            while self._closed:
-                self._cond.wait()
-            self._active += 1
+        inside = self._inside
+        while True:
+            inside.append(None)
+            if not self._closing:
+                break
+            inside.pop()
+            self._reopened.wait()
         if self._serial is not None:
             self._serial.acquire()
 
     def leave(self) -> None:
         if self._serial is not None:
             self._serial.release()
-        with self._cond:
-            self._active -= 1
-            if self._active == 0 and self._closed:
-                self._cond.notify_all()
+        self._inside.pop()
 
     @contextmanager
     def call(self) -> Iterator[None]:
@@ -144,18 +151,15 @@ class _Gate:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            while self._closed:
-                self._cond.wait()
-            self._closed = True
-            while self._active:
-                self._cond.wait()
+        self._reopened.clear()
+        self._closing = True
         try:
+            while self._inside:  # rare path (module restart): a short poll is fine
+                time.sleep(0.001)
             yield
         finally:
-            with self._cond:
-                self._closed = False
-                self._cond.notify_all()
+            self._closing = False
+            self._reopened.set()
 
 
 class Module:
@@ -167,6 +171,7 @@ class Module:
         # Bumped whenever the module is finalized and initialized again: every session and
         # object handle from an older generation is dead (PKCS#11 v2.40 §5.4 C_Finalize).
         self.generation = 0
+        self._reinit_lock = threading.Lock()
         try:
             self.lib: Any = pkcs11.lib(path)
         except PKCS11Error as e:
@@ -207,7 +212,7 @@ class Module:
         Modules such as SoftHSM2 only rescan their slots at ``C_Initialize``. Waits until no
         call is inside the module; every signer on it re-opens its sessions on its next call.
         """
-        with self.gate.exclusive():
+        with self._reinit_lock, self.gate.exclusive():
             self.generation += 1
             self.parallel = self._initialize_with_locking()
         # The gate's locking mode must match the new initialization.
@@ -216,6 +221,7 @@ class Module:
     def after_fork(self) -> None:
         """In a forked child: the parent's sessions and login are not ours (PKCS#11 §6.7.7)."""
         self.pid = os.getpid()
+        self._reinit_lock = threading.Lock()
         self.generation += 1
         self.parallel = self._initialize_with_locking()
         self.gate = _Gate(parallel=self.parallel)
@@ -276,10 +282,15 @@ def load_module(path: str) -> Module:
         return module
 
 
+# Bumped in every forked child; signers compare it instead of calling os.getpid() per sign.
+FORKS = [0]
+
+
 def _after_fork_in_child() -> None:
     # Locks held by other parent threads at fork() time would never be released here.
     global _LOCK
     _LOCK = threading.Lock()
+    FORKS[0] += 1
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
