@@ -1,0 +1,133 @@
+"""The ``dpop_hsm.http`` session log: a DEBUG trace like the seed's, with every secret masked.
+
+Request line, ``Host``, headers and body; status line, headers and body. Values of credential
+headers and credential fields in form and JSON bodies become ``****`` (pitfall 13): the log is
+meant to be pasted into bug reports. Nothing is formatted unless DEBUG is enabled, so the hot
+path pays one ``isEnabledFor`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+__all__ = [
+    "MASK",
+    "SECRET_FIELDS",
+    "SECRET_HEADERS",
+    "http_logger",
+    "log_request",
+    "log_response",
+    "mask_body",
+    "mask_headers",
+]
+
+http_logger = logging.getLogger("dpop_hsm.http")
+
+MASK = "****"
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "dpop", "cookie", "set-cookie", "x-api-key"}
+)
+SECRET_FIELDS = frozenset(
+    {
+        "client_secret",
+        "client_assertion",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "password",
+        "pin",
+        "assertion",
+        "subject_token",
+        "actor_token",
+        "code",
+        "code_verifier",
+    }
+)
+MAX_LOGGED_BODY = 4096
+
+
+def mask_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, MASK if k.lower() in SECRET_HEADERS else v) for k, v in headers]
+
+
+def _mask_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: (MASK if isinstance(k, str) and k.lower() in SECRET_FIELDS else _mask_json(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_mask_json(v) for v in value]
+    return value
+
+
+def mask_body(body: bytes | str | None, content_type: str | None) -> str:
+    """The body as logged: form and JSON with secret fields masked, anything else summarized."""
+    if body is None:
+        return ""
+    raw = body.encode("utf-8") if isinstance(body, str) else body
+    if not raw:
+        return ""
+    ctype = (content_type or "").lower()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"[{len(raw)} bytes of binary data]"
+    if "json" in ctype or (not ctype and text.lstrip()[:1] in ("{", "[")):
+        try:
+            return json.dumps(_mask_json(json.loads(text)), separators=(",", ":"))[:MAX_LOGGED_BODY]
+        except (ValueError, RecursionError):
+            return f"[{len(raw)} bytes, not valid JSON]"
+    if "x-www-form-urlencoded" in ctype:
+        pairs = parse_qsl(text, keep_blank_values=True)
+        masked = [(k, MASK if k.lower() in SECRET_FIELDS else v) for k, v in pairs]
+        return urlencode(masked, safe="*")[:MAX_LOGGED_BODY]
+    if ctype.startswith("text/"):
+        return text[:MAX_LOGGED_BODY]
+    # Unknown types may hold anything (a token echoed back): log the size only.
+    return f"[{len(raw)} bytes, {ctype or 'no content type'}]"
+
+
+def _content_type(headers: Iterable[tuple[str, str]]) -> str | None:
+    return next((v for k, v in headers if k.lower() == "content-type"), None)
+
+
+def log_request(
+    method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes | str | None
+) -> None:
+    if not http_logger.isEnabledFor(logging.DEBUG):
+        return
+    headers = list(headers)
+    parts = urlsplit(url)
+    query = ""
+    if parts.query:  # RFC 6750 §2.3 puts tokens in queries; mask those fields too
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = "?" + urlencode([(k, MASK if k.lower() in SECRET_FIELDS else v) for k, v in pairs])
+    target = (parts.path or "/") + query
+    lines = ["---- Sending ----", f"{method} {target} HTTP/1.1"]
+    if not any(k.lower() == "host" for k, _ in headers):
+        lines.append(f"Host: {parts.netloc}")
+    lines += [f"{k}: {v}" for k, v in mask_headers(headers)]
+    lines += ["", mask_body(body, _content_type(headers))]
+    http_logger.debug("%s", "\n".join(lines))
+
+
+def log_response(
+    status: int,
+    reason: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes | None,
+    *,
+    url: str = "",
+) -> None:
+    if not http_logger.isEnabledFor(logging.DEBUG):
+        return
+    headers = list(headers)
+    lines = [f"---- Received{' from ' + url if url else ''} ----", f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{k}: {v}" for k, v in mask_headers(headers)]
+    lines += ["", mask_body(body, _content_type(headers)) if body is not None else "[streamed]"]
+    http_logger.debug("%s", "\n".join(lines))
