@@ -64,8 +64,8 @@ def load_signer(ref: str, *, secret: SecretSource | None = None) -> Signer:
 
     ``ref`` is a path or ``file:`` URI (PEM, DER or JWK), an RFC 7512 ``pkcs11:`` URI, or a
     ``tpm2:`` reference. ``secret`` is the key password, PIN or TPM auth value — a string or a
-    callable returning one; ``pkcs11:`` and ``tpm2:`` also read ``pin-source`` and the
-    ``DPOP_HSM_PIN`` environment variable.
+    callable returning one; ``pkcs11:`` URIs also read ``pin-source`` and ``DPOP_HSM_PIN``,
+    ``tpm2:`` references ``auth-source`` and ``DPOP_HSM_TPM_AUTH``.
 
     Raises KeyReferenceError for a malformed reference, MissingDependencyError when the backend's
     extra is not installed, and SignerError subclasses for key and device problems.

@@ -1,0 +1,310 @@
+"""The ``dpop-hsm`` command as users run it: real subprocesses, real servers, real tokens.
+
+``dpop-hsm serve`` runs in the background as its own process; ``request`` and ``token`` talk to
+it over sockets with a PEM key, a SoftHSM2 key and a swtpm key. Every error path checks the
+exit code, the one-line message, and that no secret reached stdout or stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dpop_hsm.cli import EXIT_CODES
+
+CLI = [sys.executable, "-m", "dpop_hsm"]
+SECRET = "secret"  # the local servers' demo client secret
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("DPOP_HSM_PIN", None) if env is None or "DPOP_HSM_PIN" not in env else None
+    return subprocess.run(
+        [*CLI, *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[dict[str, Any]]:
+    """``dpop-hsm serve --json`` in the background; yields its printed endpoints."""
+    proc = subprocess.Popen(
+        [*CLI, "--json", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("}"):
+                break
+        info = json.loads("".join(lines))
+        yield info
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def request_args(served: dict[str, Any], key: str, *extra: str) -> list[str]:
+    return [
+        "request",
+        "--key",
+        key,
+        "--token-endpoint",
+        served["token_endpoint"],
+        "--client-id",
+        "m2m.dpop",
+        "--auth-method",
+        "client_secret_post",
+        "--client-secret-source",
+        "env:TEST_CLIENT_SECRET",
+        "--scope",
+        "api",
+        *extra,
+        served["api"],
+    ]
+
+
+def assert_no_secret(result: Any, *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in result.stdout
+        assert secret not in result.stderr
+
+
+def check_request_ok(served: dict[str, Any], key: str, env: dict[str, str]) -> None:
+    result = run_cli(
+        "--json", *request_args(served, key), env={**env, "TEST_CLIENT_SECRET": SECRET}
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["status"] == 200
+    claims = {c["type"]: c["value"] for c in json.loads(out["body"])}
+    jkt = run_cli("thumbprint", "--key", key, env=env).stdout.strip()
+    assert json.loads(claims["cnf"]) == {"jkt": jkt}
+    assert claims["authorization_scheme"] == "DPoP"
+
+
+# --- happy paths -----------------------------------------------------------------------------
+
+
+def test_help_loads_no_backend_and_no_httpx() -> None:
+    code = (
+        "import sys\n"
+        "from dpop_hsm.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('pkcs11', 'tpm2_pytss', 'httpx', 'requests')]\n"
+        "print('LOADED=' + ','.join(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "LOADED="
+    assert "keygen" in result.stdout and "request" in result.stdout
+
+
+def test_pem_key_keygen_jwk_thumbprint_proof(tmp_path: Path) -> None:
+    key = str(tmp_path / "k.pem")
+    gen = run_cli("--json", "keygen", "--key", key)
+    assert gen.returncode == 0, gen.stderr
+    info = json.loads(gen.stdout)
+    assert info["alg"] == "ES256" and set(info["jwk"]) == {"kty", "crv", "x", "y"}
+    assert (Path(key).stat().st_mode & 0o777) == 0o600
+    assert run_cli("thumbprint", "--key", key).stdout.strip() == info["jkt"]
+    assert json.loads(run_cli("jwk", "--key", key).stdout) == info["jwk"]
+    again = run_cli("keygen", "--key", key)
+    assert again.returncode == EXIT_CODES["configuration"]
+    assert "refusing to overwrite" in again.stderr
+
+    token_file = tmp_path / "at"
+    token_file.write_text("Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU\n")
+    proof = run_cli(
+        "proof",
+        "--key",
+        key,
+        "-X",
+        "post",
+        "--access-token-file",
+        str(token_file),
+        "--nonce",
+        "n-1",
+        "https://API.example:443/r?q=1",
+    )
+    assert proof.returncode == 0, proof.stderr
+    from dpop_hsm import verify_proof
+
+    verified = verify_proof(
+        proof.stdout.strip(),
+        htm="POST",
+        htu="https://api.example/r",
+        access_token="Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU",
+        nonce="n-1",
+    )
+    assert verified.jkt == info["jkt"]
+    assert verified.claims["ath"] == "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
+
+
+def test_request_with_pem_key(served: dict[str, Any], tmp_path: Path) -> None:
+    key = str(tmp_path / "k.pem")
+    assert run_cli("keygen", "--key", key).returncode == 0
+    check_request_ok(served, key, {})
+
+
+def test_request_include_headers_and_token(served: dict[str, Any], tmp_path: Path) -> None:
+    key = str(tmp_path / "k.pem")
+    assert run_cli("keygen", "--key", key).returncode == 0
+    env = {"TEST_CLIENT_SECRET": SECRET}
+    result = run_cli(*request_args(served, key, "-i", "-H", "X-Trace: 1"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("HTTP/1.1 200")
+    assert "dpop-nonce:" in result.stdout.lower()
+
+    token_args = request_args(served, key)[1:-1]  # same options, no URL
+    token = run_cli("--json", "token", *token_args, env=env)
+    assert token.returncode == 0, token.stderr
+    data = json.loads(token.stdout)
+    assert data["token_type"] == "DPoP" and data["scope"] == "api"
+    assert "access_token" not in data  # only with --show-token
+    shown = json.loads(run_cli("--json", "token", *token_args, "--show-token", env=env).stdout)
+    assert shown["access_token"].count(".") == 2
+
+
+@pytest.mark.softhsm
+def test_request_with_softhsm_key(served: dict[str, Any], softhsm: Any) -> None:
+    key = softhsm.uri("dpop", object="cli-key")
+    env = {"DPOP_HSM_PIN": softhsm.pin}
+    gen = run_cli("--json", "keygen", "--key", key, env=env)
+    assert gen.returncode == 0, gen.stderr
+    assert_no_secret(gen, softhsm.pin)
+    assert json.loads(gen.stdout)["key"].startswith("pkcs11:")
+    check_request_ok(served, key, env)
+
+
+@pytest.mark.tpm
+def test_request_with_tpm_key(served: dict[str, Any], swtpm: Any, tmp_path: Path) -> None:
+    key = f"tpm2:blob={tmp_path / 'cli.tpm2'};tcti={swtpm.tcti}"
+    gen = run_cli("--json", "keygen", "--key", key)
+    assert gen.returncode == 0, gen.stderr
+    check_request_ok(served, key, {})
+
+
+# --- error paths -----------------------------------------------------------------------------
+
+
+def test_no_key_is_a_usage_error() -> None:
+    result = run_cli("jwk", env={"DPOP_HSM_KEY": ""})
+    assert result.returncode == EXIT_CODES["usage"]
+    assert "no key" in result.stderr
+
+
+def test_bad_uri_is_a_configuration_error() -> None:
+    result = run_cli("jwk", "--key", "pkcs11:token=a;token=b")
+    assert result.returncode == EXIT_CODES["configuration"]
+    assert result.stderr.startswith("dpop-hsm: error [invalid_key_reference]")
+    assert "Traceback" not in result.stderr
+    verbose = run_cli("-v", "jwk", "--key", "pkcs11:token=a;token=b")
+    assert "Traceback" in verbose.stderr
+
+
+@pytest.mark.softhsm
+def test_missing_token_is_a_hardware_error(softhsm: Any) -> None:
+    key = softhsm.uri("no-such-token", object="k")
+    result = run_cli("jwk", "--key", key, env={"DPOP_HSM_PIN": softhsm.pin})
+    assert result.returncode == EXIT_CODES["hardware"], result.stderr
+    assert "[token_not_present]" in result.stderr
+    assert_no_secret(result, softhsm.pin)
+
+
+@pytest.mark.softhsm
+def test_wrong_pin_is_a_hardware_error_without_the_pin(softhsm: Any) -> None:
+    key = softhsm.uri("dpop", object="cli-wrong-pin")
+    wrong = "wrong-pin-4711"
+    result = run_cli("jwk", "--key", key, env={"DPOP_HSM_PIN": wrong})
+    assert result.returncode == EXIT_CODES["hardware"], result.stderr
+    assert "[pin_incorrect]" in result.stderr
+    assert_no_secret(result, wrong)
+
+
+def test_server_down_is_a_server_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    key = str(tmp_path / "k.pem")
+    assert run_cli("keygen", "--key", key).returncode == 0
+    served = {"token_endpoint": f"http://127.0.0.1:{port}/token", "api": "http://127.0.0.1:1/"}
+    result = run_cli(*request_args(served, key), env={"TEST_CLIENT_SECRET": SECRET})
+    assert result.returncode == EXIT_CODES["server"], result.stderr
+    assert "[transport_error]" in result.stderr
+
+
+def test_bad_client_secret_is_a_server_error_without_the_secret(
+    served: dict[str, Any], tmp_path: Path
+) -> None:
+    key = str(tmp_path / "k.pem")
+    assert run_cli("keygen", "--key", key).returncode == 0
+    wrong = "not-the-secret-0815"
+    result = run_cli(*request_args(served, key), env={"TEST_CLIENT_SECRET": wrong})
+    assert result.returncode == EXIT_CODES["server"], result.stderr
+    assert "invalid_client" in result.stderr
+    assert_no_secret(result, wrong)
+
+
+def test_missing_client_secret_source_is_a_configuration_error(
+    served: dict[str, Any], tmp_path: Path
+) -> None:
+    key = str(tmp_path / "k.pem")
+    assert run_cli("keygen", "--key", key).returncode == 0
+    result = run_cli(*request_args(served, key), env={})
+    assert result.returncode == EXIT_CODES["configuration"], result.stderr
+    assert "TEST_CLIENT_SECRET" in result.stderr
+
+
+def test_client_secret_is_not_an_option() -> None:
+    result = run_cli("token", "--help")
+    assert "--client-secret-source" in result.stdout
+    assert "--client-secret " not in result.stdout and "--pin " not in result.stdout
+
+
+def test_demo_with_software_key_masks_every_secret() -> None:
+    result = run_cli("demo", "--calls", "2")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("---- Sending") >= 4  # token (+ nonce retry), API (+ nonce retry), API
+    assert "Authorization: ****" in out and "DPoP: ****" in out
+    assert "client_secret=****" in out and '"access_token":"****"' in out
+    assert "eyJ" not in out  # no JWT (proof or token) anywhere
+    key_jkt = next(line for line in out.splitlines() if line.startswith("# key jkt"))
+    cnf_jkt = next(line for line in out.splitlines() if line.startswith("# token cnf.jkt"))
+    assert key_jkt.split(":")[1].strip() == cnf_jkt.split(":")[1].strip()
+    assert out.rstrip().splitlines()[-1].startswith("OK: 2 DPoP call(s) -> 200, 200")
