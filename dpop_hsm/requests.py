@@ -178,7 +178,7 @@ class DPoPAuth(AuthBase):
             # re-signs same-origin hops; a plain session follows without our credentials.
             _strip_credentials(prep)
             return r
-        if r.status_code != 401:
+        if r.status_code not in (401, 403):
             return r
         challenge = find_challenge(header_values(headers, "www-authenticate"), "DPoP")
         if challenge is None:
@@ -189,7 +189,7 @@ class DPoPAuth(AuthBase):
         token: Token | None = getattr(prep, _TOKEN_ATTR, None)
         if token is None:
             return r
-        if error == "use_dpop_nonce":
+        if r.status_code == 401 and error == "use_dpop_nonce":
             if retried:
                 raise NonceError("the resource server rejected our nonce again (RFC 9449 §9)")
             if nonce is None:
@@ -198,7 +198,9 @@ class DPoPAuth(AuthBase):
                 raise NonceError("the resource server handed back the nonce it just rejected")
             if _replayable(prep):
                 return self._resend(r, token, kwargs)
-        elif error == "invalid_token" and not retried and _replayable(prep):
+        elif (
+            r.status_code == 401 and error == "invalid_token" and not retried and _replayable(prep)
+        ):
             self.token_client.invalidate(token)
             return self._resend(r, self.token(), kwargs)
         if self.raise_on_rejection and error:

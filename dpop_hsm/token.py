@@ -550,10 +550,17 @@ class TokenClient:
     def _lifetime(self, value: Any) -> float:
         if value is None:
             return self.default_lifetime
-        if isinstance(value, str) and value.strip().isdigit():  # seen in the wild
-            value = int(value.strip())
+        if isinstance(value, str):  # seen in the wild: "3600"; ASCII digits only, bounded
+            text = value.strip()
+            if not (0 < len(text) <= 12 and text.isascii() and text.isdigit()):
+                raise TokenResponseError("expires_in is not a number")
+            value = int(text)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TokenResponseError("expires_in is not a number")
-        if not math.isfinite(value) or value <= 0:
+        try:
+            seconds = float(value)
+        except OverflowError as e:  # JSON integers beyond the float range
+            raise TokenResponseError("expires_in is absurdly large") from e
+        if not math.isfinite(seconds) or seconds <= 0:
             raise TokenResponseError("expires_in must be a positive number of seconds")
-        return float(value)
+        return seconds
