@@ -518,3 +518,19 @@ def test_signature_is_checked_independently(es256: Any) -> None:
     sig = raw_to_der(es256.sign(b"message"))
     with pytest.raises(InvalidSignature):
         key.verify(sig, b"messagf", ec.ECDSA(hashes.SHA256()))
+
+
+def test_pin_locked_maps_to_pin_locked_error() -> None:
+    # SoftHSM2 never locks a PIN (12 wrong logins still answer CKR_PIN_INCORRECT), so the
+    # CKR_PIN_LOCKED path is checked at the mapping functions that every login goes through.
+    import pkcs11
+
+    from dpop_hsm.errors import PinLockedError
+    from dpop_hsm.signers.pkcs11 import _map_error
+    from dpop_hsm.signers.pkcs11_module import CKR_PIN_INCORRECT, CKR_PIN_LOCKED, login_error
+
+    assert type(login_error(CKR_PIN_LOCKED, "token 't'")) is PinLockedError
+    assert type(login_error(CKR_PIN_INCORRECT, "token 't'")) is PinError
+    assert type(_map_error(pkcs11.exceptions.PinLocked(), "sign")) is PinLockedError
+    assert type(_map_error(pkcs11.exceptions.PinIncorrect(), "sign")) is PinError
+    assert type(_map_error(pkcs11.exceptions.TokenNotPresent(), "sign")) is TokenNotPresentError

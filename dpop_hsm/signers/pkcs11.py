@@ -24,7 +24,6 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 from ..algorithms import DEFAULT_ALG, EC_CURVE_ALGS, MIN_RSA_BITS, AlgorithmInfo, algorithm
-from ..ecdsa import rs_to_raw
 from ..errors import (
     AmbiguousKeyError,
     DeviceError,
@@ -34,6 +33,7 @@ from ..errors import (
     MissingDependencyError,
     PinError,
     PinLockedError,
+    SignatureEncodingError,
     SignerError,
     TokenNotPresentError,
     UnsupportedKeyError,
@@ -703,17 +703,12 @@ class Pkcs11Signer:
                         self._cond.notify()
             else:
                 self._discard(entry)
-            size = plan.coord_size
-            if size:
-                if len(signature) != 2 * size:
-                    raise DeviceError(
-                        f"CKM_ECDSA returned {len(signature)} bytes; expected {2 * size} (raw r||s)"
-                    )
-                # Declared format: raw r||s. rs_to_raw checks r and s are in [1, n-1].
-                signature = rs_to_raw(
-                    int.from_bytes(signature[:size], "big"),
-                    int.from_bytes(signature[size:], "big"),
-                    size,
+            # Declared format: CKM_ECDSA returns raw r||s (PKCS#11 v2.40 §2.3.1), the JWS form
+            # already; only its length is checked here, on the hot path.
+            if plan.coord_size and len(signature) != 2 * plan.coord_size:
+                raise SignatureEncodingError(
+                    f"CKM_ECDSA returned {len(signature)} bytes; expected "
+                    f"{2 * plan.coord_size} (raw r||s)"
                 )
             return signature
         raise DeviceError("sign: the token failed twice")  # pragma: no cover - loop returns
