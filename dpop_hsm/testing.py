@@ -287,6 +287,9 @@ class LocalDPoPServers:
         self.rs_behavior: RSBehavior = "normal"
         self.counters = Counters()
         self.seen: deque[dict[str, Any]] = deque(maxlen=1000)
+        self._issued: set[str] = set()
+        self._revoked: set[str] = set()
+        self._state_lock = threading.Lock()
         self._proof_replays = ReplayCache()
         self._assertion_replays = ReplayCache()
         self._key = SoftwareSigner.generate("ES256")
@@ -393,6 +396,12 @@ class LocalDPoPServers:
             raise ValueError(f"unknown auth method {client.auth_method!r}")
         self.clients[client.client_id] = client
 
+    def revoke_all(self) -> int:
+        """Revoke every token issued so far (the RS then answers ``invalid_token``)."""
+        with self._state_lock:
+            self._revoked |= self._issued
+            return len(self._revoked)
+
     def now(self) -> float:
         return time.time() + self.clock_offset
 
@@ -403,6 +412,7 @@ class LocalDPoPServers:
         """A JWT access token bound to ``jkt`` (RFC 9449 §6.1), signed with the server key."""
         now = int(self.now())
         header = {"alg": "ES256", "typ": "at+jwt", "kid": self.kid}
+        jti = b64url_encode(os.urandom(16))
         claims = {
             "iss": self.as_url,
             "nbf": now,
@@ -412,8 +422,10 @@ class LocalDPoPServers:
             "cnf": {"jkt": jkt},
             "scope": scope,
             "client_id": client_id,
-            "jti": b64url_encode(os.urandom(16)),
+            "jti": jti,
         }
+        with self._state_lock:
+            self._issued.add(jti)
         signing_input = (
             b64url_encode(compact_json(header)) + "." + b64url_encode(compact_json(claims))
         )
@@ -732,6 +744,10 @@ class LocalDPoPServers:
             )
         except (ValueError, DPoPError) as e:
             raise _Reject(401, "token_invalid", "invalid_token", "token not issued here") from e
+        with self._state_lock:
+            revoked = claims.get("jti") in self._revoked
+        if revoked:
+            raise _Reject(401, "token_revoked", "invalid_token", "token revoked")
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or exp <= self.now():
             raise _Reject(401, "token_expired", "invalid_token", "token expired")
