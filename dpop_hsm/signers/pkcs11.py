@@ -7,9 +7,13 @@ session or a re-inserted token is re-opened once and the signature retried; a wr
 never retried (retries lock tokens).
 
 Format declaration (design: never guess): ``CKM_ECDSA`` returns raw ``r||s`` (PKCS#11 v2.40
-§2.3.1), already the JWS form; we only check its length and the range of r and s through
-``ecdsa.rs_to_raw``. ECDSA hashing is done here in software and the token signs exactly the
+§2.3.1), already the JWS form, so no conversion through ``ecdsa.py`` is needed; the hot path
+checks its length. ECDSA hashing is done here in software and the token signs exactly the
 digest (some tokens silently truncate longer input).
+
+python-pkcs11 is used for everything except module initialization and login (see
+``pkcs11_module``). A process that also uses python-pkcs11 directly on the same module should
+load the module through a signer first: our re-initialization closes sessions opened before.
 """
 
 from __future__ import annotations
@@ -736,6 +740,16 @@ class Pkcs11Signer:
 
     # Key generation -------------------------------------------------------------------------
     @classmethod
+    def _bare(cls, parsed: Pkcs11Uri, secret: SecretSource | None) -> Pkcs11Signer:
+        """Just enough of a signer to find the token and log in (no key yet): for generate()."""
+        probe = cls.__new__(cls)
+        probe._parsed = parsed
+        probe._module_path = parsed.module()
+        probe._pin = parsed.resolve_pin(secret)
+        probe._module = load_module(probe._module_path)
+        return probe
+
+    @classmethod
     def generate(
         cls,
         uri: str | Pkcs11Uri,
@@ -757,11 +771,7 @@ class Pkcs11Signer:
         key_id = parsed.id if parsed.id else secrets.token_bytes(16)
         label = parsed.object if parsed.object else f"dpop-{key_id.hex()[:12]}"
         target = parsed.replace(object=label, id=key_id, type=None)
-        probe = cls.__new__(cls)
-        probe._parsed = target
-        probe._module_path = target.module()
-        probe._pin = target.resolve_pin(secret)
-        probe._module = load_module(probe._module_path)
+        probe = cls._bare(target, secret)
         token = probe._find_token()
         session = probe._open_session(token, rw=True)
         what = f"token {token.label!r}"

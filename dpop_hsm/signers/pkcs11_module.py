@@ -116,6 +116,7 @@ class _Gate:
     the re-initializer sets ``_closing`` and then waits for ``_inside`` to drain. ``list``
     append/pop are atomic in CPython, so either the caller sees the flag and backs off, or the
     re-initializer sees the caller and waits (the classic flag/counter handshake).
+    Never nest ``enter`` calls: a nested enter during a restart would wait for itself.
     """
 
     def __init__(self, *, parallel: bool) -> None:
