@@ -195,3 +195,23 @@ def test_no_module_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KeyReferenceError) as info:
         Pkcs11Uri(token="t").module()
     assert "module-path" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "attribute"),
+    [
+        ("pkcs11:token=\udcff", "token"),  # a non-UTF-8 argv byte under surrogateescape
+        ("pkcs11:x-a=\ud800", "x-a"),
+        ("pkcs11:object=a?pin-value=\udc80", "pin-value"),
+        ("pkcs11:slot-id=" + "1" * 5000, "slot-id"),  # would hit int()'s digit limit
+        ("pkcs11:slot-id=18446744073709551616", "slot-id"),  # 2**64: not a CK_ULONG
+    ],
+)
+def test_hostile_values_are_typed_errors(text: str, attribute: str) -> None:
+    with pytest.raises(KeyReferenceError) as info:
+        Pkcs11Uri.parse(text)
+    assert attribute in str(info.value)
+
+
+def test_largest_slot_id() -> None:
+    assert Pkcs11Uri.parse("pkcs11:slot-id=18446744073709551615").slot_id == 2**64 - 1

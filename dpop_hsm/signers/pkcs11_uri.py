@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from ..errors import KeyReferenceError, SecretSourceError, TokenNotPresentError
 from ..secret_sources import SecretSource, read_secret_source, resolve_secret
@@ -71,17 +71,11 @@ _QUERY_SAFE = ":[]@!$'()*+,=/?|-._~"
 def _pct_decode(raw: str, name: str) -> bytes:
     if _PCT.search(raw):
         raise KeyReferenceError(f"pkcs11 URI attribute {name!r}: malformed percent-encoding")
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        ch = raw[i]
-        if ch == "%":
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out += ch.encode("utf-8")
-            i += 1
-    return bytes(out)
+    try:
+        data = raw.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. a non-UTF-8 argv byte
+        raise KeyReferenceError(f"pkcs11 URI attribute {name!r}: not valid Unicode") from None
+    return unquote_to_bytes(data)
 
 
 def _text(raw: str, name: str) -> str:
@@ -200,7 +194,8 @@ class Pkcs11Uri:
             return _pct_decode(raw, name)
         text = _text(raw, name)
         if name == "slot-id":
-            if not text.isdigit() or not text.isascii():
+            # CK_SLOT_ID is a CK_ULONG: at most 20 decimal digits, below 2**64.
+            if not text.isdigit() or not text.isascii() or len(text) > 20 or int(text) >= 1 << 64:
                 raise KeyReferenceError("pkcs11 URI attribute 'slot-id': must be a decimal number")
             return int(text)
         return text
