@@ -28,6 +28,7 @@ import base64
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -310,7 +311,7 @@ class LocalDPoPServers:
         for server in self._servers:
             thread = threading.Thread(
                 target=server.serve_forever,
-                kwargs={"poll_interval": 0.1},
+                kwargs={"poll_interval": 0.05},
                 name=f"dpop_hsm-{server.role}",
                 daemon=True,
             )
@@ -319,8 +320,13 @@ class LocalDPoPServers:
         return self
 
     def stop(self) -> None:
+        # Shut both down in parallel: each shutdown() waits up to one poll interval.
+        stoppers = [threading.Thread(target=server.shutdown) for server in self._servers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
         for server in self._servers:
-            server.shutdown()
             server.server_close()
         for thread in self._threads:
             thread.join(timeout=5)
@@ -417,7 +423,9 @@ class LocalDPoPServers:
             "iss": self.as_url,
             "nbf": now,
             "iat": now,
-            "exp": now + max(1, round(self.token_lifetime)),
+            # NumericDate is whole seconds: round exp UP so the token lives at least
+            # expires_in seconds (truncating would cut up to 1 s off a 2 s token).
+            "exp": math.ceil(self.now() + max(1, round(self.token_lifetime))),
             "aud": "api",
             "cnf": {"jkt": jkt},
             "scope": scope,

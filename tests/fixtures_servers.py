@@ -24,7 +24,7 @@ from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
 from dpop_hsm.token import TokenClient
 
 # A fixture value, not a credential: the local AS registers it for the tests' clients.
-CLIENT_SECRET = "local-test-secret-5f0c"  # noqa: S105
+CLIENT_SECRET = "local-test-secret-5f0c"
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
 
 _SIGNER_FIXTURES: dict[str, str] = {

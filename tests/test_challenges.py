@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -85,10 +87,8 @@ def test_size_is_bounded() -> None:
 def test_pathological_input_is_linear() -> None:
     # Inputs that make backtracking regexes explode: many commas/quotes/equals signs.
     for text in ("a=" * 5000, ", " * 8000, 'DPoP x="' + "\\a" * 5000, "DPoP " + "a=b, " * 3000):
-        try:
+        with contextlib.suppress(ChallengeParseError):
             parse_www_authenticate(text[:MAX_HEADER_LENGTH])
-        except ChallengeParseError:
-            pass
 
 
 def test_find_challenge_picks_dpop_among_others() -> None:

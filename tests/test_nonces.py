@@ -39,7 +39,10 @@ def test_two_nonce_fields_take_the_last_valid_one() -> None:
 def test_invalid_nonces_are_ignored(value: str) -> None:
     assert not is_valid_nonce(value)
     store = NonceStore()
-    assert store.observe("https://rs.example.com/", [("DPoP-Nonce", value)]) in (None, value.strip())
+    assert store.observe("https://rs.example.com/", [("DPoP-Nonce", value)]) in (
+        None,
+        value.strip(),
+    )
     with pytest.raises(ConfigurationError):
         store.put("https://rs.example.com/", value)
 

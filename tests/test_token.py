@@ -35,7 +35,7 @@ from dpop_hsm.verify import verify_proof
 from tests.fixtures_servers import AUTH_METHODS, CLIENT_SECRET, token_client
 
 ENDPOINT = "https://as.example.com/token"
-SECRET = "s3cr:et/ü"  # noqa: S105 - a fixture
+SECRET = "s3cr:et/ü"
 
 
 def _claims(jws: str) -> dict[str, Any]:
