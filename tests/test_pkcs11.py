@@ -241,19 +241,22 @@ _STRESS = textwrap.dedent(
 )
 
 
-def test_sixteen_threads_sign_without_crash(softhsm: SoftHsm, es256: Any) -> None:
+@pytest.mark.parametrize("serialize", ["0", "1"], ids=["os-locking", "one-lock"])
+def test_sixteen_threads_sign_without_crash(softhsm: SoftHsm, es256: Any, serialize: str) -> None:
     # In a subprocess: a crash of the module (the failure this guards against) is a SIGSEGV,
-    # which would take pytest down with it; here it is an exit code we assert on.
+    # which would take pytest down with it; here it is an exit code we assert on. Both modes:
+    # OS locking (SoftHSM2) and one lock per module (tpm2-pkcs11, or forced by the env var).
     proc = subprocess.run(
-        [sys.executable, "-c", _STRESS, es256.uri, softhsm.pin, "3", "16"],
-        env={**os.environ, "SOFTHSM2_CONF": str(softhsm.conf), "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-c", _STRESS, es256.uri, softhsm.pin, "2.5", "16"],
+        env={**os.environ, "SOFTHSM2_CONF": str(softhsm.conf), "PYTHONPATH": str(ROOT),
+             "DPOP_HSM_PKCS11_SERIALIZE": serialize},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, f"stress run died (rc={proc.returncode}): {proc.stderr[-2000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == []
     assert result["bad"] == 0
-    assert result["parallel"] is True  # SoftHSM2 accepted CKF_OS_LOCKING_OK
+    assert result["parallel"] is (serialize == "0")  # SoftHSM2 accepts CKF_OS_LOCKING_OK
     assert all(n > 0 for n in result["per_thread"]), result["per_thread"]
     assert result["signed"] >= 16
 

@@ -90,7 +90,11 @@ _SESSION_FAULTS: tuple[type[Exception], ...] = (
     SessionLostError,
 )
 _PIN_FAULTS = (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinExpired)
+# Refusals of the strict keygen template after which the relaxed one is tried; tpm2-pkcs11 1.9
+# answers CKR_GENERAL_ERROR to CKA_DECRYPT/UNWRAP/DERIVE = False.
 _TEMPLATE_FAULTS = (
+    p11e.GeneralError,
+    p11e.FunctionFailed,
     p11e.TemplateInconsistent,
     p11e.TemplateIncomplete,
     p11e.AttributeTypeInvalid,

@@ -188,7 +188,8 @@ class Module:
         if rv != CKR_OK:
             raise DeviceError(f"PKCS#11 module {path!r}: C_GetFunctionList failed (0x{rv:x})")
         self._fl = table.contents
-        self.parallel = self._initialize_with_locking()
+        self.serialize = _must_serialize(self.lib.manufacturer_id)
+        self.parallel = self._initialize_with_locking() and not self.serialize
         self.gate = _Gate(parallel=self.parallel)
 
     def _initialize_with_locking(self) -> bool:
@@ -215,7 +216,7 @@ class Module:
         """
         with self._reinit_lock, self.gate.exclusive():
             self.generation += 1
-            self.parallel = self._initialize_with_locking()
+            self.parallel = self._initialize_with_locking() and not self.serialize
         # The gate's locking mode must match the new initialization.
         self.gate = _Gate(parallel=self.parallel)
 
@@ -224,7 +225,7 @@ class Module:
         self.pid = os.getpid()
         self._reinit_lock = threading.Lock()
         self.generation += 1
-        self.parallel = self._initialize_with_locking()
+        self.parallel = self._initialize_with_locking() and not self.serialize
         self.gate = _Gate(parallel=self.parallel)
 
     def login(self, session_handle: int, pin: str, *, what: str) -> None:
@@ -240,6 +241,19 @@ class Module:
         """``C_CloseAllSessions``: also logs the application out of the token."""
         with self.gate.call():
             self._fl.C_CloseAllSessions(slot_id)
+
+
+# Modules that accept CKF_OS_LOCKING_OK but still fail when two sessions sign at once:
+# tpm2-pkcs11 1.9 answers CKR_GENERAL_ERROR (one ESYS context behind every session). Matched on
+# the start of CK_INFO.manufacturerID; DPOP_HSM_PKCS11_SERIALIZE=1 serializes any module.
+_SERIAL_MANUFACTURERS = ("tpm2-software",)
+SERIALIZE_ENV = "DPOP_HSM_PKCS11_SERIALIZE"
+
+
+def _must_serialize(manufacturer_id: str) -> bool:
+    if os.environ.get(SERIALIZE_ENV, "") not in ("", "0"):
+        return True
+    return manufacturer_id.strip().startswith(_SERIAL_MANUFACTURERS)
 
 
 def login_error(rv: int, what: str) -> Exception:
