@@ -247,7 +247,8 @@ def _check_nonce(claims: Mapping[str, Any], nonce: NonceCheck | None) -> None:
     if not isinstance(sent, str):
         raise InvalidProofError("nonce", "nonce claim is not a string")
     if isinstance(nonce, str):
-        ok = hmac.compare_digest(sent.encode(), nonce.encode())
+        # surrogatepass: a JSON "\ud800" in a signed claim is a mismatch, not a crash
+        ok = hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), nonce.encode())
     elif callable(nonce):
         ok = bool(nonce(sent))
     else:
@@ -345,7 +346,8 @@ def verify_proof(
         ath = claims.get("ath")
         if not isinstance(ath, str):
             raise InvalidProofError("ath", "ath claim is required with an access token")
-        if not hmac.compare_digest(ath.encode(), access_token_hash(access_token).encode()):
+        sent_ath = ath.encode("utf-8", "surrogatepass")  # lone surrogates: mismatch, not crash
+        if not hmac.compare_digest(sent_ath, access_token_hash(access_token).encode()):
             raise InvalidProofError("ath", "ath does not match the access token")
     if expected_jkt is not None and not hmac.compare_digest(expected_jkt.encode(), jkt.encode()):
         raise TokenBindingError("cnf", "the proof's key does not match the token's cnf.jkt")

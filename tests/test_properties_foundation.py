@@ -297,14 +297,8 @@ def test_type_confusion_in_signed_proofs_only_typed_errors(
         assert result.header["typ"].lower() == "dpop+jwt"
 
 
-# Found by this suite: a *validly signed* proof whose ``ath`` or ``nonce`` claim is a JSON string
-# with a lone surrogate ("\\ud800") makes verify_proof call ``str.encode()`` -> UnicodeEncodeError
-# (a bare ValueError) instead of InvalidProofError. Anyone can sign such a proof with their own key.
-SURROGATE_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="verify.py: ath/nonce .encode() on a lone-surrogate claim raises UnicodeEncodeError",
-)
+# Regression (found by this suite): a validly signed proof whose ath or nonce claim is a JSON
+# string with a lone surrogate ("\\ud800") made verify_proof raise UnicodeEncodeError.
 
 
 @pytest.mark.parametrize(
@@ -324,14 +318,12 @@ SURROGATE_BUG = pytest.mark.xfail(
             "claims",
             {"ath": "\ud800"},
             {"access_token": "tok"},
-            marks=SURROGATE_BUG,
             id="ath-lone-surrogate",
         ),
         pytest.param(
             "claims",
             {"nonce": "\ud800"},
             {"nonce": "n-1"},
-            marks=SURROGATE_BUG,
             id="nonce-lone-surrogate",
         ),
         ("claims", {"nonce": 5}, {"nonce": "n-1"}),
