@@ -159,17 +159,9 @@ def test_token_response_bad_expires_in_is_a_typed_error(client: Any, raw_expires
         parse(client, 200, body.encode())
 
 
-# Found by this suite: TokenClient._lifetime calls int() on any string whose .strip().isdigit()
-# (true for "²" and 5000-digit strings -> ValueError) and math.isfinite()/float() on
-# JSON integers beyond the float range (-> OverflowError): bare errors escape parse_response.
-LIFETIME_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, OverflowError),
-    reason="token._lifetime: int()/float() on unicode-digit, >4300-digit or >1e308 expires_in",
-)
-
-
-@LIFETIME_BUG
+# Regression (found by this suite, fixed in 0e0281d): TokenClient._lifetime called int() on any
+# string whose .strip().isdigit() ("²", 5000 digits -> ValueError) and math.isfinite() on JSON
+# integers beyond the float range (-> OverflowError).
 @pytest.mark.parametrize(
     "raw_expires_in",
     ['"\\u00b2"', '"' + "9" * 5000 + '"', "9" * 400, '"' + "9" * 400 + '"'],
