@@ -70,8 +70,10 @@ def _from_httpx(response: httpx.Response, url: str) -> HttpResponse:
 
 
 def _log_sent(request: httpx.Request) -> None:
+    stream = request.stream
+    # ByteStream is in-memory (also on redirect hops, where .content is not set): safe to read.
     body: bytes | str = (
-        request.content if isinstance(request.stream, httpx.ByteStream) else "[streamed body]"
+        b"".join(stream) if isinstance(stream, httpx.ByteStream) else "[streamed body]"
     )
     log_request(request.method, str(request.url), request.headers.multi_items(), body)
 
