@@ -419,6 +419,36 @@ def test_wrong_pin_is_a_pin_error_never_retried_never_shown(
         Pkcs11Signer(softhsm.uri("spare") + "&pin-value=" + wrong)
 
 
+def test_pin_changed_under_the_signer_is_sent_once(softhsm: SoftHsm) -> None:
+    import pkcs11
+
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    # The PIN is changed while a signer is logged in; after its sessions die it must try the
+    # old PIN exactly once and then refuse to send it again (each wrong try counts to a lock).
+    Pkcs11Signer.generate(softhsm.uri("spare", object="pin-change"), secret=softhsm.pin).close()
+    new_pin = softhsm.pin + "-new"
+    with Pkcs11Signer(softhsm.uri("spare", object="pin-change"), secret=softhsm.pin) as signer:
+        _sign_ok(signer)
+        token = pkcs11.lib(softhsm.module).get_token(token_label="spare")
+        with token.open(rw=True) as session:  # logged in through the signer
+            session.set_pin(softhsm.pin, new_pin)
+        try:
+            signer._module.close_all_sessions(signer._token.slot.slot_id)
+            with pytest.raises(PinError) as first:
+                signer.sign(b"x")
+            assert "rejected the PIN" in str(first.value)
+            with pytest.raises(PinError) as second:
+                signer.sign(b"x")
+            assert "not sending it again" in str(second.value)
+        finally:
+            with Pkcs11Signer(softhsm.uri("spare", object="pin-change"), secret=new_pin) as other:
+                token = pkcs11.lib(softhsm.module).get_token(token_label="spare")
+                with token.open(rw=True) as session:
+                    session.set_pin(new_pin, softhsm.pin)
+                _sign_ok(other)
+
+
 def test_pin_value_uri_warns_and_never_shows_the_pin(
     softhsm: SoftHsm, es256: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

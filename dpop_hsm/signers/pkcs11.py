@@ -254,6 +254,7 @@ class Pkcs11Signer:
         self._waiting = 0
         self._closed = False
         self._forks = FORKS[0]
+        self._pin_rejected = False
         self._pin: str | None = self._parsed.resolve_pin(secret)
         self._module: Module = load_module(self._module_path)
         self._jwk: Mapping[str, str] = MappingProxyType({})
@@ -372,8 +373,16 @@ class Pkcs11Signer:
         except p11e.PKCS11Error as e:
             raise _map_error(e, f"{what}: open session") from e
         if self._pin is not None:
+            if self._pin_rejected:
+                self._close_session(session)
+                # Retries lock tokens: a PIN the token refused once is never sent again.
+                raise PinError(f"{what}: the PIN was rejected before; not sending it again")
             try:
                 self._module.login(session.handle, self._pin, what=what)
+            except PinError:
+                self._pin_rejected = True
+                self._close_session(session)
+                raise
             except BaseException:
                 self._close_session(session)
                 raise
@@ -697,6 +706,9 @@ class Pkcs11Signer:
                 ):
                     self._reopen(entry.generation)
                     continue
+                if isinstance(e, _PIN_FAULTS) and not callable(self._secret):
+                    # A fixed context PIN that failed would fail again: never resend it.
+                    self._pin_rejected = True
                 raise _map_error(e, f"sign with {self._token.label!r}") from e
             except BaseException:
                 gate.leave()
@@ -724,6 +736,10 @@ class Pkcs11Signer:
     def _context_pin(self) -> str:
         # Context-specific login (PKCS#11 v2.40 §5.6 CKU_CONTEXT_SPECIFIC): ask the source each
         # time, so a prompting callback prompts per signature.
+        if self._pin_rejected:
+            raise PinError(
+                f"key on {self._token.label!r}: the PIN was rejected before; not sending it again"
+            )
         pin = resolve_secret(self._secret, what="context PIN") if self._secret is not None else None
         pin = pin if pin is not None else self._pin
         if pin is None:
@@ -750,6 +766,7 @@ class Pkcs11Signer:
         probe._parsed = parsed
         probe._module_path = parsed.module()
         probe._pin = parsed.resolve_pin(secret)
+        probe._pin_rejected = False
         probe._module = load_module(probe._module_path)
         return probe
 
