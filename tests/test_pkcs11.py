@@ -121,6 +121,15 @@ def test_public_jwk_and_uri_round_trip(softhsm: SoftHsm, es256: Any) -> None:
         assert again.public_jwk == es256.public_jwk
     finally:
         again.close()  # type: ignore[attr-defined]
+    # A module-name URI stays portable: the signer prints the name, not this machine's path.
+    by_name = load_signer(
+        "pkcs11:token=dpop;object=test-es256?module-name=softhsm2", secret=softhsm.pin
+    )
+    try:
+        assert by_name.uri.endswith("?module-name=softhsm2")  # type: ignore[attr-defined]
+        assert by_name.thumbprint == es256.thumbprint
+    finally:
+        by_name.close()  # type: ignore[attr-defined]
 
 
 def test_ten_thousand_es256_proofs_verify(es256: Any) -> None:

@@ -522,12 +522,14 @@ class Pkcs11Signer:
                 plan = _plan(info)
                 with self._module.gate.call():
                     mechanisms = set(token.slot.get_mechanisms())
+                    can_sign = _read(key, Attribute.SIGN)
+                    described = _describe(key)
                 if plan.mechanism not in mechanisms:
                     raise MechanismNotSupportedError(
                         f"token {token.label!r} lacks {plan.mechanism.name}, needed for {info.name}"
                     )
-                if _read(key, Attribute.SIGN) is False:
-                    raise UnsupportedKeyError(f"key {_describe(key)}: CKA_SIGN is false")
+                if can_sign is False:
+                    raise UnsupportedKeyError(f"key {described}: CKA_SIGN is false")
                 self._alg = info.name
                 self._jwk = MappingProxyType(jwk)
                 self._thumbprint = thumbprint
@@ -550,8 +552,10 @@ class Pkcs11Signer:
             object=label if isinstance(label, str) and label else self._parsed.object,
             id=key_id if isinstance(key_id, bytes) and key_id else self._parsed.id,
             type="private",
-            module_path=self._module_path,
-            module_name=None,
+            # Keep a portable module-name when that is what the user wrote.
+            module_path=None
+            if self._parsed.module_name and not self._parsed.module_path
+            else self._module_path,
             pin_value=None,
         )
         with self._cond:
