@@ -176,6 +176,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + delayed ACK stall
+    # every keep-alive response by ~40 ms.
+    disable_nagle_algorithm = True
     server: _Server
     server_version = "dpop_hsm-testing"
     sys_version = ""
