@@ -303,10 +303,8 @@ def _prepare_pkcs11_uri() -> FuzzOne:
     from dpop_hsm.signers.pkcs11_uri import Pkcs11Uri
 
     def one(data: bytes) -> None:
-        # "replace": key references come from UTF-8 config files and code. Lone surrogates
-        # (non-UTF-8 argv under surrogateescape) are a known bug, tracked by an xfail test in
-        # tests/test_properties_parsers.py; switch to "surrogateescape" once it is fixed.
-        text = data.decode("utf-8", "replace")
+        # surrogateescape: a non-UTF-8 command-line argument reaches us exactly like this.
+        text = data.decode("utf-8", "surrogateescape")
         try:
             parsed = Pkcs11Uri.parse(text)
         except KeyReferenceError:
@@ -431,7 +429,13 @@ TARGETS: dict[str, Target] = {
             _seeds_key_bytes,
             max_len=4096,
         ),
-        Target("pkcs11_uri", "dpop_hsm.signers.pkcs11_uri", _prepare_pkcs11_uri, _seeds_pkcs11_uri),
+        Target(
+            "pkcs11_uri",
+            "dpop_hsm.signers.pkcs11_uri",
+            _prepare_pkcs11_uri,
+            _seeds_pkcs11_uri,
+            max_len=6000,  # room for the > 4300-digit slot-id case
+        ),
         Target(
             "www_authenticate",
             "dpop_hsm.challenges",

@@ -70,6 +70,10 @@ CASES: list[Any] = [
         b"?module-path=/usr/lib/libykcs11.so&pin-value=12s456",
         id="pkcs11-uri-pin-value-inside-model",
     ),
+    # pkcs11 URIs: lone surrogates (non-UTF-8 argv bytes) and a 5000-digit slot-id raised
+    # UnicodeEncodeError / ValueError instead of KeyReferenceError (fixed in pkcs11_uri.py).
+    pytest.param("pkcs11_uri", b"pkcs11:token=\xff\xfe", id="pkcs11-uri-non-utf8-byte"),
+    pytest.param("pkcs11_uri", b"pkcs11:slot-id=" + b"1" * 5000, id="pkcs11-uri-huge-slot-id"),
     # Token responses: the fuzzer's first token_response "crash" was our oracle finding a
     # 3-character access token inside the repr's field names; kept for the same reason.
     pytest.param(
