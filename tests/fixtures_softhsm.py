@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ class SoftHsm:
     pin: str
     so_pin: str
 
-    def uri(self, token: str = "dpop", **attrs: str) -> str:
+    def uri(self, token: str = "dpop", **attrs: Any) -> str:
         """A pkcs11: URI on one of the run's tokens (no PIN inside)."""
         from dpop_hsm.signers.pkcs11_uri import Pkcs11Uri
 

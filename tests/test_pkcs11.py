@@ -181,14 +181,14 @@ def test_key_selection_is_unambiguous(softhsm: SoftHsm, es256: Any) -> None:
     from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 
     # A second key with the same label but another id: by label alone it is ambiguous.
-    Pkcs11Signer.generate(softhsm.uri(object="twin", id="\x01"), secret=softhsm.pin).close()
-    Pkcs11Signer.generate(softhsm.uri(object="twin-b", id="\x02"), secret=softhsm.pin).close()
+    Pkcs11Signer.generate(softhsm.uri(object="twin", id=b"\x01"), secret=softhsm.pin).close()
+    Pkcs11Signer.generate(softhsm.uri(object="twin-b", id=b"\x02"), secret=softhsm.pin).close()
     _relabel(softhsm, b"\x02", "twin")
     with pytest.raises(AmbiguousKeyError) as info:
         Pkcs11Signer(softhsm.uri(object="twin"), secret=softhsm.pin)
     assert "id=01" in str(info.value)
     assert "id=02" in str(info.value)
-    with Pkcs11Signer(softhsm.uri(object="twin", id="\x02"), secret=softhsm.pin) as one:
+    with Pkcs11Signer(softhsm.uri(object="twin", id=b"\x02"), secret=softhsm.pin) as one:
         assert one.uri.endswith("id=%02?module-path=" + softhsm.module)
     with pytest.raises(KeyNotFoundError) as nf:
         Pkcs11Signer(softhsm.uri(object="no-such-key"), secret=softhsm.pin)

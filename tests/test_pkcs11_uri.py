@@ -215,3 +215,14 @@ def test_hostile_values_are_typed_errors(text: str, attribute: str) -> None:
 
 def test_largest_slot_id() -> None:
     assert Pkcs11Uri.parse("pkcs11:slot-id=18446744073709551615").slot_id == 2**64 - 1
+
+
+def test_id_must_be_bytes() -> None:
+    with pytest.raises(KeyReferenceError):
+        Pkcs11Uri(id="01")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("slot_id", [-1, 2**64])
+def test_constructor_checks_slot_id_range_like_the_parser(slot_id: int) -> None:
+    with pytest.raises(KeyReferenceError):
+        Pkcs11Uri(slot_id=slot_id)

@@ -114,6 +114,8 @@ class Pkcs11Uri:
     vendor_query: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.id is not None and not isinstance(self.id, bytes):
+            raise KeyReferenceError("pkcs11 URI attribute 'id': must be bytes (CKA_ID)")
         if self.type is not None and self.type not in _TYPES:
             raise KeyReferenceError(
                 f"pkcs11 URI attribute 'type': {self.type!r} is not one of {sorted(_TYPES)}"
@@ -122,8 +124,11 @@ class Pkcs11Uri:
             raise KeyReferenceError(
                 "pkcs11 URI attribute 'library-version': must be 'M' or 'M.N' (RFC 7512 §2.3)"
             )
-        if self.slot_id is not None and self.slot_id < 0:
-            raise KeyReferenceError("pkcs11 URI attribute 'slot-id': must be >= 0")
+        if self.slot_id is not None and (
+            not isinstance(self.slot_id, int) or not 0 <= self.slot_id < 1 << 64
+        ):
+            # CK_SLOT_ID is a CK_ULONG; parse() enforces the same range, so str() round-trips.
+            raise KeyReferenceError("pkcs11 URI attribute 'slot-id': must be in [0, 2**64)")
 
     def __repr__(self) -> str:
         return f"Pkcs11Uri({str(self)!r})"
