@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import requests  # noqa: E402
+import requests
 
-from dpop_hsm.requests import DPoPAuth  # noqa: E402
-from dpop_hsm.signers.software import SoftwareSigner  # noqa: E402
-from dpop_hsm.testing import ClientRegistration, LocalDPoPServers  # noqa: E402
-from dpop_hsm.token import TokenClient  # noqa: E402
+from dpop_hsm.requests import DPoPAuth
+from dpop_hsm.signers.software import SoftwareSigner
+from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
+from dpop_hsm.token import TokenClient
 
 Rows = list[tuple[str, float]]
 THREADS = 32
