@@ -197,6 +197,8 @@ def parse_www_authenticate(values: str | Iterable[str]) -> list[Challenge]:
     ``MAX_HEADER_LENGTH`` characters (a hostile server should not make us burn CPU or memory).
     """
     items = [values] if isinstance(values, str) else list(values)
+    if not all(isinstance(v, str) for v in items):  # bytes iterate as ints: check first
+        raise ChallengeParseError("WWW-Authenticate value is not text")
     if sum(len(v) for v in items) > MAX_HEADER_LENGTH:
         raise ChallengeParseError(f"WWW-Authenticate longer than {MAX_HEADER_LENGTH} characters")
     out: list[Challenge] = []
