@@ -109,3 +109,24 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
         os.environ.pop("SOFTHSM2_CONF", None)
     else:
         os.environ["SOFTHSM2_CONF"] = previous
+
+
+@pytest.fixture(scope="session")
+def softhsm_es256_signer(softhsm: SoftHsm) -> Iterator[Any]:
+    """An ES256 key generated on the run's SoftHSM2 token, for the ``dpop_signer`` suite."""
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    with Pkcs11Signer.generate(
+        softhsm.uri(object="contract-es256"), "ES256", secret=softhsm.pin
+    ) as signer:
+        yield signer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every test parametrized over ``dpop_signer`` (token client, transports, local servers)
+    # also runs with the SoftHSM2 key: the same contract, a real PKCS#11 token behind it.
+    # Imported here, not at module top: conftest registers tests.fixtures_servers as a plugin
+    # after this module, and importing it earlier would defeat pytest's assertion rewriting.
+    from tests.fixtures_servers import register_dpop_signer
+
+    register_dpop_signer("softhsm-es256", "softhsm_es256_signer")
