@@ -77,7 +77,9 @@ def mask_body(body: bytes | str | None, content_type: str | None) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return f"[{len(raw)} bytes of binary data]"
-    if "json" in ctype or (not ctype and text.lstrip()[:1] in ("{", "[")):
+    # Anything that looks like JSON is masked as JSON whatever its declared type: some servers
+    # send token responses as text/plain or text/html.
+    if "json" in ctype or text.lstrip()[:1] in ("{", "["):
         try:
             return json.dumps(_mask_json(json.loads(text)), separators=(",", ":"))[:MAX_LOGGED_BODY]
         except (ValueError, RecursionError):

@@ -294,11 +294,7 @@ def test_httpx_flow_debug_logs_hold_no_secret(
     assert_absent(debug_logs.text, leaked + private_material(signer), "httpx DEBUG logs")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="logs.mask_body logs any text/* body verbatim: a token response sent as text/plain "
-    "or text/html (seen from real servers) puts the access token in the DEBUG log",
-)
+# Regression (found by this suite): text/* bodies were logged verbatim, token included.
 @pytest.mark.parametrize("content_type", ["text/plain", "text/html; charset=utf-8"])
 def test_token_response_with_a_text_content_type_is_still_masked(
     signer: SoftwareSigner, debug_logs: pytest.LogCaptureFixture, content_type: str
