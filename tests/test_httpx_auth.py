@@ -160,7 +160,7 @@ def test_async_short_lifetime_renews(servers: LocalDPoPServers, dpop_signer: Sig
     async def main() -> set[str]:
         seen: set[str] = set()
         async with httpx.AsyncClient(auth=DPoPAuth(tc)) as client:
-            deadline = time.monotonic() + 3.0
+            deadline = time.monotonic() + 2.5
             while time.monotonic() < deadline:
                 response = await client.get(servers.api_url)
                 assert response.status_code == 200
