@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import requests
+import urllib3
 from requests.auth import AuthBase
 from requests.cookies import extract_cookies_to_jar
 from requests.models import PreparedRequest, Response
@@ -86,7 +87,13 @@ def send_http_request(
         raise TransportError(f"cannot reach {origin}: {type(e).__name__}") from e
     try:
         body = response.raw.read(MAX_RESPONSE_BODY + 1, decode_content=True)
-    except (requests.exceptions.RequestException, OSError, ValueError) as e:
+    # urllib3 raises its own ProtocolError (IncompleteRead) when the server drops mid-body.
+    except (
+        requests.exceptions.RequestException,
+        urllib3.exceptions.HTTPError,
+        OSError,
+        ValueError,
+    ) as e:
         raise TransportError(f"reading the response from {origin_of(request.url)} failed") from e
     finally:
         response.close()

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import urllib3
 
 from dpop_hsm.errors import (
     DPoPError,
@@ -197,15 +196,8 @@ def test_token_client_has_a_finite_default_timeout(signer: SoftwareSigner) -> No
     assert 0 < connect <= 60 and 0 < read <= 60
 
 
-# Found by this suite: requests.send_http_request reads the body with response.raw.read() and
-# catches RequestException/OSError/ValueError, but a connection dropped mid-body raises
-# urllib3.exceptions.ProtocolError (IncompleteRead), which is none of those: it escapes untyped
-# from TokenClient.get_token(). Fix: add urllib3.exceptions.HTTPError to that except clause.
-URLLIB3_PROTOCOL_ERROR = pytest.mark.xfail(
-    strict=True,
-    raises=urllib3.exceptions.ProtocolError,
-    reason="dpop_hsm.requests.send_http_request lets urllib3 ProtocolError (IncompleteRead) escape",
-)
+# Regression (found by this suite): a connection dropped mid-body raised urllib3's ProtocolError
+# (IncompleteRead) out of send_http_request untyped.
 
 
 @pytest.mark.parametrize(
@@ -216,11 +208,9 @@ URLLIB3_PROTOCOL_ERROR = pytest.mark.xfail(
         pytest.param(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
             b'{"access_token":"x',  # close inside the body
-            marks=URLLIB3_PROTOCOL_ERROR,
         ),
         pytest.param(
             b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{"access_token"',
-            marks=URLLIB3_PROTOCOL_ERROR,
         ),
     ],
     ids=["no-bytes", "mid-headers", "mid-body", "mid-chunk"],
