@@ -33,6 +33,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -144,10 +145,17 @@ class CacheKey:
 
 
 class TokenCache:
-    """Tokens by :class:`CacheKey`; share one between clients that may ask for the same token."""
+    """Tokens by :class:`CacheKey`; share one between clients that may ask for the same token.
 
-    def __init__(self) -> None:
-        self._tokens: dict[CacheKey, Token] = {}
+    Bounded: beyond ``max_entries`` keys the least recently stored token is dropped (its client
+    just fetches a new one), so a cache shared by many clients, scopes or resources stays small.
+    """
+
+    def __init__(self, *, max_entries: int = 1024) -> None:
+        if max_entries < 1:
+            raise ConfigurationError("max_entries must be positive")
+        self._max = max_entries
+        self._tokens: OrderedDict[CacheKey, Token] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: CacheKey) -> Token | None:
@@ -156,6 +164,9 @@ class TokenCache:
     def put(self, key: CacheKey, token: Token) -> None:
         with self._lock:
             self._tokens[key] = token
+            self._tokens.move_to_end(key)
+            while len(self._tokens) > self._max:
+                self._tokens.popitem(last=False)
 
     def discard(self, key: CacheKey, token: Token | None = None) -> None:
         """Drop ``key``; with ``token``, only if that exact token is still the cached one."""
