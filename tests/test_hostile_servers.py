@@ -241,6 +241,30 @@ def test_token_endpoint_never_answering_times_out(
     assert elapsed < 4 * sum(SHORT) + 2  # the configured timeout, not the server, decides
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="TokenClient.timeout is per socket operation (requests' connect/read): a server "
+    "dripping one byte every 0.3 s never trips a 0.5 s read timeout, so there is no deadline "
+    "for the whole token request (a 1 MiB drip would take days)",
+)
+def test_token_endpoint_dripping_bytes_is_bounded_by_a_total_deadline(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    body = b'{"error":"slow"}'
+
+    def handler(seen: Seen, conn: socket.socket, index: int) -> None:
+        conn.sendall(b"HTTP/1.1 400 X\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for byte in body:
+            if server.stop.wait(0.3):
+                return
+            conn.sendall(bytes([byte]))
+
+    server = serve(handler)
+    result, elapsed = timed(token_client(signer, server).get_token)
+    assert isinstance(result, TransportError), repr(result)
+    assert elapsed < 3.0
+
+
 def test_token_endpoint_never_accepting_times_out(signer: SoftwareSigner) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
