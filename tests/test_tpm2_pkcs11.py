@@ -79,11 +79,6 @@ def test_proofs_verify(tpm2_pkcs11: Tpm2Pkcs11, p11_key: str) -> None:
             verify_raw(header["jwk"], f"{head}.{payload}".encode(), b64url_decode(sig))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pkcs11Signer on tpm2-pkcs11: concurrent signing on several sessions returns "
-    "CKR_GENERAL_ERROR; needs one lock per tpm2-pkcs11 module (reported)",
-)
 def test_threads(tpm2_pkcs11: Tpm2Pkcs11, p11_key: str) -> None:
     errors: list[BaseException] = []
     with dpop_hsm.load_signer(p11_key, secret=tpm2_pkcs11.user_pin) as signer:  # type: ignore[attr-defined]
@@ -112,11 +107,6 @@ def test_wrong_pin_and_existing_label(tpm2_pkcs11: Tpm2Pkcs11, p11_key: str) -> 
         dpop_hsm.Pkcs11Signer.generate(p11_key, alg="ES256", secret=tpm2_pkcs11.user_pin)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pkcs11Signer.generate: tpm2-pkcs11 1.9 answers CKR_GENERAL_ERROR (not a template "
-    "error) to CKA_DECRYPT/UNWRAP/DERIVE=False, so the relaxed-template retry never runs",
-)
 def test_pkcs11signer_generate_on_tpm2_pkcs11(tpm2_pkcs11: Tpm2Pkcs11) -> None:
     uri = tpm2_pkcs11.uri("dpop-generated")
     with dpop_hsm.Pkcs11Signer.generate(uri, alg="ES256", secret=tpm2_pkcs11.user_pin) as signer:
