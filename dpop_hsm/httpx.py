@@ -39,7 +39,7 @@ from .errors import DPoPError, NonceError, RedirectError, UnauthorizedError
 from .htu import normalize_htu, origin_of
 from .jose import b64url_decode, split_compact
 from .logs import log_request, log_response
-from .token import Renewal, Token, TokenClient
+from .token import Renewal, Token, TokenClient, require_https
 from .token_http import HttpRequest, HttpResponse, header_values
 
 __all__ = ["DPoPAuth"]
@@ -159,6 +159,7 @@ class DPoPAuth(httpx.Auth):
         )
 
     def _flow(self, request: httpx.Request) -> Generator[_Op, Any, None]:
+        require_https(str(request.url), "resource URL")  # before any token is fetched or sent
         token: Token = yield _NEED_TOKEN
         sent_nonce = self._stamp(request, token.token_type, token.access_token)
         response: httpx.Response = yield request
@@ -334,6 +335,7 @@ class DPoPAuth(httpx.Auth):
         del request.headers["DPoP"]
         old_origin = origin_of(target[1]) if target is not None else None
         if old_origin == origin_of(url) and scheme.lower() in ("dpop", "bearer") and access_token:
+            require_https(url, "redirect target")
 
             def restamp() -> None:
                 self._stamp(request, scheme, access_token)

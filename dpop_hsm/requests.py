@@ -32,7 +32,7 @@ from .challenges import find_challenge
 from .errors import NonceError, RedirectError, TransportError, UnauthorizedError
 from .htu import origin_of
 from .logs import log_request, log_response
-from .token import Token, TokenClient
+from .token import Token, TokenClient, require_https
 from .token_http import HttpRequest, HttpResponse, header_values
 
 __all__ = ["DPoPAuth", "DPoPSession", "send_http_request"]
@@ -165,6 +165,7 @@ class DPoPAuth(AuthBase):
         log_request(r.method or "GET", url, r.headers.items(), _loggable_body(r.body))
 
     def __call__(self, r: PreparedRequest) -> PreparedRequest:
+        require_https(r.url or "", "resource URL")  # before any token is fetched or sent
         self.stamp(r, self.token())
         if self._handle_response not in r.hooks["response"]:
             r.register_hook("response", self._handle_response)  # type: ignore[no-untyped-call]
@@ -245,6 +246,7 @@ class DPoPAuth(AuthBase):
             return
         old, new = response.request.url or "", prepared.url or ""
         if origin_of(old) == origin_of(new):
+            require_https(new, "redirect target")
             if not token.is_valid():
                 token = self.token()
             self.stamp(prepared, token)

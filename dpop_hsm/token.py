@@ -69,6 +69,7 @@ __all__ = [
     "TokenCache",
     "TokenClient",
     "drive_flow",
+    "require_https",
 ]
 
 log = logging.getLogger("dpop_hsm.token")
@@ -233,7 +234,12 @@ def _basic_credentials(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
 
 
-def _check_endpoint(url: str, what: str) -> str:
+def require_https(url: str, what: str) -> str:
+    """``url`` unless it is plain http to a non-loopback host (InsecureEndpointError).
+
+    Tokens and proofs over plain http can be read and replayed by anyone on the path; loopback
+    is allowed for local test servers.
+    """
     normalize_htu(url)  # raises ConfigurationError on junk
     if url.lower().startswith("https://"):
         return url
@@ -279,7 +285,7 @@ class TokenClient:
     ) -> None:
         if not client_id or not isinstance(client_id, str):
             raise ConfigurationError("client_id must be a non-empty string")
-        self.token_endpoint = _check_endpoint(token_endpoint, "token_endpoint")
+        self.token_endpoint = require_https(token_endpoint, "token_endpoint")
         self.client_id = client_id
         method = auth_method or (
             "client_secret_basic" if client_secret is not None else "private_key_jwt"

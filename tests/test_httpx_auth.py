@@ -321,3 +321,14 @@ def test_debug_log_holds_no_secret(
     for secret in [CLIENT_SECRET, "pw-123", *tokens, *proofs]:
         assert secret not in text
         assert all(secret not in repr(r.__dict__) for r in caplog.records)
+
+
+def test_plain_http_to_a_remote_host_is_refused_before_any_token(
+    servers: LocalDPoPServers, dpop_signer: Signer
+) -> None:
+    from dpop_hsm.errors import InsecureEndpointError
+
+    with httpx.Client(auth=DPoPAuth(token_client(servers, dpop_signer))) as client:
+        with pytest.raises(InsecureEndpointError):
+            client.get("http://rs.example.com/api")
+    assert servers.counters.token_requests == 0

@@ -214,3 +214,14 @@ def test_debug_log_holds_no_secret(
     for jws in [*assertions, *proofs]:
         if jws:
             assert jws.rsplit(".", 1)[1] not in text
+
+
+def test_plain_http_to_a_remote_host_is_refused_before_any_token(
+    servers: LocalDPoPServers, dpop_signer: Signer
+) -> None:
+    from dpop_hsm.errors import InsecureEndpointError
+
+    with DPoPSession(token_client(servers, dpop_signer)) as session:
+        with pytest.raises(InsecureEndpointError):
+            session.get("http://rs.example.com/api")
+    assert servers.counters.token_requests == 0
