@@ -328,7 +328,9 @@ def test_plain_http_to_a_remote_host_is_refused_before_any_token(
 ) -> None:
     from dpop_hsm.errors import InsecureEndpointError
 
-    with httpx.Client(auth=DPoPAuth(token_client(servers, dpop_signer))) as client:
-        with pytest.raises(InsecureEndpointError):
-            client.get("http://rs.example.com/api")
+    with (
+        httpx.Client(auth=DPoPAuth(token_client(servers, dpop_signer))) as client,
+        pytest.raises(InsecureEndpointError),
+    ):
+        client.get("http://rs.example.com/api")
     assert servers.counters.token_requests == 0

@@ -221,7 +221,9 @@ def test_plain_http_to_a_remote_host_is_refused_before_any_token(
 ) -> None:
     from dpop_hsm.errors import InsecureEndpointError
 
-    with DPoPSession(token_client(servers, dpop_signer)) as session:
-        with pytest.raises(InsecureEndpointError):
-            session.get("http://rs.example.com/api")
+    with (
+        DPoPSession(token_client(servers, dpop_signer)) as session,
+        pytest.raises(InsecureEndpointError),
+    ):
+        session.get("http://rs.example.com/api")
     assert servers.counters.token_requests == 0
