@@ -96,17 +96,30 @@ def feed_million(kind: str) -> dict[str, Any]:
     return result
 
 
+def report(request: pytest.FixtureRequest, line: str) -> None:
+    """A line in pytest's own output, past output capture: the figures issue 7 asks for."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if capture is None or reporter is None:  # pragma: no cover - plugins disabled
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
+
+
 @pytest.fixture(scope="module")
-def million_runs() -> dict[str, dict[str, Any]]:
+def million_runs(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
     """All three feeds, two at a time (the box has two cores)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(FEEDERS, pool.map(feed_million, FEEDERS), strict=True))
     for kind, r in results.items():
         growth = r["rss_at_100pct"] - r["rss_at_10pct"]
-        print(
+        report(
+            request,
             f"\n{kind}: {MILLION:,} distinct keys in {r['seconds']:.1f}s, entries kept "
             f"{r['entries']:,} (limit {LIMIT:,}), RSS {r['rss_at_10pct'] / 2**20:.1f} MiB at "
-            f"100k -> {r['rss_at_100pct'] / 2**20:.1f} MiB at 1M (growth {growth / 2**20:+.1f} MiB)"
+            f"100k -> {r['rss_at_100pct'] / 2**20:.1f} MiB at 1M "
+            f"(growth {growth / 2**20:+.1f} MiB)",
         )
     return results
 
@@ -179,12 +192,17 @@ def _token_put(cache: Any, i: int) -> None:
     ],
 )
 def test_retained_memory_is_proportional_to_the_limit_not_the_input(
-    kind: str, make: Callable[[], Any], feed: Callable[[Any, int], None]
+    request: pytest.FixtureRequest,
+    kind: str,
+    make: Callable[[], Any],
+    feed: Callable[[Any, int], None],
 ) -> None:
     at_limit = retained_bytes(make, feed, LIMIT)
     at_20x = retained_bytes(make, feed, 20 * LIMIT)
-    print(
-        f"\n{kind}: retained {at_limit:,} B after {LIMIT:,} keys, {at_20x:,} B after {20 * LIMIT:,}"
+    report(
+        request,
+        f"\n{kind}: retained {at_limit:,} B after {LIMIT:,} keys, "
+        f"{at_20x:,} B after {20 * LIMIT:,}",
     )
     assert at_20x < LIMIT * RETAINED_PER_ENTRY
     assert at_20x < 1.5 * at_limit + 64 * 1024  # flat: 20x the input, about the same memory

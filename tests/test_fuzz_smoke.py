@@ -45,8 +45,21 @@ except ImportError as e:  # pragma: no cover - atheris is in the dev extra on Li
     )
 
 
+def report(request: pytest.FixtureRequest, line: str) -> None:
+    """A line in pytest's own output, past output capture: the figures issue 7 asks for."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if capture is None or reporter is None:  # pragma: no cover - plugins disabled
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
+
+
 @pytest.fixture(scope="module")
-def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def fuzz_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     corpus_root = tmp_path_factory.mktemp("fuzz-corpus")
     names = [name for name, target in TARGETS.items() if target.available()]
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -59,8 +72,11 @@ def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 strict=True,
             )
         )
-    summary = ", ".join(f"{n}={r.executions}" for n, r in results.items())
-    print(f"\nfuzz smoke ({BUDGET:g}s/target): {summary}")  # shown with -s / in CI logs
+    summary = ", ".join(
+        f"{n}={r.executions}{' CRASHED' if r.crashed else ''}" for n, r in results.items()
+    )
+    crashed = sum(r.crashed for r in results.values())
+    report(request, f"\nfuzz smoke ({BUDGET:g}s/target, executions): {summary}; {crashed} crashed")
     return results
 
 
