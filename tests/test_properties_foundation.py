@@ -12,6 +12,7 @@ Example counts are small by default (the whole hardening suite has a time budget
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dpop_hsm.ecdsa import CURVE_ORDERS, der_to_raw, raw_to_der, rs_to_raw
-from dpop_hsm.errors import SignatureEncodingError, VerificationError
+from dpop_hsm.errors import DPoPError, SignatureEncodingError, VerificationError
 from dpop_hsm.jose import b64url_decode, b64url_encode
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
@@ -402,3 +403,33 @@ def test_oversized_proofs_are_rejected_before_parsing() -> None:
         with pytest.raises(VerificationError):
             verify_proof("a" * size, htm="GET", htu=HTU, now=NOW)
         assert time.monotonic() - started < 5  # bounded: no parsing of a 16 MiB string
+
+
+# --- JWK -> public key ---------------------------------------------------------------------
+
+
+@settings(max_examples=examples(300), **FAST)
+@given(
+    st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {"kty": st.sampled_from(["EC", "OKP", "RSA", "oct", "ec", ""])},
+            optional={
+                name: json_values | st.text(alphabet=_B64_ALPHABET)
+                for name in JWK_NAMES
+                if name != "kty"
+            },
+        ),
+    )
+)
+def test_public_key_from_arbitrary_jwk_only_typed_errors(jwk: Any) -> None:
+    from dpop_hsm.jose import jwk_thumbprint
+    from dpop_hsm.verify import public_key_from_jwk
+
+    try:
+        key = public_key_from_jwk(jwk)
+    except VerificationError:
+        return
+    assert key is not None
+    with contextlib.suppress(DPoPError):
+        assert len(b64url_decode(jwk_thumbprint(jwk))) == 32

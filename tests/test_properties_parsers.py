@@ -262,3 +262,30 @@ def test_www_authenticate_non_text_values_are_typed_errors(value: Any) -> None:
 def test_www_authenticate_list_of_bytes_is_a_typed_error() -> None:
     with pytest.raises(ChallengeParseError):
         parse_www_authenticate([b"DPoP"])  # type: ignore[list-item]
+
+
+# --- DPoP-Nonce headers --------------------------------------------------------------------
+
+nonces = pytest.importorskip("dpop_hsm.nonces", reason="nonce store not landed")
+
+
+@settings(max_examples=examples(300), **FAST)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["DPoP-Nonce", "dpop-nonce", "DPOP-NONCE", "Other", "WWW-Authenticate"]
+            ),
+            st.text(max_size=40) | st.text(alphabet=string.printable, max_size=2000),
+        ),
+        max_size=6,
+    )
+)
+def test_nonce_headers_yield_a_valid_nonce_or_none(headers: list[tuple[str, str]]) -> None:
+    store = nonces.NonceStore(max_origins=2)
+    found = store.observe("https://rs.example.com/x", headers)
+    if found is not None:
+        assert nonces.is_valid_nonce(found)
+        assert store.get("https://rs.example.com/other") == found
+    for status in (400, 401, 200):
+        assert nonces.is_nonce_challenge(status, headers, b"") in (True, False)
