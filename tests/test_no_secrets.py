@@ -425,12 +425,8 @@ def _proxy_recorder() -> RawServer:
     return RawServer(handler)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="requests DPoPAuth/DPoPSession stamp Authorization: DPoP <token> and a proof on a "
-    "plain-http request to a non-loopback resource server instead of raising "
-    "InsecureEndpointError (the issue: HTTP refused for anything but loopback)",
-)
+# Regression (found by this suite, fixed in 600692e): both adapters stamped a token and a proof
+# on plain-http requests to non-loopback resource servers.
 def test_requests_adapter_refuses_plain_http_to_a_remote_resource_server(
     signer: SoftwareSigner,
 ) -> None:
@@ -442,7 +438,7 @@ def test_requests_adapter_refuses_plain_http_to_a_remote_resource_server(
         with requests_mod.DPoPSession(client) as session:
             session.proxies = {"http": proxy.url}
             session.trust_env = False
-            with contextlib.suppress(InsecureEndpointError):
+            with pytest.raises(InsecureEndpointError):
                 session.get("http://rs.example.com/api", timeout=2)
     finally:
         proxy.close()
@@ -451,11 +447,6 @@ def test_requests_adapter_refuses_plain_http_to_a_remote_resource_server(
     assert remote == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="httpx DPoPAuth stamps a token and proof on plain-http requests to non-loopback "
-    "hosts instead of raising InsecureEndpointError",
-)
 def test_httpx_adapter_refuses_plain_http_to_a_remote_resource_server(
     signer: SoftwareSigner,
 ) -> None:
@@ -468,7 +459,7 @@ def test_httpx_adapter_refuses_plain_http_to_a_remote_resource_server(
         )
         with httpx.Client(proxy=proxy.url, trust_env=False, timeout=2) as http:
             httpx_mod.DPoPAuth(client).attach(http)
-            with contextlib.suppress(InsecureEndpointError, httpx.HTTPError):
+            with pytest.raises(InsecureEndpointError):
                 http.get("http://rs.example.com/api")
     finally:
         proxy.close()
