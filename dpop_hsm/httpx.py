@@ -35,17 +35,19 @@ import anyio.to_thread
 import httpx
 
 from .challenges import find_challenge
-from .errors import DPoPError, NonceError, RedirectError, UnauthorizedError
-from .htu import normalize_htu, origin_of
+from .errors import DPoPError, NonceError, RedirectError, TokenResponseError, UnauthorizedError
+from .htu import origin_of
 from .jose import b64url_decode, split_compact
 from .logs import log_request, log_response
-from .token import Renewal, Token, TokenClient, require_https
+from .token import MAX_TOKEN_RESPONSE, Renewal, Token, TokenClient, require_https
 from .token_http import HttpRequest, HttpResponse, header_values
 
 __all__ = ["DPoPAuth"]
 
 RedirectPolicy = Literal["strip", "refuse"]
 _EXT = "dpop_hsm"
+_SENT = "dpop_hsm_sent_proof"
+_TOKEN_REQUEST = "dpop_hsm_token_request"  # noqa: S105 - an extension name
 T = TypeVar("T")
 
 
@@ -57,10 +59,51 @@ _NEED_TOKEN = _NeedToken()
 _Op = httpx.Request | _NeedToken
 
 
-def _to_httpx(request: HttpRequest) -> httpx.Request:
+def _to_httpx(request: HttpRequest, timeout: tuple[float, float]) -> httpx.Request:
+    """A token request: TokenClient.timeout applies (requests yielded from an auth flow get no
+    client timeout otherwise), and it is marked so redirect hooks never let it follow."""
+    connect, read = timeout
     return httpx.Request(
-        request.method, request.url, headers=list(request.headers), content=request.body
+        request.method,
+        request.url,
+        headers=list(request.headers),
+        content=request.body,
+        extensions={
+            "timeout": {"connect": connect, "read": read, "write": read, "pool": connect},
+            _TOKEN_REQUEST: True,
+        },
     )
+
+
+def _keep_bounded(response: httpx.Response, chunks: list[bytes]) -> None:
+    # httpx reads every auth-flow response again after the flow moves on; give it the bytes
+    # we already consumed (Response.read() returns ``_content`` when it is set).
+    response._content = b"".join(chunks)
+
+
+def _read_bounded(response: httpx.Response) -> None:
+    """Read a token response, refusing bodies over MAX_TOKEN_RESPONSE (a hostile AS)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_TOKEN_RESPONSE:
+            response.close()
+            raise TokenResponseError(f"token response larger than {MAX_TOKEN_RESPONSE} bytes")
+        chunks.append(chunk)
+    _keep_bounded(response, chunks)
+
+
+async def _aread_bounded(response: httpx.Response) -> None:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_TOKEN_RESPONSE:
+            await response.aclose()
+            raise TokenResponseError(f"token response larger than {MAX_TOKEN_RESPONSE} bytes")
+        chunks.append(chunk)
+    _keep_bounded(response, chunks)
 
 
 def _from_httpx(response: httpx.Response, url: str) -> HttpResponse:
@@ -243,9 +286,9 @@ class DPoPAuth(httpx.Auth):
                 tflow = got.flow()
                 done, step = _advance(tflow, None)
                 while not done:
-                    sent = _to_httpx(step)
+                    sent = _to_httpx(step, tc.timeout)
                     response = yield sent
-                    response.read()
+                    _read_bounded(response)
                     _log_sent(sent)
                     _log_received(response)
                     done, step = _advance(tflow, _from_httpx(response, step.url))
@@ -293,9 +336,9 @@ class DPoPAuth(httpx.Auth):
                                     tflow = got.flow()
                                     t_done, step = await run(_advance, tflow, None)
                                     while not t_done:
-                                        sent = _to_httpx(step)
+                                        sent = _to_httpx(step, tc.timeout)
                                         response = yield sent
-                                        await response.aread()
+                                        await _aread_bounded(response)
                                         _log_sent(sent)
                                         _log_received(response)
                                         parsed = _from_httpx(response, step.url)
@@ -323,13 +366,20 @@ class DPoPAuth(httpx.Auth):
 
     def _hop_action(self, request: httpx.Request) -> Callable[[], None] | None:
         proof = request.headers.get("DPoP")
-        if proof is None:
+        ext = request.extensions
+        if proof is None or ext.get(_SENT) != proof:
+            # First send of this request (redirect requests copy the extensions, so a hop
+            # still carrying the proof recorded here is recognized below, even to the same URL).
+            if proof is not None:
+                request.extensions = {**ext, _SENT: proof}
             return None
-        target = _proof_target(proof)
         url = str(request.url)
-        if target is not None and target == (request.method, normalize_htu(url)):
-            return None  # the proof we just made for this very request
-        request.extensions = {**request.extensions, _EXT: "redirect"}
+        if ext.get(_TOKEN_REQUEST):
+            # RFC 6749 §3.2 gives the token endpoint no redirects; following one would re-send
+            # the client secret / assertion to wherever it points.
+            raise RedirectError(f"the token endpoint redirected to {origin_of(url)}; not followed")
+        target = _proof_target(proof)
+        request.extensions = {**ext, _EXT: "redirect"}
         authz = request.headers.get("Authorization", "")
         scheme, _, access_token = authz.partition(" ")
         del request.headers["DPoP"]
@@ -339,6 +389,7 @@ class DPoPAuth(httpx.Auth):
 
             def restamp() -> None:
                 self._stamp(request, scheme, access_token)
+                request.extensions = {**request.extensions, _SENT: request.headers["DPoP"]}
 
             return restamp
         if scheme.lower() == "dpop":

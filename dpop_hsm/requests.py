@@ -20,6 +20,7 @@ another origin, so a token never travels to a server it was not meant for.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import requests
@@ -70,7 +71,11 @@ def send_http_request(
     """Send a sans-IO request through ``session`` (its proxies, TLS, adapters, cookies apply).
 
     Raises :class:`TransportError` on connection errors and timeouts; never follows redirects.
+    ``timeout`` is (connect, read) per socket operation, as in requests; on top of that the
+    whole exchange must finish within connect + 2 x read seconds, so a server dripping bytes
+    slower than the read timeout cannot hold a token renewal (and its waiters) for hours.
     """
+    deadline = time.monotonic() + timeout[0] + 2 * timeout[1]
     try:
         response = session.request(
             request.method,
@@ -86,7 +91,7 @@ def send_http_request(
         origin = origin_of(request.url)
         raise TransportError(f"cannot reach {origin}: {type(e).__name__}") from e
     try:
-        body = response.raw.read(MAX_RESPONSE_BODY + 1, decode_content=True)
+        body = _read_body(response, deadline, request.url)
     # urllib3 raises its own ProtocolError (IncompleteRead) when the server drops mid-body.
     except (
         requests.exceptions.RequestException,
@@ -104,6 +109,22 @@ def send_http_request(
     headers = response_headers(response)
     log_response(response.status_code, response.reason or "", headers, body, url=request.url)
     return HttpResponse(response.status_code, tuple(headers), body or b"", request.url)
+
+
+def _read_body(response: Response, deadline: float, url: str) -> bytes:
+    """At most MAX_RESPONSE_BODY + 1 bytes, in whatever pieces arrive, before ``deadline``."""
+    raw = response.raw
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_RESPONSE_BODY:
+        if time.monotonic() > deadline:
+            raise TransportError(f"{origin_of(url)} did not send its response in time")
+        chunk = raw.read1(MAX_RESPONSE_BODY + 1 - size, decode_content=True)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _replayable(prep: PreparedRequest) -> bool:
