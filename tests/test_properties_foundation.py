@@ -38,7 +38,7 @@ def examples(n: int) -> int:
     return n * 20 if _LONG else n
 
 
-FAST = {"deadline": 2000, "suppress_health_check": [HealthCheck.too_slow]}
+FAST = settings(deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 SIZES = sorted(CURVE_ORDERS)  # 32 (P-256), 48 (P-384), 66 (P-521)
 
 
@@ -60,7 +60,7 @@ def curve_and_rs(draw: st.DrawFn) -> tuple[int, int, int]:
     return size, draw(scalar), draw(scalar)
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(curve_and_rs())
 def test_der_raw_round_trip_for_every_r_s_in_range(case: tuple[int, int, int]) -> None:
     size, r, s = case
@@ -73,7 +73,7 @@ def test_der_raw_round_trip_for_every_r_s_in_range(case: tuple[int, int, int]) -
     assert int.from_bytes(raw[size:], "big") == s
 
 
-@settings(max_examples=examples(100), **FAST)
+@settings(FAST, max_examples=examples(100))
 @given(st.sampled_from(SIZES), st.integers(), st.integers())
 def test_rs_out_of_range_is_a_typed_error(size: int, r: int, s: int) -> None:
     n = CURVE_ORDERS[size]
@@ -85,7 +85,7 @@ def test_rs_out_of_range_is_a_typed_error(size: int, r: int, s: int) -> None:
             der_to_raw(encode_dss_signature(r, s), size)
 
 
-@settings(max_examples=examples(400), **FAST)
+@settings(FAST, max_examples=examples(400))
 @given(st.binary(max_size=300), st.sampled_from([*SIZES, 0, 1, 31, 64, -1]))
 def test_der_to_raw_arbitrary_bytes_only_typed_errors(data: bytes, size: int) -> None:
     try:
@@ -97,7 +97,7 @@ def test_der_to_raw_arbitrary_bytes_only_typed_errors(data: bytes, size: int) ->
     assert raw_to_der(raw) == data
 
 
-@settings(max_examples=examples(200), **FAST)
+@settings(FAST, max_examples=examples(200))
 @given(curve_and_rs(), st.data())
 def test_der_mutations_are_rejected_or_canonical(case: tuple[int, int, int], data: Any) -> None:
     size, r, s = case
@@ -119,7 +119,7 @@ def test_der_mutations_are_rejected_or_canonical(case: tuple[int, int, int], dat
     assert raw_to_der(raw) == bytes(der)
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(st.binary(max_size=200))
 def test_raw_to_der_arbitrary_bytes_only_typed_errors(raw: bytes) -> None:
     try:
@@ -138,7 +138,7 @@ def test_der_to_raw_wrong_types_and_sizes(bad: Any) -> None:
 # --- base64url -----------------------------------------------------------------------------
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(st.binary(max_size=200))
 def test_b64url_round_trip(data: bytes) -> None:
     text = b64url_encode(data)
@@ -150,7 +150,7 @@ def test_b64url_round_trip(data: bytes) -> None:
 _B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
-@settings(max_examples=examples(500), **FAST)
+@settings(FAST, max_examples=examples(500))
 @given(
     st.one_of(
         st.text(max_size=80),
@@ -219,7 +219,7 @@ def test_baseline_proof_verifies(es256: SoftwareSigner) -> None:
     assert verify_proof(proof, htm="GET", htu=HTU, now=NOW).jkt == es256.thumbprint
 
 
-@settings(max_examples=examples(150), **FAST)
+@settings(FAST, max_examples=examples(150))
 @given(st.data())
 def test_bit_flips_and_truncations_never_verify(es256: SoftwareSigner, data: Any) -> None:
     proof = ProofFactory(es256, clock=lambda: NOW).create("GET", HTU, access_token="tok")
@@ -240,7 +240,7 @@ def test_bit_flips_and_truncations_never_verify(es256: SoftwareSigner, data: Any
         verify_proof(mutated, htm="GET", htu=HTU, access_token="tok", now=NOW)
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=100), st.none(), st.integers()))
 def test_arbitrary_input_only_typed_errors(junk: Any) -> None:
     assert only_typed_errors(junk) is None
@@ -267,7 +267,7 @@ CLAIM_NAMES = ["jti", "htm", "htu", "iat", "ath", "nonce", "exp"]
 JWK_NAMES = ["kty", "crv", "x", "y", "n", "e", "d"]
 
 
-@settings(max_examples=examples(250), **FAST)
+@settings(FAST, max_examples=examples(250))
 @given(
     st.data(),
     st.sampled_from(["header", "claims", "jwk"]),
@@ -408,7 +408,7 @@ def test_oversized_proofs_are_rejected_before_parsing() -> None:
 # --- JWK -> public key ---------------------------------------------------------------------
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(
     st.one_of(
         json_values,

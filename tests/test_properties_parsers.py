@@ -24,7 +24,7 @@ def examples(n: int) -> int:
     return n * 20 if _LONG else n
 
 
-FAST = {"deadline": 2000, "suppress_health_check": [HealthCheck.too_slow]}
+FAST = settings(deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
 # Unicode text without lone surrogates: what a str from a UTF-8 source can hold.
 clean_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
@@ -77,7 +77,7 @@ def uris(draw: st.DrawFn) -> Any:
     return Pkcs11Uri(**values)
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(uris())
 def test_pkcs11_uri_round_trip(uri: Any) -> None:
     text = uri.to_string(include_pin=True)
@@ -86,7 +86,7 @@ def test_pkcs11_uri_round_trip(uri: Any) -> None:
     assert Pkcs11Uri.parse(str(uri)) == uri.replace(pin_value=None)
 
 
-@settings(max_examples=examples(200), **FAST)
+@settings(FAST, max_examples=examples(200))
 @given(uris(), st.text(alphabet=string.ascii_letters + string.digits, min_size=12, max_size=16))
 def test_pkcs11_uri_never_shows_the_pin(uri: Any, pin: str) -> None:
     secret = "PIN" + pin
@@ -99,7 +99,7 @@ def test_pkcs11_uri_never_shows_the_pin(uri: Any, pin: str) -> None:
 _URI_ALPHABET = string.ascii_letters + string.digits + ";?&=%:/-_.~x# \x00\x7f" + "\u00e9\u2028"
 
 
-@settings(max_examples=examples(500), **FAST)
+@settings(FAST, max_examples=examples(500))
 @given(
     st.one_of(
         st.text(st.characters(exclude_categories=("Cs",)), max_size=60),
@@ -189,14 +189,14 @@ def render(items: list[tuple[str, dict[str, str]]], ows: str) -> str:
     return ("," + ows).join(parts)
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(challenge_list(), st.sampled_from(["", " ", "  \t"]))
 def test_www_authenticate_round_trip(items: list[tuple[str, dict[str, str]]], ows: str) -> None:
     parsed = parse_www_authenticate(render(items, ows))
     assert [(c.scheme, dict(c.params)) for c in parsed] == items
 
 
-@settings(max_examples=examples(100), **FAST)
+@settings(FAST, max_examples=examples(100))
 @given(challenge_list(), st.integers(1, 4))
 def test_www_authenticate_several_header_fields(
     items: list[tuple[str, dict[str, str]]], split: int
@@ -213,7 +213,7 @@ hostile_header = st.one_of(
 )
 
 
-@settings(max_examples=examples(600), **FAST)
+@settings(FAST, max_examples=examples(600))
 @given(hostile_header)
 def test_www_authenticate_arbitrary_headers_only_typed_errors(value: Any) -> None:
     try:
@@ -225,7 +225,7 @@ def test_www_authenticate_arbitrary_headers_only_typed_errors(value: Any) -> Non
         assert all(k == k.lower() for k in challenge.params)
 
 
-@settings(max_examples=examples(100), **FAST)
+@settings(FAST, max_examples=examples(100))
 @given(hostile_header)
 def test_find_challenge_never_raises(value: Any) -> None:
     found = challenges.find_challenge(value)
@@ -269,7 +269,7 @@ def test_www_authenticate_list_of_bytes_is_a_typed_error() -> None:
 nonces = pytest.importorskip("dpop_hsm.nonces", reason="nonce store not landed")
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(
     st.lists(
         st.tuples(

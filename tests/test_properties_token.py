@@ -33,7 +33,7 @@ def examples(n: int) -> int:
     return n * 20 if _LONG else n
 
 
-FAST = {"deadline": 2000, "suppress_health_check": [HealthCheck.too_slow]}
+FAST = settings(deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def check(result: Any) -> None:
         assert result.access_token not in str(result)
 
 
-@settings(max_examples=examples(400), **FAST)
+@settings(FAST, max_examples=examples(400))
 @given(token_bodies(), st.sampled_from([200, 200, 200, 201, 204, 400, 401, 403, 302, 500, 503]))
 def test_token_response_arbitrary_json_only_typed_errors(
     client: Any, body: dict[str, Any], status: int
@@ -114,7 +114,7 @@ def test_token_response_arbitrary_json_only_typed_errors(
     check(result)
 
 
-@settings(max_examples=examples(300), **FAST)
+@settings(FAST, max_examples=examples(300))
 @given(st.binary(max_size=300), st.sampled_from([200, 400, 401, 500]))
 def test_token_response_arbitrary_bytes_only_typed_errors(
     client: Any, body: bytes, status: int
@@ -123,7 +123,7 @@ def test_token_response_arbitrary_bytes_only_typed_errors(
         check(parse(client, status, body))
 
 
-@settings(max_examples=examples(100), **FAST)
+@settings(FAST, max_examples=examples(100))
 @given(st.text(max_size=40))
 def test_token_response_unicode_access_tokens_are_refused_or_header_safe(
     client: Any, access_token: str
