@@ -241,12 +241,7 @@ def test_token_endpoint_never_answering_times_out(
     assert elapsed < 4 * sum(SHORT) + 2  # the configured timeout, not the server, decides
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TokenClient.timeout is per socket operation (requests' connect/read): a server "
-    "dripping one byte every 0.3 s never trips a 0.5 s read timeout, so there is no deadline "
-    "for the whole token request (a 1 MiB drip would take days)",
-)
+# Regression (found by this suite, fixed in 39482b0): the timeout was per socket read only.
 def test_token_endpoint_dripping_bytes_is_bounded_by_a_total_deadline(
     signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
 ) -> None:
@@ -607,13 +602,7 @@ def httpx_client(client: Any, **options: Any) -> Any:
     return http
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=httpx.RemoteProtocolError,
-    reason="dpop_hsm.httpx._to_httpx builds token requests with httpx.Request(...) and no "
-    "'timeout' extension, so neither TokenClient.timeout nor the client's timeout applies: a "
-    "silent token endpoint hangs the caller forever (here: until the server gives up after 3 s)",
-)
+# Regression (found by this suite, fixed in 39482b0): httpx token requests had no timeout.
 def test_httpx_token_endpoint_never_answering_times_out(
     signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
 ) -> None:
@@ -642,11 +631,7 @@ def test_httpx_token_endpoint_closing_mid_body(
     assert time.monotonic() - started < BOUND
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dpop_hsm.httpx._sync_token calls response.read() on the token response with no "
-    "bound: a hostile AS can make the client buffer an arbitrarily large body",
-)
+# Regression (found by this suite, fixed in 39482b0): httpx read token bodies unbounded.
 def test_httpx_token_endpoint_huge_body_is_read_bounded(
     signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
 ) -> None:
@@ -711,12 +696,7 @@ def test_httpx_rs_401_without_challenge_is_returned(
     assert len(api_calls(server)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dpop_hsm.httpx DPoPAuth._hop_action treats a redirect to the same method+URL as "
-    "'the proof we just made' and re-sends the old proof: every hop repeats one jti (RFC 9449 "
-    "§11.1 replay; a server with a replay cache rejects the second hop)",
-)
+# Regression (found by this suite, fixed in 39482b0): same-URL hops re-sent the old proof.
 def test_httpx_rs_redirect_loop_is_bounded_and_every_hop_is_signed_anew(
     signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
 ) -> None:
@@ -746,18 +726,8 @@ def test_httpx_rs_redirect_to_another_origin_carries_no_credentials(
     assert ACCESS_TOKEN.encode() not in repr(hop.headers).encode() + hop.body
 
 
-# Found by this suite: a token request yielded through a client with follow_redirects=True
-# follows a 307/308 from the token endpoint to another origin and re-sends the form body —
-# client_secret_post puts the client secret there. httpx strips Authorization across origins,
-# the attach() hook strips DPoP, nothing strips the body. Fix: token requests must never follow
-# redirects (e.g. a request extension / per-request follow_redirects=False, or the hook raising
-# RedirectError for a hop of a token request).
-SECRET_POST_LEAK = pytest.mark.xfail(
-    strict=True,
-    reason="httpx adapter: client_secret_post body re-sent to another origin on a 307/308",
-)
-
-
+# Regression (found by this suite, fixed in 39482b0): with follow_redirects=True a 307/308 from
+# the token endpoint re-sent the client_secret_post body to another origin.
 @pytest.mark.parametrize(
     ("status", "auth_method"),
     [
@@ -765,8 +735,8 @@ SECRET_POST_LEAK = pytest.mark.xfail(
         (307, "client_secret_basic"),
         (308, "client_secret_basic"),
         (302, "client_secret_post"),
-        pytest.param(307, "client_secret_post", marks=SECRET_POST_LEAK),
-        pytest.param(308, "client_secret_post", marks=SECRET_POST_LEAK),
+        (307, "client_secret_post"),
+        (308, "client_secret_post"),
     ],
 )
 def test_httpx_token_endpoint_redirect_to_another_origin_gets_no_client_secret(
