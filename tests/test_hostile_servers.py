@@ -762,3 +762,50 @@ def test_httpx_token_endpoint_redirect_to_another_origin_gets_no_client_secret(
         assert b"client-secret" not in sent.lower()
         assert hop.header("Authorization") is None
         assert hop.header("DPoP") is None
+
+
+# --- the httpx adapter, async --------------------------------------------------------------
+
+
+def test_httpx_async_token_endpoint_never_answering_times_out(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    import asyncio
+
+    def handler(seen: Seen, conn: socket.socket, index: int) -> None:
+        server.stop.wait(3)
+        conn.close()
+
+    server = serve(handler)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=SHORT[1]) as http:
+            httpx_mod.DPoPAuth(token_client(signer, server)).attach(http)
+            with pytest.raises((httpx.TimeoutException, TransportError)):
+                await http.get(server.url + "/api")
+
+    started = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - started < 4 * sum(SHORT) + 2
+
+
+def test_httpx_async_nonce_changing_every_time_stops_after_one_retry(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    import asyncio
+
+    challenge = ("WWW-Authenticate", 'DPoP error="use_dpop_nonce"')
+    server = serve(
+        rs_handler(lambda seen, i: response(401, b"", [challenge, ("DPoP-Nonce", f"rs-{i}")]))
+    )
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=2) as http:
+            httpx_mod.DPoPAuth(token_client(signer, server)).attach(http)
+            with pytest.raises(NonceError):
+                await http.get(server.url + "/api")
+
+    asyncio.run(main())
+    calls = api_calls(server)
+    assert len(calls) == 2
+    assert calls[1].proof_claims()["nonce"] == "rs-0"
