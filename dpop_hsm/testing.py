@@ -45,8 +45,8 @@ from .signers.software import SoftwareSigner
 from .verify import (
     DEFAULT_ALGORITHMS,
     ReplayCache,
-    _verify_signature,
     public_key_from_jwk,
+    verify_jws_signature,
     verify_proof,
 )
 
@@ -618,7 +618,7 @@ class LocalDPoPServers:
         try:
             if not isinstance(alg, str) or alg not in DEFAULT_ALGORITHMS:
                 raise InvalidProofError("alg", "unsupported")
-            _verify_signature(public_key_from_jwk(client.jwk), alg, signature, signing_input)
+            verify_jws_signature(public_key_from_jwk(client.jwk), alg, signature, signing_input)
         except VerificationError as e:
             raise _Reject(
                 401, "assertion_signature", "invalid_client", "bad assertion signature"
@@ -754,7 +754,7 @@ class LocalDPoPServers:
             header, claims, signature, signing_input = _decode_jws(token)
             if header.get("alg") != "ES256" or header.get("kid") != self.kid:
                 raise InvalidProofError("alg", "not our token")
-            _verify_signature(
+            verify_jws_signature(
                 public_key_from_jwk(self._key.public_jwk), "ES256", signature, signing_input
             )
         except (ValueError, DPoPError) as e:

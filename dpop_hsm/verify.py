@@ -40,6 +40,7 @@ __all__ = [
     "ReplayCache",
     "VerifiedProof",
     "public_key_from_jwk",
+    "verify_jws_signature",
     "verify_proof",
 ]
 
@@ -199,7 +200,12 @@ def _build_public_key(jwk: Mapping[str, Any]) -> PublicKey:
     raise InvalidProofError("jwk", f"kty {str(kty)[:20]!r} is not EC, OKP or RSA")
 
 
-def _verify_signature(key: PublicKey, alg: str, signature: bytes, signing_input: bytes) -> None:
+def verify_jws_signature(key: PublicKey, alg: str, signature: bytes, signing_input: bytes) -> None:
+    """Check a JWS signature for ``alg`` (ECDSA as raw ``r||s``); raise InvalidProofError if bad.
+
+    Public so servers can check other JWTs they receive (client assertions, access tokens)
+    with the same strict rules as proofs.
+    """
     info = ALGORITHMS[alg]
     try:
         if info.kty == "EC":
@@ -310,7 +316,7 @@ def verify_proof(
     key = public_key_from_jwk(jwk)
     if not signature:
         raise InvalidProofError("signature", "signature is empty")
-    _verify_signature(key, alg, signature, (header_b64 + "." + payload_b64).encode("ascii"))
+    verify_jws_signature(key, alg, signature, (header_b64 + "." + payload_b64).encode("ascii"))
     try:
         jkt = jwk_thumbprint(jwk)
     except DPoPError as e:
