@@ -9,6 +9,7 @@ characters (RFC 3986 §6.2.2.1, §6.2.2.2) via :func:`comparable_htu`.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from urllib.parse import SplitResult, urlsplit
@@ -71,8 +72,14 @@ def comparable_htu(url: str) -> str:
 
 def is_loopback_host(url: str) -> bool:
     """True for 127.0.0.0/8, ::1 and ``localhost`` — the only hosts allowed over plain HTTP."""
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost" or host.endswith(".localhost") or host == "::1":
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:  # malformed authority ("http://]"): nothing we can vouch for
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
         return True
-    octets = host.split(".")
-    return len(octets) == 4 and octets[0] == "127" and all(o.isdigit() for o in octets)
+    # A real IP literal only: "127.999.0.1" or "127.².0.1" would go to DNS as a host name.
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

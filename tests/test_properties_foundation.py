@@ -433,3 +433,50 @@ def test_public_key_from_arbitrary_jwk_only_typed_errors(jwk: Any) -> None:
     assert key is not None
     with contextlib.suppress(DPoPError):
         assert len(b64url_decode(jwk_thumbprint(jwk))) == 32
+
+
+# --- htu normalization and the loopback test -----------------------------------------------
+
+_URL_ALPHABET = "hHtTpPsS:/[]@%.-_~?#0123456789abc\\ \x00\u00e9\u3002\uff0e\u00b2\ud800"
+
+
+@settings(FAST, max_examples=examples(500))
+@given(
+    st.one_of(
+        st.text(alphabet=_URL_ALPHABET, max_size=40),
+        st.builds(lambda rest: "https://" + rest, st.text(alphabet=_URL_ALPHABET, max_size=30)),
+        st.builds(lambda rest: "http://127." + rest, st.text(alphabet=_URL_ALPHABET, max_size=12)),
+    )
+)
+def test_htu_functions_only_typed_errors(url: str) -> None:
+    from dpop_hsm.errors import ConfigurationError
+    from dpop_hsm.htu import comparable_htu, is_loopback_host, normalize_htu, origin_of
+
+    for function in (normalize_htu, comparable_htu, origin_of):
+        with contextlib.suppress(ConfigurationError):
+            assert function(url).startswith(("http://", "https://"))
+    # Regression (found by this suite): "http://]" raised ValueError here.
+    assert is_loopback_host(url) in (True, False)
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback"),
+    [
+        ("http://127.0.0.1/", True),
+        ("http://127.8.9.10:81/x", True),
+        ("http://[::1]:9/", True),
+        ("http://localhost/", True),
+        ("http://api.localhost/", True),
+        ("http://]", False),
+        # Regressions (found by this suite): not IP literals, so they would be DNS names.
+        ("http://127.999.0.1/", False),
+        ("http://127.\u00b2.0.1/", False),
+        ("http://0177.0.0.1/", False),
+        ("http://127.0.0.1.nip.io/", False),
+        ("http://[::ffff:10.0.0.1]/", False),
+    ],
+)
+def test_is_loopback_host_accepts_only_real_loopback_literals(url: str, loopback: bool) -> None:
+    from dpop_hsm.htu import is_loopback_host
+
+    assert is_loopback_host(url) is loopback
