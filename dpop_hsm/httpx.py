@@ -35,7 +35,14 @@ import anyio.to_thread
 import httpx
 
 from .challenges import find_challenge
-from .errors import DPoPError, NonceError, RedirectError, TokenResponseError, UnauthorizedError
+from .errors import (
+    ConfigurationError,
+    DPoPError,
+    NonceError,
+    RedirectError,
+    TokenResponseError,
+    UnauthorizedError,
+)
 from .htu import origin_of
 from .jose import b64url_decode, split_compact
 from .logs import log_request, log_response
@@ -171,7 +178,7 @@ class DPoPAuth(httpx.Auth):
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
         if cross_origin_redirects not in ("strip", "refuse"):
-            raise ValueError("cross_origin_redirects must be 'strip' or 'refuse'")
+            raise ConfigurationError("cross_origin_redirects must be 'strip' or 'refuse'")
         self.token_client = token_client
         self.raise_on_rejection = raise_on_rejection
         self.cross_origin_redirects: RedirectPolicy = cross_origin_redirects

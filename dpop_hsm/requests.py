@@ -30,7 +30,7 @@ from requests.cookies import extract_cookies_to_jar
 from requests.models import PreparedRequest, Response
 
 from .challenges import find_challenge
-from .errors import NonceError, RedirectError, TransportError, UnauthorizedError
+from .errors import ConfigurationError, NonceError, RedirectError, TransportError, UnauthorizedError
 from .htu import origin_of
 from .logs import log_request, log_response
 from .token import Token, TokenClient, require_https
@@ -148,7 +148,7 @@ class DPoPAuth(AuthBase):
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
         if cross_origin_redirects not in ("strip", "refuse"):
-            raise ValueError("cross_origin_redirects must be 'strip' or 'refuse'")
+            raise ConfigurationError("cross_origin_redirects must be 'strip' or 'refuse'")
         self.token_client = token_client
         self.session = session
         self.raise_on_rejection = raise_on_rejection

@@ -39,7 +39,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .errors import DPoPError, InvalidProofError, ReplayError, UseDPoPNonceError, VerificationError
+from .errors import (
+    ConfigurationError,
+    DPoPError,
+    InvalidProofError,
+    ReplayError,
+    UseDPoPNonceError,
+    VerificationError,
+)
 from .jose import b64url_decode, b64url_encode, compact_json, split_compact
 from .signers.software import SoftwareSigner
 from .verify import (
@@ -360,7 +367,9 @@ class LocalDPoPServers:
 
     def _url(self, index: int) -> str:
         if not self._servers:
-            raise RuntimeError("servers are not started")
+            raise ConfigurationError(
+                "servers are not started: call start() or use them as a context manager"
+            )
         host, port = self._servers[index].server_address[:2]
         return f"http://{host!s}:{port}"
 
@@ -401,12 +410,12 @@ class LocalDPoPServers:
     def register_client(self, client: ClientRegistration) -> None:
         if client.auth_method in ("client_secret_basic", "client_secret_post"):
             if not client.client_secret:
-                raise ValueError(f"{client.auth_method} client needs a secret")
+                raise ConfigurationError(f"{client.auth_method} client needs a secret")
         elif client.auth_method == "private_key_jwt":
             if not client.jwk:
-                raise ValueError("private_key_jwt client needs a public JWK")
+                raise ConfigurationError("private_key_jwt client needs a public JWK")
         elif client.auth_method != "none":
-            raise ValueError(f"unknown auth method {client.auth_method!r}")
+            raise ConfigurationError(f"unknown auth method {client.auth_method!r}")
         self.clients[client.client_id] = client
 
     def revoke_all(self) -> int:
