@@ -295,6 +295,44 @@ def _seeds_key_bytes() -> list[bytes]:
     return [pem, der, json.dumps(jwk).encode()]
 
 
+# --- htu normalization and the plain-http loopback test ------------------------------------
+
+
+def _prepare_htu() -> FuzzOne:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    from dpop_hsm.errors import ConfigurationError
+    from dpop_hsm.htu import comparable_htu, is_loopback_host, normalize_htu, origin_of
+
+    def one(data: bytes) -> None:
+        url = data.decode("utf-8", "surrogateescape")
+        for function in (normalize_htu, comparable_htu, origin_of):
+            try:
+                result = function(url)
+            except ConfigurationError:
+                continue
+            assert result.startswith(("http://", "https://"))
+            assert "?" not in result and "#" not in result
+        if is_loopback_host(url):  # must be a name we never send to DNS, or a real literal
+            host = urlsplit(url).hostname or ""
+            if host != "localhost" and not host.endswith(".localhost"):
+                assert ipaddress.ip_address(host).is_loopback
+
+    return one
+
+
+def _seeds_htu() -> list[bytes]:
+    return [
+        b"https://rs.example.com/resource?q=1#f",
+        b"HTTPS://RS.Example.COM:443/%7euser/a%2Fb",
+        b"http://127.0.0.1:8080/token",
+        b"http://[::1]:9/x",
+        b"http://localhost/",
+        b"http://user:pw@host:99999/",
+    ]
+
+
 # --- parsers that land with other issues (available once their module exists) --------------
 
 
@@ -422,6 +460,7 @@ TARGETS: dict[str, Target] = {
             max_len=4096,
         ),
         Target("jwk", "dpop_hsm.verify", _prepare_jwk, _seeds_jwk, max_len=2048),
+        Target("htu", "dpop_hsm.htu", _prepare_htu, _seeds_htu, max_len=512),
         Target(
             "key_bytes",
             "dpop_hsm.signers.software",

@@ -61,6 +61,10 @@ CASES: list[Any] = [
         signed_case(HEADER, {**CLAIMS, "nonce": "\udfff"}),
         id="verify-nonce-lone-surrogate",
     ),
+    # htu.is_loopback_host: ValueError on a malformed authority, and dotted names like
+    # "127.999.0.1" (DNS names, not IP literals) accepted as loopback for plain http.
+    pytest.param("htu", b"http://]", id="htu-malformed-authority"),
+    pytest.param("htu", b"http://127.999.0.1/token", id="htu-not-an-ip-literal"),
     # Not a library bug: the fuzzer found a too-strict oracle of ours ("pin-value" text inside
     # another attribute's value); kept so the oracle stays right.
     pytest.param(
