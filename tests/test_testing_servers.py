@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from dpop_hsm.challenges import find_challenge
+from dpop_hsm.errors import ConfigurationError
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.base import Signer
 from dpop_hsm.signers.software import SoftwareSigner
@@ -232,7 +233,7 @@ def test_jwks_endpoints_and_standalone_lifecycle(dpop_signer: Signer) -> None:
         assert srv.counters.token_requests == 1  # no nonce required: one request
     finally:
         srv.stop()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConfigurationError):
         _ = srv.api_url
 
 
@@ -244,10 +245,12 @@ def token_client_none(srv: LocalDPoPServers, signer: Signer) -> Any:
 
 def test_registration_is_validated() -> None:
     srv = LocalDPoPServers()
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigurationError, match="needs a secret"):
         srv.register_client(ClientRegistration("x", auth_method="client_secret_post"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigurationError, match="public JWK"):
         srv.register_client(ClientRegistration("x", auth_method="private_key_jwt"))
+    with pytest.raises(ConfigurationError, match="unknown auth method"):
+        srv.register_client(ClientRegistration("x", auth_method="tls_client_auth"))
 
 
 def test_counters_are_thread_safe() -> None:
