@@ -1,6 +1,6 @@
 """Run the atheris fuzz targets in ``fuzz/targets.py`` for a fixed budget each.
 
-    scripts/fuzz --budget 10                 # every target, 10 s each (what CI runs)
+    scripts/fuzz --budget 10                 # every target, 10 s each (CI: 3 s, via pytest)
     scripts/fuzz --budget 600 --target verify  # the long run of one target
     scripts/fuzz --list
 
