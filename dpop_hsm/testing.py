@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -176,6 +177,20 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     # The stdlib default backlog (5) drops SYNs under 32 concurrent clients: 1 s retransmits.
     request_queue_size = 128
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log through ``logging`` instead of printing a traceback to stderr.
+
+        Clients that hang up mid-request are normal in failure tests (DEBUG); anything else is a
+        bug in the test server and is logged as an error with its traceback.
+        """
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("%s client %s went away: %s", self.role, client_address, type(exc).__name__)
+        else:
+            log.error(
+                "%s server failed on a request from %s", self.role, client_address, exc_info=True
+            )
 
     def __init__(self, app: LocalDPoPServers, role: str, host: str, port: int) -> None:
         self.app = app
