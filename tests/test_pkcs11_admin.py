@@ -1,0 +1,65 @@
+"""Token initialization through the PKCS#11 API, so no PIN ever sits on a command line."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dpop_hsm import load_signer
+from dpop_hsm.errors import ConfigurationError, PinError
+from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+from dpop_hsm.signers.pkcs11_admin import init_token, token_labels
+
+pytestmark = pytest.mark.softhsm
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_init_token_then_generate_and_sign(softhsm: Any) -> None:
+    label = "admin-" + secrets.token_hex(3)
+    so_pin, user_pin = secrets.token_hex(6), secrets.token_hex(6)
+    init_token(softhsm.module, label=label, so_pin=so_pin, user_pin=user_pin)
+    assert label in token_labels(softhsm.module)
+    uri = softhsm.uri(label, object="k")
+    with Pkcs11Signer.generate(uri, "ES256", secret=user_pin) as signer:
+        assert len(signer.sign(b"x")) == 64
+    with pytest.raises(PinError) as wrong:
+        load_signer(softhsm.uri(label, object="k"), secret="not-" + user_pin)
+    assert user_pin not in str(wrong.value)
+    with pytest.raises(ConfigurationError, match="exists already"):
+        init_token(softhsm.module, label=label, so_pin=so_pin, user_pin=user_pin)
+
+
+def test_label_must_fit_the_token_info(softhsm: Any) -> None:
+    with pytest.raises(ConfigurationError, match="1 to 32 bytes"):
+        init_token(softhsm.module, label="x" * 33, so_pin="123456", user_pin="123456")
+
+
+def test_setup_script_is_idempotent_and_keeps_pins_off_argv(tmp_path: Path) -> None:
+    script = ROOT / "scripts" / "softhsm-setup"
+    assert "--pin" not in script.read_text(encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("DPOP_HSM_PIN", "SOFTHSM2_CONF")}
+    env["PYTHON"] = sys.executable
+    runs = [
+        subprocess.run(
+            ["bash", str(script), str(tmp_path / "t")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        for _ in range(2)
+    ]
+    first, second = runs
+    assert first.stdout.startswith("pkcs11:token=dpop;object=dpop-demo")
+    assert first.stdout == second.stdout  # same key, found again
+    assert "initialized" in first.stderr and "reusing it" in second.stderr
+    pin = (tmp_path / "t" / "pin").read_text(encoding="utf-8").strip()
+    assert (tmp_path / "t" / "pin").stat().st_mode & 0o777 == 0o600
+    assert pin not in first.stdout + first.stderr + second.stdout + second.stderr
