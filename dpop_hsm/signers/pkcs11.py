@@ -204,12 +204,15 @@ def _plan(info: AlgorithmInfo) -> _Plan:
 class _Entry:
     """A pooled session and the key object as seen from it (handles are per session)."""
 
-    __slots__ = ("generation", "key", "session")
+    __slots__ = ("generation", "key", "key_handle", "session", "session_handle")
 
     def __init__(self, session: Any, key: Any, generation: tuple[int, int]) -> None:
         self.session = session
         self.key = key
         self.generation = generation
+        # Raw handles for the ctypes fast path (Module.raw_signer).
+        self.session_handle: int = session.handle
+        self.key_handle: int = key.handle
 
 
 class Pkcs11Signer:
@@ -261,6 +264,7 @@ class Pkcs11Signer:
         self._thumbprint = ""
         self._alg = ""
         self._epoch = 0
+        self._fast_sign: Callable[[int, int, bytes], bytes | None] | None = None
         self._connect(first=True)
 
     # Signer members -------------------------------------------------------------------------
@@ -534,6 +538,14 @@ class Pkcs11Signer:
                 self._jwk = MappingProxyType(jwk)
                 self._thumbprint = thumbprint
                 self._plan = plan
+                # Parameterless mechanisms with a fixed output size take the ctypes hot path;
+                # PSS (parameters) and PKCS#1 v1.5 (size varies) stay on python-pkcs11.
+                out_size = (
+                    2 * plan.coord_size if plan.coord_size else 64 if info.kty == "OKP" else 0
+                )
+                self._fast_sign = (
+                    self._module.raw_signer(int(plan.mechanism), out_size) if out_size else None
+                )
             with self._module.gate.call():
                 self._always_auth = bool(_read(key, Attribute.ALWAYS_AUTHENTICATE))
                 label = _read(key, Attribute.LABEL)
@@ -695,8 +707,20 @@ class Pkcs11Signer:
                 self._reopen(entry.generation)
                 continue
             try:
-                signature: bytes = entry.key.sign(
-                    payload, mechanism=plan.mechanism, mechanism_param=plan.param, pin=pin
+                fast = self._fast_sign if pin is None else None
+                raw = (
+                    fast(entry.session_handle, entry.key_handle, payload)
+                    if fast is not None
+                    else None
+                )
+                # Without the fast path, or when it failed, python-pkcs11 signs (again) and
+                # raises the mapped error that the fault handling below understands.
+                signature: bytes = (
+                    raw
+                    if raw is not None
+                    else entry.key.sign(
+                        payload, mechanism=plan.mechanism, mechanism_param=plan.param, pin=pin
+                    )
                 )
             except p11e.PKCS11Error as e:
                 gate.leave()

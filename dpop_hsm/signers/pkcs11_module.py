@@ -28,7 +28,7 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -63,6 +63,26 @@ _RV = ctypes.c_ulong
 _INIT = ctypes.CFUNCTYPE(_RV, ctypes.c_void_p)
 _CLOSE_ALL = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong)
 _LOGIN = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
+
+
+class _Mechanism(ctypes.Structure):
+    # CK_MECHANISM without a parameter (CKM_ECDSA, CKM_EDDSA for Ed25519).
+    _fields_ = (
+        ("mechanism", ctypes.c_ulong),
+        ("pParameter", ctypes.c_void_p),
+        ("ulParameterLen", ctypes.c_ulong),
+    )
+
+
+_SIGN_INIT = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.POINTER(_Mechanism), ctypes.c_ulong)
+_SIGN = ctypes.CFUNCTYPE(
+    _RV,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+    ctypes.POINTER(ctypes.c_ulong),
+)
 
 
 class _InitArgs(ctypes.Structure):
@@ -102,6 +122,30 @@ class _FunctionList(ctypes.Structure):
         ("C_SetOperationState", ctypes.c_void_p),
         ("C_Login", _LOGIN),
         ("C_Logout", ctypes.c_void_p),
+        ("C_CreateObject", ctypes.c_void_p),
+        ("C_CopyObject", ctypes.c_void_p),
+        ("C_DestroyObject", ctypes.c_void_p),
+        ("C_GetObjectSize", ctypes.c_void_p),
+        ("C_GetAttributeValue", ctypes.c_void_p),
+        ("C_SetAttributeValue", ctypes.c_void_p),
+        ("C_FindObjectsInit", ctypes.c_void_p),
+        ("C_FindObjects", ctypes.c_void_p),
+        ("C_FindObjectsFinal", ctypes.c_void_p),
+        ("C_EncryptInit", ctypes.c_void_p),
+        ("C_Encrypt", ctypes.c_void_p),
+        ("C_EncryptUpdate", ctypes.c_void_p),
+        ("C_EncryptFinal", ctypes.c_void_p),
+        ("C_DecryptInit", ctypes.c_void_p),
+        ("C_Decrypt", ctypes.c_void_p),
+        ("C_DecryptUpdate", ctypes.c_void_p),
+        ("C_DecryptFinal", ctypes.c_void_p),
+        ("C_DigestInit", ctypes.c_void_p),
+        ("C_Digest", ctypes.c_void_p),
+        ("C_DigestUpdate", ctypes.c_void_p),
+        ("C_DigestKey", ctypes.c_void_p),
+        ("C_DigestFinal", ctypes.c_void_p),
+        ("C_SignInit", _SIGN_INIT),
+        ("C_Sign", _SIGN),
     )
 
 
@@ -236,6 +280,39 @@ class Module:
         if rv in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
             return
         raise login_error(rv, what)
+
+    def raw_signer(
+        self, mechanism: int, out_size: int
+    ) -> Callable[[int, int, bytes], bytes | None]:
+        """A one-shot ``C_SignInit`` + ``C_Sign`` for a parameterless mechanism.
+
+        The hot path: python-pkcs11's ``sign()`` builds a mechanism object and sizes the
+        output with an extra call on every signature; here the mechanism struct is built once
+        and the output buffer has the known size (64/96/132 for ECDSA, 64 for Ed25519), which
+        makes raw signing ~14 % faster on SoftHSM2 (scripts/bench). Returns None when the
+        module answers anything but CKR_OK: the caller then signs through python-pkcs11, which
+        raises the mapped exception its fault handling understands. The caller holds the gate.
+        """
+        mech = _Mechanism(mechanism, None, 0)
+        mech_ref = ctypes.byref(mech)
+        sign_init = self._fl.C_SignInit
+        sign = self._fl.C_Sign
+        new_buffer = ctypes.create_string_buffer
+        ulong = ctypes.c_ulong
+        byref = ctypes.byref
+
+        def sign_once(session: int, key: int, data: bytes) -> bytes | None:
+            if sign_init(session, mech_ref, key) != CKR_OK:
+                return None
+            out = new_buffer(out_size)
+            length = ulong(out_size)
+            # C_Sign ends the operation on any result but CKR_BUFFER_TOO_SMALL (v2.40 §5.12),
+            # which cannot happen with the mechanism's fixed output size.
+            if sign(session, data, len(data), out, byref(length)) != CKR_OK:
+                return None
+            return out.raw[: length.value]
+
+        return sign_once
 
     def close_all_sessions(self, slot_id: int) -> None:
         """``C_CloseAllSessions``: also logs the application out of the token."""
