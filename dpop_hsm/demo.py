@@ -78,6 +78,23 @@ def _claims_from_api(body: Any) -> dict[str, Any]:
     return claims
 
 
+def _protection_line(signer: Signer) -> str:
+    """Where the key lives and what the device says about it, for the session log's header."""
+    read = getattr(signer, "key_protection", None)
+    if not callable(read):
+        kind = type(signer).__name__
+        if kind == "TpmSigner":
+            return "# storage  : TPM 2.0 key (fixedTPM, fixedParent: never leaves the TPM)\n"
+        if kind == "SoftwareSigner":
+            return "# storage  : software key in process memory (no hardware protection)\n"
+        return ""
+    flags = read()
+    shown = [name.upper() for name, value in flags.items() if value and name != "extractable"]
+    if flags.get("extractable") is False:
+        shown.append("not EXTRACTABLE")
+    return f"# storage  : PKCS#11 token: {', '.join(shown) or 'flags not readable'}\n"
+
+
 def run_demo(
     signer: Signer,
     *,
@@ -115,6 +132,7 @@ def run_demo(
             f"# jkt      : {signer.thumbprint}\n"
             f"# token    : {token_endpoint} (client {client_id}, {auth_method}, scope {scope})\n"
             f"# api      : {api_url}\n"
+            + _protection_line(signer)
             + ("# servers  : local, DPoP nonces required at both\n\n" if servers else "\n")
         )
         stream.flush()

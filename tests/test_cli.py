@@ -301,6 +301,7 @@ def test_demo_with_software_key_masks_every_secret() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.count("---- Sending") >= 4  # token (+ nonce retry), API (+ nonce retry), API
+    assert "# storage  : software key in process memory" in out
     assert "Authorization: ****" in out and "DPoP: ****" in out
     assert "client_secret=****" in out and '"access_token":"****"' in out
     assert "eyJ" not in out  # no JWT (proof or token) anywhere

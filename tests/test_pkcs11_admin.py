@@ -28,6 +28,13 @@ def test_init_token_then_generate_and_sign(softhsm: Any) -> None:
     uri = softhsm.uri(label, object="k")
     with Pkcs11Signer.generate(uri, "ES256", secret=user_pin) as signer:
         assert len(signer.sign(b"x")) == 64
+        assert signer.key_protection() == {
+            "sensitive": True,
+            "always_sensitive": True,
+            "extractable": False,
+            "never_extractable": True,
+            "local": True,
+        }
     with pytest.raises(PinError) as wrong:
         load_signer(softhsm.uri(label, object="k"), secret="not-" + user_pin)
     assert user_pin not in str(wrong.value)

@@ -122,6 +122,15 @@ def _map_error(e: Exception, what: str) -> SignerError:
     return DeviceError(f"{what}: {name}")
 
 
+_PROTECTION_FLAGS = (
+    ("sensitive", Attribute.SENSITIVE),
+    ("always_sensitive", Attribute.ALWAYS_SENSITIVE),
+    ("extractable", Attribute.EXTRACTABLE),
+    ("never_extractable", Attribute.NEVER_EXTRACTABLE),
+    ("local", Attribute.LOCAL),
+)
+
+
 def _read(obj: Any, attr: Attribute) -> Any:
     """An attribute, or None when the token will not say (tolerant: tpm2-pkcs11, ykcs11)."""
     try:
@@ -668,6 +677,26 @@ class Pkcs11Signer:
         self._module = load_module(self._module_path)
         self._epoch += 1
         self._connect(first=False)
+
+    def key_protection(self) -> dict[str, bool | None]:
+        """The private key's protection flags as the token reports them (None: not readable).
+
+        For people and audits (``dpop-hsm demo`` prints them): a key made by :meth:`generate`
+        reads sensitive, always_sensitive, never_extractable and local true, extractable false.
+        """
+        try:
+            entry = self._idle.pop()
+        except IndexError:
+            try:
+                entry = self._acquire_slow()
+            except _Retry as r:
+                raise _map_error(r.cause, "read key attributes") from r.cause
+        try:
+            with self._module.gate.call():
+                values = {name: _read(entry.key, attr) for name, attr in _PROTECTION_FLAGS}
+        finally:
+            self._idle.append(entry)
+        return {name: None if value is None else bool(value) for name, value in values.items()}
 
     # Signing --------------------------------------------------------------------------------
     def sign(self, signing_input: bytes) -> bytes:
