@@ -172,6 +172,21 @@ class _Reject(Exception):  # noqa: N818 - internal control flow, becomes an HTTP
         self.nonce = nonce
 
 
+def _proof_rejection(error: VerificationError, status: int, nonce_description: str) -> _Reject:
+    """The answer to a proof that failed ``verify_proof``, the same at the AS and the RS."""
+    if isinstance(error, UseDPoPNonceError):
+        return _Reject(
+            status,
+            "use_dpop_nonce",
+            "use_dpop_nonce",
+            nonce_description,
+            nonce=True,
+        )
+    if isinstance(error, ReplayError):
+        return _Reject(status, "replay", "invalid_dpop_proof", "DPoP proof replayed")
+    return _Reject(status, f"proof_{error.check}", error.oauth_error, f"DPoP proof: {error.check}")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -559,19 +574,10 @@ class LocalDPoPServers:
                 max_age=self.proof_max_age,
                 now=self.now(),
             )
-        except UseDPoPNonceError as e:
-            raise _Reject(
-                400,
-                "use_dpop_nonce",
-                "use_dpop_nonce",
-                "Authorization server requires nonce in DPoP proof",
-                nonce=True,
-            ) from e
-        except ReplayError as e:
-            raise _Reject(400, "replay", "invalid_dpop_proof", "DPoP proof replayed") from e
         except VerificationError as e:
-            raise _Reject(
-                400, f"proof_{e.check}", "invalid_dpop_proof", f"DPoP proof: {e.check}"
+            # RFC 9449 §5, §8: the AS answers 400 with a JSON error.
+            raise _proof_rejection(
+                e, 400, "Authorization server requires nonce in DPoP proof"
             ) from e
         scope = form.get("scope", client.scope)
         if not set(scope.split()) <= set(client.scope.split()):
@@ -757,18 +763,11 @@ class LocalDPoPServers:
                 max_age=self.proof_max_age,
                 now=self.now(),
             )
-        except UseDPoPNonceError as e:
-            raise _Reject(
-                401,
-                "use_dpop_nonce",
-                "use_dpop_nonce",
-                "Resource server requires nonce, in DPoP proof",
-                nonce=True,
-            ) from e
-        except ReplayError as e:
-            raise _Reject(401, "replay", "invalid_dpop_proof", "DPoP proof replayed") from e
         except VerificationError as e:
-            raise _Reject(401, f"proof_{e.check}", e.oauth_error, f"DPoP proof: {e.check}") from e
+            # RFC 9449 §7.1, §9: the RS answers 401 with a DPoP challenge.
+            # The comma inside the quoted description is deliberate: clients must parse
+            # WWW-Authenticate per RFC 9110 §11.6.1, quoted strings included.
+            raise _proof_rejection(e, 401, "Resource server requires nonce, in DPoP proof") from e
         if self.required_scope and self.required_scope not in str(claims.get("scope", "")).split():
             raise _Reject(403, "insufficient_scope", "insufficient_scope", "scope missing")
         return claims
