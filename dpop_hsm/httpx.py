@@ -295,6 +295,7 @@ class DPoPAuth(httpx.Auth):
                 while not done:
                     sent = _to_httpx(step, tc.timeout)
                     response = yield sent
+                    _refuse_redirected(response, sent)
                     _read_bounded(response)
                     _log_sent(sent)
                     _log_received(response)
@@ -345,6 +346,7 @@ class DPoPAuth(httpx.Auth):
                                     while not t_done:
                                         sent = _to_httpx(step, tc.timeout)
                                         response = yield sent
+                                        _refuse_redirected(response, sent)
                                         await _aread_bounded(response)
                                         _log_sent(sent)
                                         _log_received(response)
@@ -420,8 +422,30 @@ class DPoPAuth(httpx.Auth):
             await anyio.to_thread.run_sync(action)
 
 
+def _refuse_redirected(response: httpx.Response, sent: httpx.Request) -> None:
+    """A token response that arrived through a redirect is never used (RFC 6749 §3.2).
+
+    Without :meth:`DPoPAuth.attach`, a client created with ``follow_redirects=True`` follows
+    redirects of token requests before the flow sees them; the token such a server hands out
+    is refused here, and the error says how to stop the redirect from being followed at all.
+    """
+    # httpx puts earlier auth-flow responses into ``history`` too; a followed redirect shows
+    # as a response to another request object than the one the flow yielded.
+    if response.request is not sent:
+        raise RedirectError(
+            f"the token endpoint redirected to {origin_of(str(response.url))}; token refused. "
+            "With follow_redirects=True, call DPoPAuth.attach(client) so token requests are "
+            "never redirected"
+        )
+
+
 def _fallback(renewal: Renewal, error: DPoPError) -> Token:
-    """A failed renewal keeps the still-valid previous token in use; otherwise re-raise."""
+    """A failed renewal keeps the still-valid previous token in use; otherwise re-raise.
+
+    A redirected token endpoint is never papered over: that is an attack or a misconfiguration.
+    """
+    if isinstance(error, RedirectError):
+        raise error
     previous = renewal.previous
     if previous is not None and previous.is_valid():
         return previous
