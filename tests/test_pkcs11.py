@@ -30,6 +30,7 @@ from dpop_hsm.errors import (
     KeyNotFoundError,
     KeyReferenceError,
     PinError,
+    SecretSourceError,
     SignerError,
     TokenNotPresentError,
     UnsupportedKeyError,
@@ -95,9 +96,11 @@ def test_generated_key_attributes_with_pkcs11_tool(softhsm: SoftHsm, es256: Any)
     tool = shutil.which("pkcs11-tool")
     if tool is None:
         pytest.skip("pkcs11-tool (opensc) not installed: python-pkcs11 check above still ran")
+    # "--pin env:NAME" (OpenSC >= 0.22): the PIN is read from the environment, not argv.
     out = subprocess.run(
-        [tool, "--module", softhsm.module, "--token-label", "dpop", "--login", "--pin",
-         softhsm.pin, "--list-objects", "--type", "privkey"],
+        [tool, "--module", softhsm.module, "--token-label", "dpop", "--login",
+         "--pin", "env:DPOP_HSM_TEST_PIN", "--list-objects", "--type", "privkey"],
+        env={**os.environ, "DPOP_HSM_TEST_PIN": softhsm.pin},
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     block = out[out.index("test-es256") :].split("Private Key Object")[0]
@@ -300,15 +303,14 @@ def test_token_reinitialized_under_the_signer(softhsm: SoftHsm, tmp_path: Path) 
             serialization.NoEncryption(),
         )
     )
-    args = ("--token", "fault", "--label", "imported", "--id", "0a0b", "--pin", softhsm.pin)
-    softhsm.util("--import", str(pem), *args)
+    softhsm.import_ec_key("fault", pem, label="imported", key_id=b"\x0a\x0b")
     with Pkcs11Signer(softhsm.uri("fault", object="imported"), secret=softhsm.pin) as signer:
         _sign_ok(signer)
         # Removed and re-inserted: the token directory is wiped and the same key imported
         # again into a new token with the same label (new serial, new slot id).
         softhsm.delete_token("fault")
         softhsm.init_token("fault")
-        softhsm.util("--import", str(pem), *args)
+        softhsm.import_ec_key("fault", pem, label="imported", key_id=b"\x0a\x0b")
         _sign_ok(signer)
         # Re-created with ANOTHER key under the same name: never sign with it silently.
         softhsm.delete_token("fault")
@@ -321,7 +323,7 @@ def test_token_reinitialized_under_the_signer(softhsm: SoftHsm, tmp_path: Path) 
                 serialization.NoEncryption(),
             )
         )
-        softhsm.util("--import", str(other), *args)
+        softhsm.import_ec_key("fault", other, label="imported", key_id=b"\x0a\x0b")
         with pytest.raises(KeyNotFoundError) as info:
             signer.sign(b"x")
         assert "changed" in str(info.value)
@@ -514,6 +516,19 @@ def test_always_authenticate_key_and_wrong_context_pin(softhsm: SoftHsm, es256: 
         pins[0] = softhsm.pin
         for _ in range(3):  # no session stuck in OperationActive
             _sign_ok(signer)
+
+    # A PIN source that fails (a cancelled prompt) must not strand pooled sessions: with a pool
+    # of one, a stranded session would make the next sign() wait forever.
+    def cancelled() -> str:
+        raise RuntimeError("prompt cancelled")
+
+    with Pkcs11Signer(softhsm.uri(object="test-always-auth"), secret=pin, max_sessions=1) as signer:
+        signer._secret = cancelled  # type: ignore[attr-defined]  # the prompt is cancelled now
+        for _ in range(3):
+            with pytest.raises(SecretSourceError):
+                signer.sign(b"x")
+        signer._secret = pin  # type: ignore[attr-defined]
+        _sign_ok(signer)
     assert es256.always_authenticate is False
 
 

@@ -516,7 +516,16 @@ class Pkcs11Signer:
         return algorithm(derived)
 
     def _connect(self, *, first: bool) -> None:
-        """Find token and key, log in once, read the public key; fill the pool's first entry."""
+        """Find token and key, log in once, read the public key; fill the pool's first entry.
+
+        python-pkcs11 errors (a device failing mid-reconnect, say) leave as our SignerErrors.
+        """
+        try:
+            self._connect_once(first=first)
+        except p11e.PKCS11Error as e:
+            raise _map_error(e, f"connecting to {self._parsed.token or 'the token'!r}") from e
+
+    def _connect_once(self, *, first: bool) -> None:
         token = self._find_token()
         session = self._open_session(token)
         try:
@@ -709,6 +718,9 @@ class Pkcs11Signer:
         plan = self._plan
         payload = plan.digest(signing_input) if plan.digest is not None else signing_input
         for attempt in (0, 1):
+            # Before a session is taken: a context PIN that cannot be had (rejected before, no
+            # source, a cancelled prompt) must not strand a pooled session.
+            pin = self._context_pin() if self._always_auth else None
             try:
                 entry = self._idle.pop()
             except IndexError:
@@ -724,7 +736,6 @@ class Pkcs11Signer:
                         raise
                     self._reopen(self._generation)
                     continue
-            pin = self._context_pin() if self._always_auth else None
             module = self._module
             gate = module.gate
             gate.enter()
