@@ -130,11 +130,14 @@ def _send(
     import requests
 
     from .errors import TransportError
+    from .logs import loggable_url
 
     try:
         return session.request(method, url, headers=headers, data=body, timeout=timeout)
     except requests.RequestException as e:
-        raise TransportError(f"{method} {url[:200]} failed: {type(e).__name__}") from e
+        raise TransportError(
+            f"{method} {loggable_url(url)[:200]} failed: {type(e).__name__}"
+        ) from e
 
 
 def _demo_clients(jwt_client_key: str | None) -> list[Any]:

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 __all__ = [
     "MASK",
@@ -21,6 +21,7 @@ __all__ = [
     "http_logger",
     "log_request",
     "log_response",
+    "loggable_url",
     "mask_body",
     "mask_headers",
 ]
@@ -98,6 +99,34 @@ def _content_type(headers: Iterable[tuple[str, str]]) -> str | None:
     return next((v for k, v in headers if k.lower() == "content-type"), None)
 
 
+def _masked_query(query: str) -> str:
+    if not query:
+        return ""
+    # RFC 6750 §2.3 puts tokens in queries; mask those fields too.
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return "?" + urlencode(
+        [(k, MASK if k.lower() in SECRET_FIELDS else v) for k, v in pairs], safe="*"
+    )
+
+
+def _authority(parts: SplitResult) -> str:
+    """host[:port] without userinfo: ``user:password@`` never reaches the log."""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{host}:{port}" if port is not None else host
+
+
+def loggable_url(url: str) -> str:
+    """``url`` as logs and error messages may show it: no userinfo, secret query fields masked."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{_authority(parts)}{parts.path}{_masked_query(parts.query)}"
+
+
 def log_request(
     method: str, url: str, headers: Iterable[tuple[str, str]], body: bytes | str | None
 ) -> None:
@@ -105,14 +134,10 @@ def log_request(
         return
     headers = list(headers)
     parts = urlsplit(url)
-    query = ""
-    if parts.query:  # RFC 6750 §2.3 puts tokens in queries; mask those fields too
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        query = "?" + urlencode([(k, MASK if k.lower() in SECRET_FIELDS else v) for k, v in pairs])
-    target = (parts.path or "/") + query
+    target = (parts.path or "/") + _masked_query(parts.query)
     lines = ["---- Sending ----", f"{method} {target} HTTP/1.1"]
     if not any(k.lower() == "host" for k, _ in headers):
-        lines.append(f"Host: {parts.netloc}")
+        lines.append(f"Host: {_authority(parts)}")
     lines += [f"{k}: {v}" for k, v in mask_headers(headers)]
     lines += ["", mask_body(body, _content_type(headers))]
     http_logger.debug("%s", "\n".join(lines))
@@ -129,7 +154,8 @@ def log_response(
     if not http_logger.isEnabledFor(logging.DEBUG):
         return
     headers = list(headers)
-    lines = [f"---- Received{' from ' + url if url else ''} ----", f"HTTP/1.1 {status} {reason}"]
+    source = f" from {loggable_url(url)}" if url else ""
+    lines = [f"---- Received{source} ----", f"HTTP/1.1 {status} {reason}"]
     lines += [f"{k}: {v}" for k, v in mask_headers(headers)]
     lines += ["", mask_body(body, _content_type(headers)) if body is not None else "[streamed]"]
     http_logger.debug("%s", "\n".join(lines))
