@@ -3,14 +3,21 @@
 ``SOFTHSM2_CONF`` is set before anything loads libsofthsm2 (the module reads it once, at
 ``C_Initialize``), and every token the run needs is initialized up front, because SoftHSM2 only
 sees tokens that exist when it is initialized. PINs are random per run.
+
+Tokens are initialized and keys imported in a child process (:func:`admin_main`) through
+``dpop_hsm.signers.pkcs11_admin``, with the PINs on its stdin: no PIN is ever an argument
+(``softhsm2-util --pin`` would show it in ``ps``), and a token re-created under a live signer
+is created outside the test process, as a re-inserted token would be.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +26,8 @@ from typing import Any
 import pytest
 
 from tests.hardware import unavailable
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Tokens of one run: "dpop" for signing tests, "fault" for the re-initialization test (it is
 # wiped and re-created under a live signer), "spare" for tests that must not share a login.
@@ -42,6 +51,7 @@ class SoftHsm:
         return str(Pkcs11Uri(token=token, module_path=self.module).replace(**attrs))
 
     def util(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``softhsm2-util`` for what needs no PIN (``--delete-token``, ``--show-slots``)."""
         return subprocess.run(
             ["softhsm2-util", *args],
             env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
@@ -51,13 +61,78 @@ class SoftHsm:
             timeout=60,
         )
 
-    def init_token(self, label: str) -> None:
-        self.util(
-            "--init-token", "--free", "--label", label, "--pin", self.pin, "--so-pin", self.so_pin
+    def admin(self, request: dict[str, Any]) -> None:
+        """Run :func:`admin_main` in a child process; PINs travel on its stdin only."""
+        secrets_in = {"module": self.module, "pin": self.pin, "so_pin": self.so_pin}
+        done = subprocess.run(
+            [sys.executable, "-c", "from tests.fixtures_softhsm import admin_main; admin_main()"],
+            input=json.dumps({**secrets_in, **request}),
+            env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"SoftHSM2 admin step {sorted(request)} failed:\n{done.stderr}")
+
+    def init_token(self, *labels: str) -> None:
+        self.admin({"init": list(labels)})
+
+    def import_ec_key(self, token: str, pem: Path, *, label: str, key_id: bytes) -> None:
+        """Import a PKCS#8 EC key as a private/public object pair (token must exist)."""
+        self.admin(
+            {"import": {"token": token, "pem": str(pem), "label": label, "id": key_id.hex()}}
         )
 
     def delete_token(self, label: str) -> None:
         self.util("--delete-token", "--token", label)
+
+
+def admin_main() -> None:
+    """Child-process entry: initialize tokens / import a key as JSON on stdin asks."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from pkcs11 import Attribute
+    from pkcs11.util.ec import decode_ec_private_key, decode_ec_public_key
+
+    from dpop_hsm.signers.pkcs11_admin import init_token
+    from dpop_hsm.signers.pkcs11_module import load_module
+
+    request = json.loads(sys.stdin.read())
+    module = request["module"]
+    for label in request.get("init", ()):
+        init_token(module, label=label, so_pin=request["so_pin"], user_pin=request["pin"])
+    job = request.get("import")
+    if job is None:
+        return
+    key = serialization.load_pem_private_key(Path(job["pem"]).read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    private = decode_ec_private_key(
+        key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    public = decode_ec_public_key(
+        key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    common = {
+        Attribute.TOKEN: True,
+        Attribute.LABEL: job["label"],
+        Attribute.ID: bytes.fromhex(job["id"]),
+    }
+    private.update(common)
+    private.update({Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.SIGN: True})
+    public.update(common)
+    public[Attribute.VERIFY] = True
+    token = load_module(module).lib.get_token(token_label=job["token"])
+    with token.open(rw=True, user_pin=request["pin"]) as session:
+        session.create_object(private)
+        session.create_object(public)
 
 
 def softhsm_module() -> str | None:
@@ -102,8 +177,7 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
         pin=secrets.token_hex(6),
         so_pin=secrets.token_hex(6),
     )
-    for label in TOKEN_LABELS:
-        hsm.init_token(label)
+    hsm.init_token(*TOKEN_LABELS)
     yield hsm
     if previous is None:
         os.environ.pop("SOFTHSM2_CONF", None)

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from dpop_hsm import load_signer
-from dpop_hsm.errors import ConfigurationError, PinError
+from dpop_hsm.errors import ConfigurationError, KeyNotFoundError, PinError, TokenNotPresentError
 from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 from dpop_hsm.signers.pkcs11_admin import init_token, token_labels
+from dpop_hsm.signers.pkcs11_module import load_module
 
 pytestmark = pytest.mark.softhsm
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_init_token_then_generate_and_sign(softhsm: Any) -> None:
     label = "admin-" + secrets.token_hex(3)
     so_pin, user_pin = secrets.token_hex(6), secrets.token_hex(6)
-    init_token(softhsm.module, label=label, so_pin=so_pin, user_pin=user_pin)
+    slot = init_token(softhsm.module, label=label, so_pin=so_pin, user_pin=user_pin)
     assert label in token_labels(softhsm.module)
+    # The returned slot holds the token under its new label (SoftHSM2 may move it later).
+    module = load_module(softhsm.module)
+    assert next(s for s in module.lib.get_slots() if s.slot_id == slot).get_token().label == label
     uri = softhsm.uri(label, object="k")
     with Pkcs11Signer.generate(uri, "ES256", secret=user_pin) as signer:
         assert len(signer.sign(b"x")) == 64
@@ -42,6 +46,41 @@ def test_init_token_then_generate_and_sign(softhsm: Any) -> None:
         init_token(softhsm.module, label=label, so_pin=so_pin, user_pin=user_pin)
 
 
+def test_reinit_needs_the_so_pin_and_a_wrong_one_leaves_the_token_intact(softhsm: Any) -> None:
+    label = "reinit-" + secrets.token_hex(3)
+    so_pin, user_pin = secrets.token_hex(6), secrets.token_hex(6)
+    slot = init_token(softhsm.module, label=label, so_pin=so_pin, user_pin=user_pin)
+    uri = softhsm.uri(label, object="kept")
+    with Pkcs11Signer.generate(uri, "ES256", secret=user_pin) as signer:
+        thumbprint = signer.thumbprint
+    wrong_so = "wrong-" + so_pin
+    with pytest.raises(PinError) as info:
+        init_token(softhsm.module, label=label, so_pin=wrong_so, user_pin=user_pin, slot_id=slot)
+    assert wrong_so not in str(info.value) and user_pin not in str(info.value)
+    assert "C_InitToken" not in str(info.value)  # mapped, not a raw failure
+    with Pkcs11Signer(uri, secret=user_pin) as again:  # still there, same key
+        assert again.thumbprint == thumbprint
+    # The right SO PIN re-initializes (wipes) the token; a new user PIN works, the key is gone.
+    new_pin = secrets.token_hex(6)
+    init_token(softhsm.module, label=label, so_pin=so_pin, user_pin=new_pin, slot_id=slot)
+    with pytest.raises(KeyNotFoundError):
+        Pkcs11Signer(uri, secret=new_pin)
+    with pytest.raises(PinError):
+        Pkcs11Signer(uri, secret=user_pin)
+
+
+def test_explicit_slot_must_exist(softhsm: Any) -> None:
+    with pytest.raises(TokenNotPresentError, match="no token in slot"):
+        init_token(softhsm.module, label="x", so_pin="12345678", user_pin="12345678", slot_id=9**9)
+
+
+def test_short_user_pin_is_a_pin_error_after_init(softhsm: Any) -> None:
+    # SoftHSM2 wants at least 4 characters: C_InitPIN answers CKR_PIN_LEN_RANGE.
+    label = "short-" + secrets.token_hex(3)
+    with pytest.raises(PinError, match="was initialized but setting its user PIN failed"):
+        init_token(softhsm.module, label=label, so_pin=secrets.token_hex(6), user_pin="1")
+
+
 def test_label_must_fit_the_token_info(softhsm: Any) -> None:
     with pytest.raises(ConfigurationError, match="1 to 32 bytes"):
         init_token(softhsm.module, label="x" * 33, so_pin="123456", user_pin="123456")
@@ -49,7 +88,8 @@ def test_label_must_fit_the_token_info(softhsm: Any) -> None:
 
 def test_setup_script_is_idempotent_and_keeps_pins_off_argv(tmp_path: Path) -> None:
     script = ROOT / "scripts" / "softhsm-setup"
-    assert "--pin" not in script.read_text(encoding="utf-8")
+    source = script.read_text(encoding="utf-8")
+    assert "--pin" not in source and "--so-pin" not in source
     env = {k: v for k, v in os.environ.items() if k not in ("DPOP_HSM_PIN", "SOFTHSM2_CONF")}
     env["PYTHON"] = sys.executable
     runs = [
@@ -69,4 +109,5 @@ def test_setup_script_is_idempotent_and_keeps_pins_off_argv(tmp_path: Path) -> N
     assert "initialized" in first.stderr and "reusing it" in second.stderr
     pin = (tmp_path / "t" / "pin").read_text(encoding="utf-8").strip()
     assert (tmp_path / "t" / "pin").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "t" / "so-pin").stat().st_mode & 0o777 == 0o600
     assert pin not in first.stdout + first.stderr + second.stdout + second.stderr

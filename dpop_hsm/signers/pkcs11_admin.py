@@ -1,10 +1,12 @@
 """Token administration for setup scripts: initialize a token with no PIN on any command line.
 
 ``softhsm2-util --init-token --pin … --so-pin …`` and ``pkcs11-tool --init-token`` take the PINs
-as arguments, where ``ps`` and shell history show them. This module does the same through the
-PKCS#11 API (``C_InitToken``, then ``C_InitPIN`` as the security officer), so PINs travel only in
-memory. python-pkcs11 has ``init_pin`` but no ``C_InitToken``; that one call goes through ctypes
-on the function list :mod:`pkcs11_module` already holds.
+as arguments, where ``ps``, ``/proc/*/cmdline`` and shell history show them. This module does the
+same through the PKCS#11 API (``C_InitToken``, then ``C_InitPIN`` as the security officer,
+PKCS#11 v2.40 §5.6), so PINs travel only in memory. python-pkcs11 has no ``C_InitToken``, so the
+whole sequence goes through ctypes on the function list :mod:`pkcs11_module` already holds for
+the process-wide, OS-locking :class:`~.pkcs11_module.Module` (the same module python-pkcs11 and
+every signer use; it is never re-initialized here, so other signers keep their sessions).
 """
 
 from __future__ import annotations
@@ -14,27 +16,45 @@ import ctypes
 from pkcs11.constants import TokenFlag
 from pkcs11.exceptions import PKCS11Error
 
-from ..errors import ConfigurationError, DeviceError, TokenNotPresentError
-from .pkcs11_module import load_module, login_error
+from ..errors import ConfigurationError, DeviceError, PinError, TokenNotPresentError
+from .pkcs11_module import Module, load_module, login_error
 
 __all__ = ["init_token", "token_labels"]
 
 CKR_OK = 0x0
-CKR_PIN_INCORRECT = 0xA0
-_INIT_TOKEN = ctypes.CFUNCTYPE(
-    ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
-)
+CKR_SLOT_ID_INVALID = 0x3
+CKR_SESSION_EXISTS = 0xB6
+CKR_SESSION_READ_ONLY_EXISTS = 0xB7
+CKR_USER_ALREADY_LOGGED_IN = 0x100
+CKR_USER_ANOTHER_ALREADY_LOGGED_IN = 0x104
+CKF_RW_SESSION = 0x2
+CKF_SERIAL_SESSION = 0x4
+CKU_SO = 0
+
+# Results that are about the PIN or the token's presence: mapped like a login failure.
+_LOGIN_LIKE = frozenset((0xA0, 0xA1, 0xA2, 0xA3, 0xA4, 0x102, 0xE0, 0x32, 0xB0, 0xB3))
+
+
+def _slots(module: Module, path: str) -> list[tuple[int, str, bool]]:
+    """(slot id, token label, initialized) for every slot with a token, enumerated afresh."""
+    try:
+        with module.gate.call():
+            found = []
+            for slot in module.lib.get_slots(token_present=True):
+                token = slot.get_token()
+                found.append(
+                    (slot.slot_id, token.label, bool(token.flags & TokenFlag.TOKEN_INITIALIZED))
+                )
+    except PKCS11Error as e:
+        raise DeviceError(
+            f"PKCS#11 module {path!r}: listing tokens failed ({type(e).__name__})"
+        ) from e
+    return found
 
 
 def token_labels(module_path: str) -> list[str]:
     """Labels of the initialized tokens the module shows now."""
-    module = load_module(module_path)
-    try:
-        with module.gate.exclusive():
-            tokens = [slot.get_token() for slot in module.lib.get_slots(token_present=True)]
-    except PKCS11Error as e:
-        raise DeviceError(f"PKCS#11 module {module_path!r}: listing tokens failed") from e
-    return [t.label for t in tokens if t.flags & TokenFlag.TOKEN_INITIALIZED]
+    return [label for _, label, ready in _slots(load_module(module_path), module_path) if ready]
 
 
 def _padded_label(label: str) -> bytes:
@@ -44,40 +64,85 @@ def _padded_label(label: str) -> bytes:
     return raw.ljust(32, b" ")  # CK_TOKEN_INFO.label: blank-padded, not NUL-terminated
 
 
-def init_token(module_path: str, *, label: str, so_pin: str, user_pin: str) -> None:
-    """Initialize the first uninitialized token with ``label`` and set its user PIN.
+def _check(rv: int, what: str, call: str) -> None:
+    """Raise the typed error for a non-OK result; the message never holds a PIN."""
+    if rv == CKR_OK:
+        return
+    if rv in _LOGIN_LIKE:
+        raise login_error(rv, what)
+    if rv == CKR_SLOT_ID_INVALID:
+        raise TokenNotPresentError(f"{what}: no such slot (0x{rv:x})")
+    if rv == CKR_SESSION_EXISTS:
+        raise DeviceError(f"{what}: sessions are open on the token; close them first (0x{rv:x})")
+    if rv in (CKR_USER_ANOTHER_ALREADY_LOGGED_IN, CKR_SESSION_READ_ONLY_EXISTS):
+        raise PinError(f"{what}: the security officer cannot log in while users are (0x{rv:x})")
+    raise DeviceError(f"{what}: {call} failed (0x{rv:x})")
 
-    Refuses a label that already exists (no token is ever wiped here). SoftHSM2 moves a freshly
-    initialized token to a new slot id and only rescans slots at ``C_Initialize``, so the module
-    is re-initialized before the token is opened by label.
+
+def init_token(
+    module_path: str, *, label: str, so_pin: str, user_pin: str, slot_id: int | None = None
+) -> int:
+    """Initialize a token as ``label``, set its user PIN, and return the slot id it is in now.
+
+    Without ``slot_id`` the first slot whose token is not yet initialized is used, and a label
+    that already exists is refused (two tokens with one label would make ``token=`` URIs
+    ambiguous). With ``slot_id`` that token is (re-)initialized: PKCS#11 wipes it if the SO PIN
+    is right, and a wrong SO PIN is a :class:`PinError` that leaves the token as it was.
+
+    SoftHSM2 adds a new free slot after ``C_InitToken`` and, after the next ``C_Initialize``,
+    shows the token under a serial-derived slot id; other modules may move it at once. So the
+    slot list is read again and the token found by label; the returned id is valid until the
+    module is re-initialized.
     """
+    padded = _padded_label(label)
     module = load_module(module_path)
-    if label in token_labels(module_path):
-        raise ConfigurationError(f"a token labelled {label!r} exists already; refusing to re-init")
-    with module.gate.exclusive():
-        free = [
-            slot
-            for slot in module.lib.get_slots(token_present=True)
-            if not slot.get_token().flags & TokenFlag.TOKEN_INITIALIZED
-        ]
-    if not free:
-        raise TokenNotPresentError(f"PKCS#11 module {module_path!r} has no uninitialized token")
-    pin = so_pin.encode("utf-8")
-    init = ctypes.cast(module._fl.C_InitToken, _INIT_TOKEN)
-    with module.gate.exclusive():
-        rv = init(free[0].slot_id, pin, len(pin), _padded_label(label))
-    if rv != CKR_OK:
-        if rv == CKR_PIN_INCORRECT:
-            raise login_error(rv, f"initializing token {label!r}")
-        raise DeviceError(f"initializing token {label!r}: C_InitToken failed (0x{rv:x})")
-    module.reinitialize()
+    functions = module.functions
+    slots = _slots(module, module_path)
+    if slot_id is None:
+        if any(ready and name == label for _, name, ready in slots):
+            raise ConfigurationError(
+                f"a token labelled {label!r} exists already; refusing to re-init"
+            )
+        free = [sid for sid, _, ready in slots if not ready]
+        if not free:
+            raise TokenNotPresentError(f"PKCS#11 module {module_path!r} has no uninitialized token")
+        target = free[0]
+    elif slot_id in (sid for sid, _, _ in slots):
+        target = slot_id
+    else:
+        raise TokenNotPresentError(f"PKCS#11 module {module_path!r} has no token in slot {slot_id}")
+
+    so = so_pin.encode("utf-8")
+    with module.gate.call():
+        rv = functions.C_InitToken(target, so, len(so), padded)
+    _check(rv, f"initializing token {label!r}", "C_InitToken")
+
+    matches = [sid for sid, name, ready in _slots(module, module_path) if ready and name == label]
+    if not matches:
+        raise DeviceError(f"token {label!r} was initialized but the module no longer lists it")
+    slot = target if target in matches else matches[0]
+
+    what = f"token {label!r} was initialized but setting its user PIN failed"
+    user = user_pin.encode("utf-8")
+    session = ctypes.c_ulong()
+    with module.gate.call():
+        rv = functions.C_OpenSession(
+            slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, None, None, ctypes.byref(session)
+        )
+    _check(rv, what, "C_OpenSession")
     try:
-        with module.gate.exclusive():
-            token = module.lib.get_token(token_label=label)
-            # Closing a session opened with so_pin logs the security officer out again.
-            with token.open(rw=True, so_pin=so_pin) as session:
-                session.init_pin(user_pin)
-    except PKCS11Error as e:
-        raise DeviceError(
-            f"token {label!r} was initialized but setting its user PIN failed ({type(e).__name__})"
-        ) from e
+        with module.gate.call():
+            rv = functions.C_Login(session.value, CKU_SO, so, len(so))
+        if rv != CKR_USER_ALREADY_LOGGED_IN:
+            _check(rv, what, "C_Login(CKU_SO)")
+        try:
+            with module.gate.call():
+                rv = functions.C_InitPIN(session.value, user, len(user))
+            _check(rv, what, "C_InitPIN")
+        finally:
+            with module.gate.call():
+                functions.C_Logout(session.value)
+    finally:
+        with module.gate.call():
+            functions.C_CloseSession(session.value)
+    return slot

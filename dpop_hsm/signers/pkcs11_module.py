@@ -63,6 +63,21 @@ _RV = ctypes.c_ulong
 _INIT = ctypes.CFUNCTYPE(_RV, ctypes.c_void_p)
 _CLOSE_ALL = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong)
 _LOGIN = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
+# Token administration (pkcs11_admin): C_InitToken, C_InitPIN, C_OpenSession, C_CloseSession,
+# C_Logout — PINs go through memory only, never through a command line.
+_INIT_TOKEN = ctypes.CFUNCTYPE(
+    _RV, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
+)
+_INIT_PIN = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
+_OPEN_SESSION = ctypes.CFUNCTYPE(
+    _RV,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_ulong),
+)
+_SESSION_CALL = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong)
 
 
 class _Mechanism(ctypes.Structure):
@@ -111,17 +126,17 @@ class _FunctionList(ctypes.Structure):
         ("C_GetTokenInfo", ctypes.c_void_p),
         ("C_GetMechanismList", ctypes.c_void_p),
         ("C_GetMechanismInfo", ctypes.c_void_p),
-        ("C_InitToken", ctypes.c_void_p),
-        ("C_InitPIN", ctypes.c_void_p),
+        ("C_InitToken", _INIT_TOKEN),
+        ("C_InitPIN", _INIT_PIN),
         ("C_SetPIN", ctypes.c_void_p),
-        ("C_OpenSession", ctypes.c_void_p),
-        ("C_CloseSession", ctypes.c_void_p),
+        ("C_OpenSession", _OPEN_SESSION),
+        ("C_CloseSession", _SESSION_CALL),
         ("C_CloseAllSessions", _CLOSE_ALL),
         ("C_GetSessionInfo", ctypes.c_void_p),
         ("C_GetOperationState", ctypes.c_void_p),
         ("C_SetOperationState", ctypes.c_void_p),
         ("C_Login", _LOGIN),
-        ("C_Logout", ctypes.c_void_p),
+        ("C_Logout", _SESSION_CALL),
         ("C_CreateObject", ctypes.c_void_p),
         ("C_CopyObject", ctypes.c_void_p),
         ("C_DestroyObject", ctypes.c_void_p),
@@ -235,6 +250,11 @@ class Module:
         self.serialize = _must_serialize(self.lib.manufacturer_id)
         self.parallel = self._initialize_with_locking() and not self.serialize
         self.gate = _Gate(parallel=self.parallel)
+
+    @property
+    def functions(self) -> _FunctionList:
+        """The module's raw function list, for calls python-pkcs11 does not offer (admin)."""
+        return self._fl
 
     def _initialize_with_locking(self) -> bool:
         """Finalize python-pkcs11's NULL initialization and initialize with OS locking."""
