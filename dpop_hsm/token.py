@@ -345,6 +345,8 @@ class TokenClient:
         self._session = session
         self._cond = threading.Condition(threading.Lock())
         self._renewing = False
+        self._failures = 0  # renewals failed in a row
+        self._retry_at = 0.0  # monotonic time before which a valid token is not renewed again
         self.token_requests = 0  # attempts sent, for diagnostics and tests
 
     def __repr__(self) -> str:
@@ -376,6 +378,10 @@ class TokenClient:
                 now = time.monotonic()
                 if token is not None and not token.needs_renewal(now):
                     return token
+                if token is not None and now < self._retry_at and token.is_valid(now):
+                    # A renewal failed moments ago: keep using the valid token instead of
+                    # contacting a failing AS again on every request (backoff below).
+                    return token
                 if not self._renewing:
                     self._renewing = True
                     return Renewal(self, token if token is not None and token.is_valid() else None)
@@ -390,6 +396,14 @@ class TokenClient:
         with self._cond:
             if token is not None:
                 self.cache.put(self.cache_key, token)
+                self._failures = 0
+                self._retry_at = 0.0
+            else:
+                # Exponential backoff (1 s, 2 s, 4 s … 60 s) for renewals while a still-valid
+                # token exists; with no valid token, acquire() renews at once as before.
+                self._failures += 1
+                delay = min(60.0, float(2 ** min(self._failures - 1, 6)))
+                self._retry_at = time.monotonic() + delay
             self._renewing = False
             self._cond.notify_all()
 

@@ -333,6 +333,8 @@ def test_renewal_failure_keeps_the_valid_token(
     servers.as_behavior = "error_500"
     assert tc.get_token() is first  # still valid: renewal failed quietly
     servers.as_behavior = "normal"
+    assert tc.get_token() is first  # within the 1 s backoff: the AS is not asked again
+    time.sleep(1.1)
     assert tc.get_token() is not first
 
 
