@@ -57,7 +57,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .pkcs11_module import FORKS, Module, SessionLostError, load_module
+from .pkcs11_module import FORKS, Module, SessionLostError, SignBuffer, load_module
 from .software import public_jwk_of
 
 __all__ = ["Pkcs11Signer", "load_pkcs11_reference"]
@@ -213,7 +213,7 @@ def _plan(info: AlgorithmInfo) -> _Plan:
 class _Entry:
     """A pooled session and the key object as seen from it (handles are per session)."""
 
-    __slots__ = ("generation", "key", "key_handle", "session", "session_handle")
+    __slots__ = ("buf", "generation", "key", "key_handle", "session", "session_handle")
 
     def __init__(self, session: Any, key: Any, generation: tuple[int, int]) -> None:
         self.session = session
@@ -222,6 +222,7 @@ class _Entry:
         # Raw handles for the ctypes fast path (Module.raw_signer).
         self.session_handle: int = session.handle
         self.key_handle: int = key.handle
+        self.buf = SignBuffer()  # owned by whichever thread holds the entry
 
 
 class Pkcs11Signer:
@@ -273,7 +274,7 @@ class Pkcs11Signer:
         self._thumbprint = ""
         self._alg = ""
         self._epoch = 0
-        self._fast_sign: Callable[[int, int, bytes], bytes | None] | None = None
+        self._fast_sign: Callable[[int, int, bytes, SignBuffer], bytes | None] | None = None
         self._connect(first=True)
 
     # Signer members -------------------------------------------------------------------------
@@ -749,7 +750,7 @@ class Pkcs11Signer:
             try:
                 fast = self._fast_sign if pin is None else None
                 raw = (
-                    fast(entry.session_handle, entry.key_handle, payload)
+                    fast(entry.session_handle, entry.key_handle, payload, entry.buf)
                     if fast is not None
                     else None
                 )
