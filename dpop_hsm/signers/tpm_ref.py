@@ -56,6 +56,7 @@ PERSISTENT_LAST = 0x81FFFFFF
 _ATTRS = ("handle", "blob", "tcti", "auth-source", "alg")
 _TPM_ALGS = ("ES256", "ES384")
 _BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_HANDLE = re.compile(r"0[xX][0-9A-Fa-f]{1,8}|[0-9]{1,10}")
 
 
 def default_tcti(environ: Mapping[str, str] | None = None) -> str:
@@ -70,10 +71,10 @@ def default_tcti(environ: Mapping[str, str] | None = None) -> str:
 
 def parse_handle(text: str) -> int:
     """A persistent handle from ``0x81010001`` or decimal; anything else is a reference error."""
-    try:
-        value = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-    except ValueError:
-        raise KeyReferenceError(f"tpm2 handle {text!r} is not a number") from None
+    # ASCII digits only: int() alone would also take "+", "_" separators and non-ASCII digits.
+    if not _HANDLE.fullmatch(text):
+        raise KeyReferenceError(f"tpm2 handle {text!r} is not a number")
+    value = int(text, 16) if text[:2] in ("0x", "0X") else int(text, 10)
     if not PERSISTENT_FIRST <= value <= PERSISTENT_LAST:
         raise KeyReferenceError(
             f"tpm2 handle {value:#x} is not a persistent handle (0x81000000-0x81ffffff)"
@@ -100,8 +101,13 @@ class TpmReference:
             raise KeyReferenceError(
                 f"tpm2 alg {self.alg!r} is not supported (use {' or '.join(_TPM_ALGS)})"
             )
-        if self.auth_source is not None and not self.auth_source.startswith(("env:", "file:")):
+        if self.auth_source is not None and (
+            not self.auth_source.startswith(("env:", "file:"))
+            or self.auth_source in ("env:", "file:")
+        ):
             raise KeyReferenceError("tpm2 auth-source must be 'env:NAME' or 'file:PATH'")
+        if self.tcti == "":  # would print as "tcti=", which does not parse back
+            raise KeyReferenceError("tpm2 tcti must not be empty")
 
     @classmethod
     def parse(cls, ref: str) -> TpmReference:
@@ -126,7 +132,12 @@ class TpmReference:
                 raise KeyReferenceError(f"tpm2 reference attribute {name!r} is given twice")
             if _BAD_PCT.search(raw):
                 raise KeyReferenceError(f"tpm2 reference attribute {name!r}: bad %-escape")
-            value = unquote(raw, errors="strict")
+            try:
+                value = unquote(raw, errors="strict")
+            except UnicodeDecodeError as e:
+                raise KeyReferenceError(
+                    f"tpm2 reference attribute {name!r}: %-escapes are not UTF-8"
+                ) from e
             if not value:
                 raise KeyReferenceError(f"tpm2 reference attribute {name!r} is empty")
             values[name] = value
