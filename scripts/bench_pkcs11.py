@@ -43,20 +43,22 @@ def _rate(fn: object, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _threaded_rate(sign: object, threads: int, seconds: float) -> float:
-    counts = [0] * threads
-    barrier = threading.Barrier(threads + 1)
+def _threaded_rate(calls: list[object], seconds: float) -> float:
+    """Total calls/s with one thread per zero-argument callable in ``calls``."""
+    counts = [0] * len(calls)
+    barrier = threading.Barrier(len(calls) + 1)
     stop = threading.Event()
 
     def work(i: int) -> None:
+        call = calls[i]
         barrier.wait()
         n = 0
         while not stop.is_set():
-            sign(b"bench-input")  # type: ignore[operator]
+            call()  # type: ignore[operator]
             n += 1
         counts[i] = n
 
-    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
     for t in pool:
         t.start()
     barrier.wait()
@@ -104,6 +106,14 @@ def _worker(uri: str, pin: str, seconds: float) -> Rows:
     def raw_ctypes() -> None:
         sign_once(session_handle, key_handle, digest, buf)
 
+    # A second session for the raw 2-thread baseline: what the module itself scales to.
+    session2 = token.open()
+    key2 = session2.get_key(object_class=ObjectClass.PRIVATE_KEY, label="bench")
+    session2_handle, key2_handle, buf2 = session2.handle, key2.handle, SignBuffer()
+
+    def raw_ctypes2() -> None:
+        sign_once(session2_handle, key2_handle, digest, buf2)
+
     def signer_sign() -> None:
         signer.sign(signing_input)
 
@@ -114,15 +124,18 @@ def _worker(uri: str, pin: str, seconds: float) -> Rows:
     # Short alternating rounds, medians of the per-round values: the box may be shared, and a
     # noisy neighbour then hits both sides of each ratio alike.
     rounds = max(3, int(seconds / 0.8))
-    part = max(seconds / (5 * rounds), 0.1)
-    raws, ctypes_raws, signs, proofs, ones, twos = [], [], [], [], [], []
+    part = max(seconds / (6 * rounds), 0.1)
+    raws, ctypes_raws, signs, proofs = [], [], [], []
+    ones, twos, raw_ones, raw_twos = [], [], [], []
     for _ in range(rounds):
         raws.append(_rate(raw, part))
         ctypes_raws.append(_rate(raw_ctypes, part))
         signs.append(_rate(signer_sign, part))
         proofs.append(_rate(proof, part))
-        ones.append(_threaded_rate(signer.sign, 1, part / 2))
-        twos.append(_threaded_rate(signer.sign, 2, part / 2))
+        ones.append(_threaded_rate([signer_sign], part / 2))
+        twos.append(_threaded_rate([signer_sign, signer_sign], part / 2))
+        raw_ones.append(_threaded_rate([raw_ctypes], part / 2))
+        raw_twos.append(_threaded_rate([raw_ctypes, raw_ctypes2], part / 2))
 
     def med(xs: list[float]) -> float:
         return statistics.median(xs)
@@ -133,6 +146,7 @@ def _worker(uri: str, pin: str, seconds: float) -> Rows:
     def extra_us(slow: list[float], fast: list[float]) -> float:
         return med([1e6 / x - 1e6 / y for x, y in zip(slow, fast, strict=True)])
 
+    session2.close()
     session.close()
     signer.close()
     return [
@@ -151,6 +165,10 @@ def _worker(uri: str, pin: str, seconds: float) -> Rows:
         ("pkcs11 Pkcs11Signer.sign/s, 1 thread", med(ones)),
         ("pkcs11 Pkcs11Signer.sign/s, 2 threads", med(twos)),
         ("pkcs11 1 -> 2 thread scaling (x)", ratio(twos, ones)),
+        (
+            "pkcs11 raw ctypes 1 -> 2 thread scaling, 2 sessions (module's own)",
+            ratio(raw_twos, raw_ones),
+        ),
         ("pkcs11 module parallel (OS locking) 1=yes", 1.0 if signer.parallel else 0.0),
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -10,17 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from dpop_hsm import load_signer
+from dpop_hsm.ecdsa import raw_to_der
 from dpop_hsm.errors import ConfigurationError, KeyNotFoundError, PinError, TokenNotPresentError
 from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 from dpop_hsm.signers.pkcs11_admin import init_token, token_labels
 from dpop_hsm.signers.pkcs11_module import load_module
+from dpop_hsm.verify import public_key_from_jwk
 
-pytestmark = pytest.mark.softhsm
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.softhsm
 def test_init_token_then_generate_and_sign(softhsm: Any) -> None:
     label = "admin-" + secrets.token_hex(3)
     so_pin, user_pin = secrets.token_hex(6), secrets.token_hex(6)
@@ -46,6 +51,7 @@ def test_init_token_then_generate_and_sign(softhsm: Any) -> None:
         init_token(softhsm.module, label=label, so_pin=so_pin, user_pin=user_pin)
 
 
+@pytest.mark.softhsm
 def test_reinit_needs_the_so_pin_and_a_wrong_one_leaves_the_token_intact(softhsm: Any) -> None:
     label = "reinit-" + secrets.token_hex(3)
     so_pin, user_pin = secrets.token_hex(6), secrets.token_hex(6)
@@ -69,11 +75,13 @@ def test_reinit_needs_the_so_pin_and_a_wrong_one_leaves_the_token_intact(softhsm
         Pkcs11Signer(uri, secret=user_pin)
 
 
+@pytest.mark.softhsm
 def test_explicit_slot_must_exist(softhsm: Any) -> None:
     with pytest.raises(TokenNotPresentError, match="no token in slot"):
         init_token(softhsm.module, label="x", so_pin="12345678", user_pin="12345678", slot_id=9**9)
 
 
+@pytest.mark.softhsm
 def test_short_user_pin_is_a_pin_error_after_init(softhsm: Any) -> None:
     # SoftHSM2 wants at least 4 characters: C_InitPIN answers CKR_PIN_LEN_RANGE.
     label = "short-" + secrets.token_hex(3)
@@ -81,11 +89,13 @@ def test_short_user_pin_is_a_pin_error_after_init(softhsm: Any) -> None:
         init_token(softhsm.module, label=label, so_pin=secrets.token_hex(6), user_pin="1")
 
 
+@pytest.mark.softhsm
 def test_label_must_fit_the_token_info(softhsm: Any) -> None:
     with pytest.raises(ConfigurationError, match="1 to 32 bytes"):
         init_token(softhsm.module, label="x" * 33, so_pin="123456", user_pin="123456")
 
 
+@pytest.mark.softhsm
 def test_setup_script_is_idempotent_and_keeps_pins_off_argv(tmp_path: Path) -> None:
     script = ROOT / "scripts" / "softhsm-setup"
     source = script.read_text(encoding="utf-8")
@@ -111,3 +121,52 @@ def test_setup_script_is_idempotent_and_keeps_pins_off_argv(tmp_path: Path) -> N
     assert (tmp_path / "t" / "pin").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "t" / "so-pin").stat().st_mode & 0o777 == 0o600
     assert pin not in first.stdout + first.stderr + second.stdout + second.stderr
+
+
+def _tpm2_child() -> None:
+    """In a child process: init a token on tpm2-pkcs11, make a key, sign, try a wrong PIN.
+
+    A child, because tpm2-pkcs11 reads its store when loaded: loading it in the test process
+    would hide keys that other tests add later with tpm2_ptool.
+    """
+    job = json.loads(sys.stdin.read())
+    module, label, user_pin = job["module"], job["label"], job["user_pin"]
+    init_token(module, label=label, so_pin=job["so_pin"], user_pin=user_pin)
+    uri = f"pkcs11:token={label};object=k?module-path={module}"
+    with Pkcs11Signer.generate(uri, "ES256", secret=user_pin) as signer:
+        sig = signer.sign(b"payload")
+        public = public_key_from_jwk(dict(signer.public_jwk))
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(raw_to_der(sig), b"payload", ec.ECDSA(hashes.SHA256()))
+    try:
+        Pkcs11Signer(uri, secret="not-" + user_pin)
+        wrong = "accepted"
+    except PinError as e:
+        wrong = type(e).__name__ + (": leaks" if user_pin in str(e) else "")
+    print(json.dumps({"labels": token_labels(module), "verified": True, "wrong_pin": wrong}))
+
+
+@pytest.mark.tpm
+def test_init_token_on_tpm2_pkcs11(tpm2_pkcs11: Any) -> None:
+    # A second, very different module: tpm2-pkcs11 offers one uninitialized token per store
+    # (after "tpm2_ptool init") and creates the token's TPM objects at C_InitToken.
+    label = "admin-" + secrets.token_hex(3)
+    job = {
+        "module": str(tpm2_pkcs11.module),
+        "label": label,
+        "so_pin": secrets.token_hex(6),
+        "user_pin": secrets.token_hex(6),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", "from tests.test_pkcs11_admin import _tpm2_child; _tpm2_child()"],
+        input=json.dumps(job),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert label in result["labels"] and tpm2_pkcs11.token in result["labels"]
+    assert result["verified"] is True
+    assert result["wrong_pin"] == "PinError"
