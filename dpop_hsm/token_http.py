@@ -8,7 +8,7 @@ test transports apply to token requests too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = ["Headers", "HttpRequest", "HttpResponse", "header_values"]
@@ -20,10 +20,6 @@ def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
     """Every value of header ``name`` in order; names compare case-insensitively (pitfall 3)."""
     wanted = name.lower()
     return [v for k, v in headers if k.lower() == wanted]
-
-
-def headers_from_mapping(headers: Mapping[str, str]) -> Headers:
-    return tuple((str(k), str(v)) for k, v in headers.items())
 
 
 @dataclass(frozen=True)
