@@ -1,23 +1,30 @@
-"""Sans-IO HTTP values shared by the token client and the transport adapters.
+"""Sans-IO HTTP values: what every layer below the transport adapters speaks.
 
-The token client never owns an HTTP library (design.md "Tokens"): it builds an
-:class:`HttpRequest` and parses an :class:`HttpResponse`; the requests and httpx adapters send
-the request through the caller's own session or client, so proxies, TLS settings, mounts and
-test transports apply to token requests too.
+The token-endpoint protocol, the resource-server decision and the login flows never touch an
+HTTP library: they build an :class:`HttpRequest` and read an :class:`HttpResponse`. A
+:data:`Sender` is whatever turns one into the other — the requests, httpx and aiohttp adapters
+send through the caller's own session or client, so proxies, TLS settings, mounts and test
+transports apply to token requests too. Only when no adapter is involved
+(``TokenClient.get_token()`` called directly) does a private default sender built on
+``requests`` do the sending.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-__all__ = ["Headers", "HttpRequest", "HttpResponse", "header_values"]
+__all__ = ["Headers", "HttpRequest", "HttpResponse", "Sender", "header_values"]
 
 Headers = tuple[tuple[str, str], ...]
 
 
 def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
-    """Every value of header ``name`` in order; names compare case-insensitively (pitfall 3)."""
+    """Every value of header ``name`` in order.
+
+    Names compare case-insensitively (RFC 9110 §5.1): HTTP/2 and many proxies lowercase them,
+    so a ``DPoP-Nonce`` read case-sensitively is a nonce silently missed.
+    """
     wanted = name.lower()
     return [v for k, v in headers if k.lower() == wanted]
 
@@ -58,3 +65,7 @@ class HttpResponse:
 
     def __repr__(self) -> str:
         return f"HttpResponse({self.status}, {len(self.body)}B)"
+
+
+Sender = Callable[[HttpRequest], HttpResponse]
+"""Sends one request and returns its response; raises ``TransportError`` when it cannot."""
