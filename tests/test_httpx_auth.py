@@ -22,7 +22,7 @@ from dpop_hsm.errors import (  # noqa: E402
 from dpop_hsm.httpx import DPoPAuth  # noqa: E402
 from dpop_hsm.signers.base import Signer  # noqa: E402
 from dpop_hsm.testing import LocalDPoPServers  # noqa: E402
-from tests.fixtures_servers import AUTH_METHODS, CLIENT_SECRET, token_client  # noqa: E402
+from tests.support.servers import AUTH_METHODS, CLIENT_SECRET, token_client  # noqa: E402
 
 
 def _claims(response: httpx.Response) -> dict[str, str]:

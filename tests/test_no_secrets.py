@@ -28,7 +28,7 @@ from dpop_hsm.jose import b64url_encode
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.verify import verify_proof
-from tests.test_hostile_servers import RawServer, Seen, response
+from tests.support.raw_http import RawServer, Seen, response
 
 token_mod = pytest.importorskip("dpop_hsm.token", reason="token client not landed")
 requests_mod = pytest.importorskip("dpop_hsm.requests", reason="requests adapter not landed")
