@@ -7,6 +7,7 @@
 - ``children``: entry points run in a child process, their job as JSON on stdin.
 - ``verifier``: the independent proof verifier (``cryptography`` only, no ``dpop_hsm`` code).
 - ``raw_http``: a raw-socket HTTP server for hostile-server tests.
+- ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
 
 The plugins are registered in ``tests/conftest.py``.
 """
