@@ -4,6 +4,7 @@ DER encoder (so a bug in ``cryptography``'s encoder and ours cannot cancel out).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,16 @@ from tests.support.verifier import der_sig
 
 VECTORS = Path(__file__).parent / "vectors"
 SIZES = {"P-256": 32, "P-384": 48, "P-521": 66}
-CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
-HASHES = {"P-256": hashes.SHA256, "P-384": hashes.SHA384, "P-521": hashes.SHA512}
+CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
+    "P-256": ec.SECP256R1,
+    "P-384": ec.SECP384R1,
+    "P-521": ec.SECP521R1,
+}
+HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "P-256": hashes.SHA256,
+    "P-384": hashes.SHA384,
+    "P-521": hashes.SHA512,
+}
 
 
 # --- RFC 6979 §A.2.5 -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,7 @@ def test_key_loading_errors_show_neither_password_nor_key(
     material = private_material(signer)
     encrypted = signer.private_pem(password=PASSWORD)
     messages = []
+    attempt: Callable[[], object]
     for attempt in (
         lambda: SoftwareSigner.from_bytes(encrypted, password="wrong-" + PASSWORD),
         lambda: SoftwareSigner.from_bytes(encrypted),

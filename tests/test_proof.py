@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -178,14 +178,10 @@ def test_bad_htu_is_a_configuration_error(signers: dict[str, SoftwareSigner], ht
 
 class _LeakySigner:
     alg = "ES256"
-    public_jwk: ClassVar[dict[str, str]] = {
-        "kty": "EC",
-        "crv": "P-256",
-        "x": "AA",
-        "y": "AA",
-        "d": "SECRET",
-    }
     thumbprint = "t"
+
+    def __init__(self) -> None:
+        self.public_jwk = {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "d": "SECRET"}
 
     def sign(self, signing_input: bytes) -> bytes:
         raise AssertionError("never called")
