@@ -282,15 +282,6 @@ def test_cross_origin_redirect_can_be_refused(
     connect: Connect, local: LocalDPoPServers, request: pytest.FixtureRequest
 ) -> None:
     adapter = connect(cross_origin_redirects="refuse")
-    if adapter.name == "requests-DPoPAuth":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="bug: DPoPAuth on a plain requests.Session accepts "
-                "cross_origin_redirects='refuse' but follows the hop (credentials stripped); "
-                "only DPoPSession.rebuild_auth applies the policy",
-            )
-        )
     with pytest.raises(RedirectError):
         adapter.send("GET", f"{local.rs_url}/redirect?to={local.as_url}/echo")
     assert not [s for s in adapter.sent if s.url.startswith(local.as_url + "/echo")]

@@ -321,6 +321,91 @@ class HttpxAsyncDriver(Driver):
             self.loop.close()
 
 
+# --- aiohttp ---------------------------------------------------------------------------------
+
+
+class AiohttpDriver(Driver):
+    """``dpop_hsm.aiohttp.DPoPMiddleware`` on an ``aiohttp.ClientSession`` on one event loop.
+
+    What left the client is recorded with an aiohttp trace (headers as written, every hop and
+    token request included).
+    """
+
+    name = "aiohttp-ClientSession"
+
+    def __init__(
+        self,
+        token_client: TokenClient,
+        *,
+        cross_origin_redirects: RedirectPolicy = "strip",
+        raise_on_rejection: bool = True,
+    ) -> None:
+        import aiohttp
+
+        from dpop_hsm.aiohttp import DPoPMiddleware
+
+        super().__init__(token_client)
+        driver = self
+
+        async def on_headers_sent(
+            session: Any, context: Any, params: aiohttp.TraceRequestHeadersSentParams
+        ) -> None:
+            driver._record(params.method, str(params.url), params.headers.items())
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(on_headers_sent)
+        middleware = DPoPMiddleware(
+            token_client,
+            cross_origin_redirects=cross_origin_redirects,
+            raise_on_rejection=raise_on_rejection,
+        )
+        self.loop = asyncio.new_event_loop()
+
+        async def make() -> aiohttp.ClientSession:
+            return aiohttp.ClientSession(
+                middlewares=(middleware,),
+                trace_configs=[trace],
+                timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+                connector=aiohttp.TCPConnector(limit=64),
+            )
+
+        self.session = self.loop.run_until_complete(make())
+
+    async def _send(self, method: str, url: str, body: bytes | Streamed | None) -> Reply:
+        data: bytes | AsyncIterator[bytes] | None
+        if isinstance(body, Streamed):
+
+            async def stream(chunks: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+                for chunk in chunks:
+                    yield chunk
+
+            data = stream(body.chunks)
+        else:
+            data = body
+        async with self.session.request(method, url, data=data) as response:
+            content = await response.read()
+            return Reply(
+                response.status, {k.lower(): v for k, v in response.headers.items()}, content
+            )
+
+    def send(self, method: str, url: str, body: bytes | Streamed | None = None) -> Reply:
+        return self.loop.run_until_complete(self._send(method, url, body))
+
+    def send_concurrently(self, count: int, method: str, url: str) -> list[Reply]:
+        async def many() -> list[Reply]:
+            calls = [self._send(method, url, None) for _ in range(count)]
+            return list(await asyncio.gather(*calls))
+
+        return self.loop.run_until_complete(many())
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.session.close())
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        finally:
+            self.loop.close()
+
+
 DriverFactory = Callable[..., Driver]
 # The adapters under contract, by test id. A new adapter adds one entry.
 DRIVERS: dict[str, DriverFactory] = {
@@ -328,4 +413,5 @@ DRIVERS: dict[str, DriverFactory] = {
     RequestsSessionDriver.name: RequestsSessionDriver,
     HttpxDriver.name: HttpxDriver,
     HttpxAsyncDriver.name: HttpxAsyncDriver,
+    AiohttpDriver.name: AiohttpDriver,
 }
