@@ -230,9 +230,10 @@ def _hop_guard(proof: str, htu: str, inner: Any, is_async: bool) -> Callable[...
 class DPoPAuth(httpx.Auth):
     """httpx auth presenting a DPoP-bound token with a fresh proof on every request.
 
-    ``raise_on_rejection``: a final 401/403 with a ``DPoP`` challenge carrying an ``error``
-    raises :class:`UnauthorizedError` (default) instead of returning the response. A repeated
-    nonce challenge always raises :class:`NonceError`.
+    A resource server's final 401/403 is returned like any other response (``raise_for_status()``
+    works as usual) after at most one retry; ``raise_on_rejection=True`` raises
+    :class:`UnauthorizedError` instead when its ``DPoP`` challenge carries an ``error``. A
+    repeated nonce challenge always raises :class:`NonceError`.
     """
 
     requires_request_body = False  # streams stay streams; they are just never re-sent
@@ -242,7 +243,7 @@ class DPoPAuth(httpx.Auth):
         self,
         token_client: TokenClient,
         *,
-        raise_on_rejection: bool = True,
+        raise_on_rejection: bool = False,
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
         self.flow = ResourceFlow(
