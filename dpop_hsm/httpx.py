@@ -30,9 +30,12 @@ import weakref
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, Literal, TypeVar
 
-import anyio
-import anyio.to_thread
-import httpx
+from ._optional import requires_extra
+
+with requires_extra("httpx"):
+    import anyio
+    import anyio.to_thread
+    import httpx
 
 from .challenges import find_challenge
 from .errors import (
