@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from .proof import ProofFactory
     from .requests import DPoPAuth, DPoPSession
     from .signers import Signer, load_signer, register_scheme
-    from .signers.pkcs11 import Pkcs11Signer
+    from .signers.pkcs11 import Pkcs11Signer as Pkcs11Signer  # public, not in __all__
     from .signers.software import SoftwareSigner
-    from .signers.tpm import TpmSigner
+    from .signers.tpm import TpmSigner as TpmSigner  # public, not in __all__
     from .token import Token, TokenClient
     from .verify import ReplayCache, VerifiedProof, verify_proof
 
