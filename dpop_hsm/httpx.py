@@ -36,23 +36,21 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._optional import require_extra
+from ._optional import requires_extra
 
-require_extra("httpx", "httpx")
-require_extra("anyio", "httpx")
+with requires_extra("httpx"):
+    import anyio
+    import anyio.to_thread
+    import httpx
 
-import anyio  # noqa: E402
-import anyio.to_thread  # noqa: E402
-import httpx  # noqa: E402
-
-from .errors import DPoPError, RedirectError, TokenResponseError  # noqa: E402
-from .htu import normalize_htu, origin_of  # noqa: E402
-from .jose import b64url_decode, split_compact  # noqa: E402
-from .logs import log_request, log_response  # noqa: E402
-from .offload import SigningOffload  # noqa: E402
-from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp  # noqa: E402
-from .sansio import HttpRequest, HttpResponse  # noqa: E402
-from .token import MAX_TOKEN_RESPONSE, Renewal, Token, TokenClient  # noqa: E402
+from .errors import DPoPError, RedirectError, TokenResponseError
+from .htu import normalize_htu, origin_of
+from .jose import b64url_decode, split_compact
+from .logs import log_request, log_response
+from .offload import SigningOffload
+from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
+from .sansio import HttpRequest, HttpResponse
+from .token import MAX_TOKEN_RESPONSE, Renewal, Token, TokenClient
 
 __all__ = ["DPoPAuth"]
 

@@ -211,6 +211,7 @@ def test_every_error_class_renders_bounded_printable_text(name: str) -> None:
         "status": 400,
         "module": "pkcs11",
         "extra": "pkcs11",
+        "detail": hostile,
         "error": hostile,
         "error_description": hostile,
     }
