@@ -11,16 +11,19 @@ are read from ``env:NAME`` / ``file:PATH`` sources, the environment (``DPOP_HSM_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import (
     ConfigurationError,
+    DPoPError,
     ProtocolError,
     SignerError,
+    TokenNotPresentError,
     VerificationError,
 )
 
@@ -37,11 +40,13 @@ __all__ = [
     "add_client_options",
     "add_key_options",
     "close_signer",
+    "error_parts",
     "exit_code_for",
     "key_info",
     "key_secret",
     "load_key",
     "require_key",
+    "reserved_stdout",
     "secret_from_options",
 ]
 
@@ -136,19 +141,46 @@ def key_secret(args: argparse.Namespace) -> Any:
 
 
 class Output:
-    """Human text or one JSON document on stdout; diagnostics on stderr."""
+    """Human text, or exactly one JSON document, on stdout; diagnostics on stderr.
 
-    def __init__(self, *, as_json: bool, stream: TextIO | None = None) -> None:
+    ``stream`` receives the result. ``log`` is where a command writes human text that is not
+    the result (the demo's session log): stdout for people, stderr under ``--json`` so that
+    stdout stays one parseable document.
+    """
+
+    def __init__(
+        self, *, as_json: bool, stream: TextIO | None = None, log: TextIO | None = None
+    ) -> None:
         self.as_json = as_json
         self.stream = stream or sys.stdout
+        self.log = log or (sys.stderr if as_json else self.stream)
+        self.emitted = False
 
     def emit(self, data: dict[str, Any], text: str) -> None:
+        """Write the command's result: ``data`` as JSON under ``--json``, else ``text``."""
         if self.as_json:
+            if self.emitted:
+                raise RuntimeError("a command emits one JSON document")
             json.dump(data, self.stream, indent=2, sort_keys=False)
             self.stream.write("\n")
         else:
             self.stream.write(text.rstrip("\n") + "\n")
+        self.emitted = True
         self.stream.flush()
+
+    def error(self, code: str, message: str, hint: str | None) -> None:
+        """Report a failure: ``{"error": {code, message, hint}}`` under ``--json``, else a line
+        ``dpop-hsm: error [code]: message (hint)`` on stderr.
+
+        After a JSON result was already written (``serve`` failing once it runs), the error
+        goes to stderr only: stdout holds one document.
+        """
+        if self.as_json and not self.emitted:
+            self.emit({"error": {"code": code, "message": message, "hint": hint}}, "")
+            return
+        line = f"dpop-hsm: error [{code}]: {message}" + (f" ({hint})" if hint else "")
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -222,3 +254,89 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope")
     p.add_argument("--resource", action="append", help="RFC 8707 resource (repeatable)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+# The generic advice TokenNotPresentError.diagnostics() appends; right for a smart card that
+# is not plugged in, wrong for a module file that does not exist or a TPM that does not answer.
+_GENERIC_DEVICE_ADVICE = "is the device plugged in, pcscd running, the slot/token label right?"
+
+
+def error_parts(error: DPoPError) -> tuple[str, str, str | None]:
+    """``(code, message, hint)`` of an error, for one line of text or one JSON document.
+
+    The hint is the error's own ``hint`` when it has one, else what ``diagnostics()`` adds to
+    the message; the generic token-not-present advice is replaced where it cannot apply.
+    """
+    message = error.message
+    hint = getattr(error, "hint", None)
+    if not isinstance(hint, str) or not hint:
+        hint = None
+        diagnostics = error.diagnostics()
+        if diagnostics != message and diagnostics.startswith(message):
+            extra = diagnostics[len(message) :].strip()
+            if extra.startswith("(") and extra.endswith(")"):
+                extra = extra[1:-1].strip()
+            hint = extra or None
+    if isinstance(error, TokenNotPresentError) and hint == _GENERIC_DEVICE_ADVICE:
+        hint = _token_not_present_hint(message) or hint
+    return error.code, message, hint
+
+
+def _token_not_present_hint(message: str) -> str | None:
+    if "TPM" in message or "TCTI" in message:
+        return (
+            "is the TPM (or swtpm) running and the TCTI right? set tcti= in the reference "
+            "or $TPM2TOOLS_TCTI"
+        )
+    if "PKCS#11 module" in message and (
+        "does not exist" in message or "not found" in message or "could not be loaded" in message
+    ):
+        return (
+            "check module-path= or module-name= in the URI, or $DPOP_HSM_PKCS11_MODULE; "
+            "'dpop-hsm list' shows the modules it finds"
+        )
+    if "tokens present:" in message:
+        return "check token= against the tokens present; 'dpop-hsm list' prints each token's URI"
+    return None
+
+
+# --- stdout under --json ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reserved_stdout(as_json: bool) -> Iterator[TextIO]:
+    """The stream the result goes to; under ``--json`` nothing else may reach stdout.
+
+    PKCS#11 modules and the TSS print on their own (pkcs11-spy banners, TCTI errors). Under
+    ``--json`` file descriptor 1 is pointed at stderr for the duration of the command, and the
+    result is written to a duplicate of the original stdout, so stdout carries exactly one
+    document. Where stdout is no real file (an embedding program's StringIO), only
+    ``sys.stdout`` is redirected.
+    """
+    if not as_json:
+        yield sys.stdout
+        return
+    real = sys.stdout
+    try:
+        out_fd, err_fd = real.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+        return
+    real.flush()
+    saved = os.dup(out_fd)
+    os.dup2(err_fd, out_fd)
+    result = os.fdopen(os.dup(saved), "w", encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield result
+    finally:
+        try:
+            result.flush()
+        finally:
+            result.close()
+            real.flush()
+            os.dup2(saved, out_fd)
+            os.close(saved)

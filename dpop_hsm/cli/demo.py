@@ -122,7 +122,7 @@ def run_demo(
     from ..testing import LocalDPoPServers
     from ..token import TokenClient
 
-    stream = log_stream or sys.stdout
+    stream = log_stream or out.log  # stderr under --json: stdout holds the one result
     servers = None
     if token_endpoint is None:
         servers = LocalDPoPServers(clients=demo_clients(None), as_nonce=True, rs_nonce=True)
@@ -189,6 +189,9 @@ def run_demo(
         f"this {signer.alg} key ({key_label}); {client.token_requests} token request(s); "
         f"{elapsed * 1000:.0f} ms"
     )
+    if not ok and not bound and all(s == 200 for s in statuses):
+        stream.write(summary + "\n")
+        raise ProtocolError("the API answered, but the token is not bound to this key")
     out.emit(
         {
             "ok": ok,
@@ -199,8 +202,6 @@ def run_demo(
         },
         summary,
     )
-    if not ok and not bound and all(s == 200 for s in statuses):
-        raise ProtocolError("the API answered, but the token is not bound to this key")
     return 0 if ok else 5
 
 
