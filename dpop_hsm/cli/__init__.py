@@ -43,6 +43,7 @@ from .common import (
     reserved_stdout,
     secret_from_options,
 )
+from .settings import resolve_settings
 
 __all__ = [
     "CLIENT_SECRET_ENV",
@@ -111,18 +112,37 @@ def _add_common_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _add_config_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    default: Any = None if top else argparse.SUPPRESS
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help="settings file (or $DPOP_HSM_CONFIG; default $XDG_CONFIG_HOME/dpop-hsm/config.toml)",
+    )
+    p.add_argument(
+        "--config-profile",
+        metavar="NAME",
+        default=default,
+        help="profile in the settings file (or $DPOP_HSM_CONFIG_PROFILE; default: 'default')",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dpop-hsm",
         description="OAuth 2.0 DPoP (RFC 9449) with keys in PKCS#11 tokens, TPMs or files.",
     )
     _add_common_options(parser, top=True)
+    _add_config_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys.register(sub)
     net.register(sub)
     demo.register(sub)
     for command in sub.choices.values():
         _add_common_options(command, top=False)
+        if command.get_default("settings"):
+            _add_config_options(command, top=False)
     return parser
 
 
@@ -184,6 +204,7 @@ def _run(parser: argparse.ArgumentParser, arguments: list[str], out: Output) -> 
         args = parser.parse_args(arguments)
         verbose = bool(args.verbose)
         restore = _configure_logging(verbose)
+        resolve_settings(args, getattr(args, "settings", None) or ())
         code: int = args.func(args, out)
         return code
     except _HelpRequested as e:

@@ -189,7 +189,7 @@ class Output:
 def require_key(args: argparse.Namespace) -> str:
     ref: str | None = args.key or os.environ.get(KEY_ENV)
     if not ref:
-        raise UsageError(f"no key: give --key REF or set {KEY_ENV}")
+        raise UsageError(f"no key: give --key REF, set ${KEY_ENV}, or add key to a config profile")
     args.key = ref
     return ref
 
@@ -226,34 +226,51 @@ def add_key_options(p: argparse.ArgumentParser) -> None:
         "--key",
         metavar="REF",
         help=f"key reference: a PEM/DER/JWK path, a pkcs11: URI or a tpm2: reference "
-        f"(default: ${KEY_ENV})",
+        f"(or ${KEY_ENV})",
     )
     p.add_argument(
         "--pin-source",
         metavar="SRC",
-        help=f"PIN or key password from env:NAME or file:PATH (default: ${PIN_ENV}, "
-        "the URI's pin-source, or a prompt on a terminal)",
+        help=f"PIN or key password from env:NAME or file:PATH (or $DPOP_HSM_PIN_SOURCE; "
+        f"default: ${PIN_ENV}, the URI's pin-source, or a prompt on a terminal)",
     )
 
 
 def add_client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token-endpoint", metavar="URL", required=True)
-    p.add_argument("--client-id", required=True)
-    p.add_argument("--auth-method", choices=AUTH_METHODS, default="client_secret_basic")
+    # Defaults are None: each value is resolved flag > environment > config > default
+    # (see settings.py), so the parser must not fill them in.
+    p.add_argument("--token-endpoint", metavar="URL", help="(or $DPOP_HSM_TOKEN_ENDPOINT)")
+    p.add_argument("--client-id", metavar="ID", help="(or $DPOP_HSM_CLIENT_ID)")
+    p.add_argument(
+        "--auth-method",
+        choices=AUTH_METHODS,
+        help="client authentication (or $DPOP_HSM_AUTH_METHOD; default client_secret_basic)",
+    )
     p.add_argument(
         "--client-secret-source",
         metavar="SRC",
-        help=f"client secret from env:NAME or file:PATH (default: ${CLIENT_SECRET_ENV}, "
-        "or a prompt on a terminal)",
+        help=f"client secret from env:NAME or file:PATH (or $DPOP_HSM_CLIENT_SECRET_SOURCE; "
+        f"default: ${CLIENT_SECRET_ENV}, or a prompt on a terminal)",
     )
     p.add_argument(
         "--assertion-key",
         metavar="REF",
-        help="private_key_jwt: key that signs the client assertion (default: the DPoP key)",
+        help="private_key_jwt: key that signs the client assertion (or "
+        "$DPOP_HSM_ASSERTION_KEY; default: the DPoP key)",
     )
-    p.add_argument("--scope")
-    p.add_argument("--resource", action="append", help="RFC 8707 resource (repeatable)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request")
+    p.add_argument("--scope", help="(or $DPOP_HSM_SCOPE)")
+    p.add_argument(
+        "--resource",
+        action="append",
+        metavar="URI",
+        help="RFC 8707 resource, repeatable (or $DPOP_HSM_RESOURCE, space-separated)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="seconds per HTTP request (or $DPOP_HSM_TIMEOUT; default 10)",
+    )
 
 
 # --- errors ----------------------------------------------------------------------------------

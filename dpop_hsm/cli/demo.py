@@ -33,6 +33,7 @@ from .common import (
     secret_from_options,
 )
 from .net import DEMO_CLIENT_SECRET, demo_clients
+from .settings import KEY_SETTINGS
 
 if TYPE_CHECKING:
     from ..signers.base import Signer
@@ -261,4 +262,4 @@ def register(sub: Any) -> None:
     p.add_argument("--client-secret-source", metavar="SRC", help="env:NAME or file:PATH")
     p.add_argument("--scope", default="api")
     p.add_argument("--calls", type=int, default=2, help="API calls to make (default 2)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, settings=KEY_SETTINGS)

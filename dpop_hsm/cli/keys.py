@@ -22,6 +22,7 @@ from .common import (
     require_key,
     secret_from_options,
 )
+from .settings import KEY_SETTINGS
 
 if TYPE_CHECKING:
     from ..signers.base import Signer
@@ -145,15 +146,15 @@ def register(sub: Any) -> None:
     p = sub.add_parser("keygen", help="create a key in a token/TPM or a key file")
     add_key_options(p)
     p.add_argument("--alg", default="ES256", help="ES256 (default), ES384, ES512, EdDSA, PS256")
-    p.set_defaults(func=cmd_keygen)
+    p.set_defaults(func=cmd_keygen, settings=KEY_SETTINGS)
 
     p = sub.add_parser("jwk", help="print the public JWK")
     add_key_options(p)
-    p.set_defaults(func=cmd_jwk)
+    p.set_defaults(func=cmd_jwk, settings=KEY_SETTINGS)
 
     p = sub.add_parser("thumbprint", help="print the RFC 7638 thumbprint (jkt)")
     add_key_options(p)
-    p.set_defaults(func=cmd_thumbprint)
+    p.set_defaults(func=cmd_thumbprint, settings=KEY_SETTINGS)
 
     p = sub.add_parser("proof", help="print one DPoP proof")
     add_key_options(p)
@@ -161,4 +162,4 @@ def register(sub: Any) -> None:
     p.add_argument("--access-token-file", metavar="FILE", help="adds ath for this token")
     p.add_argument("--nonce")
     p.add_argument("url")
-    p.set_defaults(func=cmd_proof)
+    p.set_defaults(func=cmd_proof, settings=KEY_SETTINGS)

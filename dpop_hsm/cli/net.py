@@ -14,12 +14,14 @@ from .common import (
     CLIENT_SECRET_ENV,
     SECRET_METHODS,
     Output,
+    UsageError,
     add_client_options,
     add_key_options,
     close_signer,
     load_key,
     secret_from_options,
 )
+from .settings import CLIENT_SETTINGS, missing
 
 if TYPE_CHECKING:
     from ..signers.base import Signer
@@ -46,6 +48,10 @@ def make_token_client(args: argparse.Namespace, signer: Signer) -> TokenClient:
     from ..signers import load_signer
     from ..token import TokenClient
 
+    if not args.token_endpoint:
+        raise UsageError(missing("token_endpoint", "token endpoint"))
+    if not args.client_id:
+        raise UsageError(missing("client_id", "client id"))
     secret = None
     if args.auth_method in SECRET_METHODS:
         secret = secret_from_options(
@@ -215,7 +221,7 @@ def register(sub: Any) -> None:
     add_key_options(p)
     add_client_options(p)
     p.add_argument("--show-token", action="store_true", help="print the access token itself")
-    p.set_defaults(func=cmd_token)
+    p.set_defaults(func=cmd_token, settings=CLIENT_SETTINGS)
 
     p = sub.add_parser("request", help="a curl-like request with DPoP")
     add_key_options(p)
@@ -225,7 +231,7 @@ def register(sub: Any) -> None:
     p.add_argument("-d", "--data", help="request body, or @FILE")
     p.add_argument("-i", "--include", action="store_true", help="print the response headers")
     p.add_argument("url")
-    p.set_defaults(func=cmd_request)
+    p.set_defaults(func=cmd_request, settings=CLIENT_SETTINGS)
 
     p = sub.add_parser("serve", help="run the local authorization + resource server")
     p.add_argument("--as-port", type=int, default=0)
