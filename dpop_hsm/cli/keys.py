@@ -1,4 +1,5 @@
-"""The key subcommands of ``dpop-hsm``: ``keygen``, ``jwk``, ``thumbprint`` and ``proof``.
+"""The key subcommands of ``dpop-hsm``: ``keygen``, ``jwk``, ``thumbprint``, ``proof`` and
+``verify`` (the server side of ``proof``).
 
 Each loads only the backend its ``--key`` names, when it runs.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from .common import (
     EXIT_OK,
     Output,
+    UsageError,
     add_key_options,
     close_signer,
     key_info,
@@ -27,7 +30,7 @@ from .settings import KEY_SETTINGS
 if TYPE_CHECKING:
     from ..signers.base import Signer
 
-__all__ = ["cmd_jwk", "cmd_keygen", "cmd_proof", "cmd_thumbprint", "register"]
+__all__ = ["cmd_jwk", "cmd_keygen", "cmd_proof", "cmd_thumbprint", "cmd_verify", "register"]
 
 
 def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
@@ -141,6 +144,60 @@ def cmd_proof(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+_MAX_PROOF_INPUT = 64 * 1024
+
+
+def _read_proof(path: str | None) -> str:
+    """The proof to check, from a file or piped on stdin — never argv, where ``ps`` shows it."""
+    if path in (None, "-"):
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("no proof: give --proof-file FILE, or pipe the proof on stdin")
+        raw = sys.stdin.buffer.read(_MAX_PROOF_INPUT)
+    else:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(_MAX_PROOF_INPUT)
+        except OSError as e:
+            raise ConfigurationError(f"cannot read {path!r}: {e.strerror}") from e
+    # Undecodable bytes become U+FFFD, which verify_proof rejects as non-ASCII (a check).
+    text = raw.decode("utf-8", "replace")
+    proof = text.strip()
+    if not proof:
+        raise UsageError("no proof: the input is empty")
+    return proof
+
+
+def cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    """Check a DPoP proof as a server would (RFC 9449 §4.3); a failed check exits with 6."""
+    from ..verify import DEFAULT_ALGORITHMS, verify_proof
+
+    proof = _read_proof(args.proof_file)
+    verified = verify_proof(
+        proof,
+        htm=args.method.upper(),
+        htu=args.url,
+        access_token=read_token_file(args.access_token_file),
+        nonce=args.nonce,
+        expected_jkt=args.jkt,
+        algorithms=frozenset(args.alg) if args.alg else DEFAULT_ALGORITHMS,
+        max_age=args.max_age,
+    )
+    claims = dict(verified.claims)
+    data = {
+        "valid": True,
+        "jkt": verified.jkt,
+        "alg": verified.header.get("alg"),
+        "claims": claims,
+    }
+    text = (
+        f"valid DPoP proof: {claims.get('htm')} {claims.get('htu')}\n"
+        f"jkt: {verified.jkt}\nalg: {data['alg']}\n"
+        f"iat: {claims.get('iat')}  jti: {claims.get('jti')}"
+    )
+    out.emit(data, text)
+    return EXIT_OK
+
+
 def register(sub: Any) -> None:
     """Add the key subcommands to the main parser's subparsers."""
     p = sub.add_parser("keygen", help="create a key in a token/TPM or a key file")
@@ -163,3 +220,25 @@ def register(sub: Any) -> None:
     p.add_argument("--nonce")
     p.add_argument("url")
     p.set_defaults(func=cmd_proof, settings=KEY_SETTINGS)
+
+    p = sub.add_parser(
+        "verify",
+        help="check a DPoP proof against a method and URL (exit 6 when a check fails)",
+        description="Verifies a proof as a resource server would (RFC 9449 §4.3): signature, "
+        "typ, alg, jwk, htm, htu, iat, jti, and ath/nonce/jkt when given.",
+    )
+    p.add_argument("-X", "--method", default="GET")
+    p.add_argument(
+        "--proof-file", metavar="FILE", help="the proof (default: read from stdin; '-' too)"
+    )
+    p.add_argument("--access-token-file", metavar="FILE", help="require ath for this token")
+    p.add_argument("--nonce", help="require this nonce")
+    p.add_argument("--jkt", help="require this key thumbprint (the token's cnf.jkt)")
+    p.add_argument(
+        "--alg", action="append", metavar="ALG", help="allowed alg, repeatable (default: all)"
+    )
+    p.add_argument(
+        "--max-age", type=float, default=60.0, metavar="S", help="oldest iat accepted (60 s)"
+    )
+    p.add_argument("url")
+    p.set_defaults(func=cmd_verify)

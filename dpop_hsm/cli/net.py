@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEMO_CLIENT_SECRET",
+    "AddressInUseError",
+    "ListenError",
     "cmd_request",
     "cmd_serve",
     "cmd_token",
@@ -183,9 +185,64 @@ def demo_clients(jwt_client_key: str | None) -> list[ClientRegistration]:
     return clients
 
 
+class ListenError(ConfigurationError):
+    """``serve`` cannot listen on the port it was given (privileged, bad address, …)."""
+
+    code = "cannot_listen"
+
+    def __init__(self, message: str, *, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def diagnostics(self) -> str:
+        return f"{self.message} ({self.hint})"
+
+
+class AddressInUseError(ListenError):
+    """Another process already listens on the port ``serve`` was given."""
+
+    code = "address_in_use"
+
+
+def _busy(host: str, port: int) -> bool:
+    """True when ``port`` cannot be bound now (the same SO_REUSEADDR the servers use)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _listen_error(e: OSError, host: str, ports: dict[str, int]) -> ListenError:
+    import errno
+
+    if e.errno == errno.EADDRINUSE:
+        given = {role: port for role, port in ports.items() if port}
+        busy = [f"{host}:{port} ({role})" for role, port in given.items() if _busy(host, port)]
+        where = ", ".join(busy or [f"{host}:{port} ({role})" for role, port in given.items()])
+        return AddressInUseError(
+            f"cannot listen on {where or host}: address already in use",
+            hint="stop what listens there, or pick another --as-port/--rs-port; 0 picks a free one",
+        )
+    return ListenError(
+        f"cannot listen on {host}: {e.strerror or type(e).__name__}",
+        hint="ports below 1024 need privileges; 0 picks any free port",
+    )
+
+
 def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     from ..testing import LocalDPoPServers
 
+    ports = {"AS": args.as_port, "RS": args.rs_port}
+    for role, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--{role.lower()}-port {port} is not a TCP port (0-65535)")
+    if args.as_port and args.as_port == args.rs_port:
+        raise UsageError("--as-port and --rs-port must differ: AS and RS are two servers")
     servers = LocalDPoPServers(
         clients=demo_clients(args.jwt_client_key),
         as_nonce=not args.no_nonce,
@@ -194,7 +251,11 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
         as_port=args.as_port,
         rs_port=args.rs_port,
     )
-    servers.start()
+    try:
+        servers.start()
+    except OSError as e:
+        servers.stop()  # the server that did bind, if one did
+        raise _listen_error(e, "127.0.0.1", ports) from e
     paste = (
         f"DPOP_HSM_CLIENT_SECRET=secret dpop-hsm request --key KEY --token-endpoint "
         f"{servers.token_endpoint} --client-id m2m.dpop --auth-method client_secret_post "
@@ -234,8 +295,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_request, settings=CLIENT_SETTINGS)
 
     p = sub.add_parser("serve", help="run the local authorization + resource server")
-    p.add_argument("--as-port", type=int, default=0)
-    p.add_argument("--rs-port", type=int, default=0)
+    p.add_argument("--as-port", type=int, default=0, metavar="P", help="default 0: any free port")
+    p.add_argument("--rs-port", type=int, default=0, metavar="P", help="default 0: any free port")
     p.add_argument("--token-lifetime", type=float, default=300.0)
     p.add_argument("--no-nonce", action="store_true", help="do not require DPoP nonces")
     p.add_argument(
