@@ -85,7 +85,7 @@ def test_each_failed_check_exits_with_6(
         "   \n",
         "not-a-jwt",
         "a.b.c",
-        "\udcff".encode("utf-8", "surrogateescape").decode("latin-1"),
+        "\u00ff.\u00ff.\u00ff",
     ],
     ids=["empty", "blank", "one-part", "bad-base64", "non-ascii"],
 )
