@@ -6,6 +6,8 @@ Layout, one way only (each module imports those below it, never above):
 * :mod:`~dpop_hsm.cli.keys` — ``keygen``, ``jwk``, ``thumbprint``, ``proof``;
 * :mod:`~dpop_hsm.cli.net` — ``token``, ``request``, ``serve``;
 * :mod:`~dpop_hsm.cli.demo` — ``demo`` (uses the local servers of ``net``);
+* :mod:`~dpop_hsm.cli.listing` — ``list``: modules, tokens, keys and TPM handles;
+* :mod:`~dpop_hsm.cli.settings` — flag > environment > config profile > default;
 * this module — the parser and :func:`main`.
 
 Start-up stays cheap: only argparse and our error tree load before a subcommand runs; each
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ..errors import DPoPError
-from . import demo, keys, net
+from . import demo, keys, listing, net
 from .common import (
     CLIENT_SECRET_ENV,
     EXIT_CODES,
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.register(sub)
     net.register(sub)
     demo.register(sub)
+    listing.register(sub)
     for command in sub.choices.values():
         _add_common_options(command, top=False)
         if command.get_default("settings"):

@@ -302,20 +302,23 @@ def error_parts(error: DPoPError) -> tuple[str, str, str | None]:
 
 
 def _token_not_present_hint(message: str) -> str | None:
-    if "TPM" in message or "TCTI" in message:
+    if "PKCS#11 module" in message and "could not be loaded or initialized" in message:
         return (
-            "is the TPM (or swtpm) running and the TCTI right? set tcti= in the reference "
-            "or $TPM2TOOLS_TCTI"
+            "the module file is there but did not initialize: check its own configuration; "
+            "SoftHSM2 reads SOFTHSM2_CONF, tpm2-pkcs11 needs TPM2_PKCS11_TCTI and a TPM"
         )
-    if "PKCS#11 module" in message and (
-        "does not exist" in message or "not found" in message or "could not be loaded" in message
-    ):
+    if "PKCS#11 module" in message and ("does not exist" in message or "not found" in message):
         return (
             "check module-path= or module-name= in the URI, or $DPOP_HSM_PKCS11_MODULE; "
             "'dpop-hsm list' shows the modules it finds"
         )
     if "tokens present:" in message:
         return "check token= against the tokens present; 'dpop-hsm list' prints each token's URI"
+    if "TPM" in message or "TCTI" in message:
+        return (
+            "is the TPM (or swtpm) running and the TCTI right? set tcti= in the reference "
+            "or $TPM2TOOLS_TCTI"
+        )
     return None
 
 
