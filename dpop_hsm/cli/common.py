@@ -15,7 +15,8 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import (
@@ -36,6 +37,7 @@ __all__ = [
     "KEY_ENV",
     "PIN_ENV",
     "Output",
+    "PromptOnce",
     "UsageError",
     "add_client_options",
     "add_key_options",
@@ -99,20 +101,40 @@ def exit_code_for(error: BaseException) -> int:
 # --- secrets ---------------------------------------------------------------------------------
 
 
-def _prompt(what: str) -> Callable[[], str]:
-    def ask() -> str:
-        import getpass
+class PromptOnce:
+    """A terminal prompt for a secret that asks once and then answers from memory.
 
-        return getpass.getpass(f"{what}: ")
+    The token client resolves its secret source on every attempt, and a nonce challenge
+    (RFC 9449 §8) means a second attempt within the same renewal: asking the person twice
+    would be wrong, and with one line of input the second prompt fails. One instance lives for
+    one command, so the secret is asked for once per run. Thread-safe; ``repr`` never shows
+    the secret.
+    """
 
-    return ask
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._value: str | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._value is None:
+                import getpass
+
+                self._value = getpass.getpass(f"{self.what}: ")
+            return self._value
+
+    def __repr__(self) -> str:
+        return f"PromptOnce({self.what!r}, asked={self._value is not None})"
 
 
 def secret_from_options(source: str | None, *, env: str | None, what: str) -> Any:
     """A secret source for the library: explicit ``--*-source``, then env, then a TTY prompt.
 
-    Returns None when nothing is configured and there is no terminal to ask; the backends then
-    apply their own defaults (a ``pin-source`` in the URI, ``DPOP_HSM_PIN``).
+    The prompt is a :class:`PromptOnce`: however often the library resolves the source (once
+    per token request attempt), the person is asked once per command. Returns None when
+    nothing is configured and there is no terminal to ask; the backends then apply their own
+    defaults (a ``pin-source`` in the URI, ``DPOP_HSM_PIN``).
     """
     from ..secret_sources import read_secret_source
 
@@ -121,7 +143,7 @@ def secret_from_options(source: str | None, *, env: str | None, what: str) -> An
     if env and env in os.environ:
         return os.environ[env]
     if sys.stdin is not None and sys.stdin.isatty():
-        return _prompt(what)
+        return PromptOnce(what)
     return None
 
 
