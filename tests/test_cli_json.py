@@ -6,7 +6,10 @@ Every command runs as a subprocess against ``dpop-hsm serve`` (the ``served`` fi
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from dpop_hsm import verify_proof
 from dpop_hsm.cli import EXIT_CODES
 from tests.fixtures_cli import (
     SECRET,
+    cli_env,
     client_args,
     json_error,
     one_json,
@@ -142,3 +146,63 @@ def test_errors_stay_one_line_of_text_without_json(tmp_path: Path) -> None:
     assert result.stdout == ""
     assert result.stderr.startswith("dpop-hsm: error [token_not_present]: ")
     assert result.stderr.count("\n") == 1
+
+
+# --- in-process: what no subprocess can provoke ------------------------------------------------
+
+
+def _failing_command(error: BaseException) -> Any:
+    def command(args: Any, out: Any) -> int:
+        raise error
+
+    return command
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "exit_code"),
+    [
+        (RuntimeError("text that might hold anything: hunter2"), "internal_error", 1),
+        (KeyboardInterrupt(), "interrupted", 130),
+    ],
+    ids=["bug", "ctrl-c"],
+)
+def test_unexpected_failures_are_documents_too(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: BaseException,
+    code: str,
+    exit_code: int,
+) -> None:
+    from dpop_hsm.cli import keys, main
+
+    monkeypatch.setattr(keys, "cmd_thumbprint", _failing_command(error))
+    assert main(["thumbprint", "--json"]) == exit_code
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["error"]["code"] == code
+    assert "hunter2" not in captured.out + captured.err
+
+
+def test_native_writes_to_fd_1_do_not_reach_stdout() -> None:
+    """Under --json, fd 1 points at stderr while the command runs (PKCS#11 modules print)."""
+    code = (
+        "import os, sys\n"
+        "from dpop_hsm.cli import keys, main\n"
+        "def noisy(args, out):\n"
+        "    os.write(1, b'banner from a native module\\n')\n"
+        "    print('a stray print')\n"
+        "    out.emit({'ok': True}, 'ok')\n"
+        "    return 0\n"
+        "keys.cmd_thumbprint = noisy\n"
+        "status = main(['--json', 'thumbprint'])\n"
+        "os.write(1, b'fd 1 is stdout again\\n')\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env()
+    )
+    assert result.returncode == 0, result.stderr
+    document, _, after = result.stdout.partition("}\n")
+    assert json.loads(document + "}") == {"ok": True}
+    assert after == "fd 1 is stdout again\n"
+    assert "banner from a native module" in result.stderr and "a stray print" in result.stderr

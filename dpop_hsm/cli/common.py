@@ -360,10 +360,16 @@ def reserved_stdout(as_json: bool) -> Iterator[TextIO]:
     if not as_json:
         yield sys.stdout
         return
-    real = sys.stdout
+    real: TextIO = sys.stdout
+    # Only the process's own stdout (fd 1) is re-pointed; anything else (an embedding
+    # program's StringIO, a test's capture) gets sys.stdout redirected only.
+    own = real is sys.__stdout__
     try:
-        out_fd, err_fd = real.fileno(), sys.stderr.fileno()
+        out_fd = real.fileno() if own else -1
+        err_fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):
+        out_fd = -1
+    if out_fd != 1:
         with contextlib.redirect_stdout(sys.stderr):
             yield real
         return
