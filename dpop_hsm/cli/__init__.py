@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -177,6 +176,12 @@ def fail(message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def _print_traceback() -> None:
+    import traceback  # only with -v: start-up stays cheap
+
+    traceback.print_exc(file=sys.stderr)
+
+
 def _wants_json(argv: Sequence[str]) -> bool:
     """``--json`` anywhere before ``--``: known before parsing, so parse errors obey it too."""
     for arg in argv:
@@ -221,7 +226,7 @@ def _run(parser: argparse.ArgumentParser, arguments: list[str], out: Output) -> 
         return EXIT_USAGE
     except DPoPError as e:
         if verbose:
-            traceback.print_exc(file=sys.stderr)
+            _print_traceback()
         out.error(*error_parts(e))
         return exit_code_for(e)
     except KeyboardInterrupt:
@@ -233,7 +238,7 @@ def _run(parser: argparse.ArgumentParser, arguments: list[str], out: Output) -> 
         # A bug, not bad input: one line (the type only: its text may hold anything), and
         # the traceback with -v.
         if verbose:
-            traceback.print_exc(file=sys.stderr)
+            _print_traceback()
         out.error(
             "internal_error",
             f"unexpected {type(e).__name__}",

@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, ProtocolError
@@ -45,6 +44,8 @@ class _SessionLogFormatter(logging.Formatter):
     """The seed's look: ``---- Sending <HTTP date> ----`` then the (masked) message."""
 
     def format(self, record: logging.LogRecord) -> str:
+        from email.utils import formatdate
+
         text = record.getMessage()
         stamp = formatdate(record.created, usegmt=True)
         first, _, rest = text.partition("\n")

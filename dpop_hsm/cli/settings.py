@@ -25,11 +25,12 @@ import argparse
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "CONFIG_ENV",
@@ -99,8 +100,7 @@ def _resources(value: str, what: str) -> list[str]:
     return items
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One setting: its option's ``dest`` (also its config key) and its environment variable.
 
     ``parse`` turns the variable's text (or a config string) into the option's value and raises
@@ -152,6 +152,8 @@ def config_path(explicit: str | None, environ: Mapping[str, str]) -> tuple[Path,
 
     ``named`` is True when the user named the file, which then must exist.
     """
+    from pathlib import Path  # here, not at the top: ``dpop-hsm --help`` stays cheap
+
     if explicit:
         return Path(explicit), True
     if environ.get(CONFIG_ENV):
