@@ -1,4 +1,4 @@
-"""``dpop-hsm demo``: the seed's client-credentials flow end to end, printed as a session log.
+"""``dpop-hsm demo``: a DPoP client-credentials flow end to end, printed as a session log.
 
 The flow is exactly what an application does: load the key, fetch a DPoP-bound token with
 ``client_credentials`` (client ``m2m.dpop``, secret ``secret``, scope ``api`` against the local
@@ -41,7 +41,7 @@ __all__ = ["DEMO_CLIENT_SECRET", "cmd_demo", "register", "run_demo"]
 
 
 class _SessionLogFormatter(logging.Formatter):
-    """The seed's look: ``---- Sending <HTTP date> ----`` then the (masked) message."""
+    """A session-log look: ``---- Sending <HTTP date> ----`` then the (masked) message."""
 
     def format(self, record: logging.LogRecord) -> str:
         from email.utils import formatdate
@@ -73,7 +73,7 @@ def _attach_session_log(stream: Any) -> Callable[[], None]:
 
 
 def _claims_from_api(body: Any) -> dict[str, Any]:
-    """The seed's API answers a list of {type, value}; plain JSON objects are taken as they are."""
+    """The demo API answers a list of {type, value} claims; JSON objects are taken as they are."""
     if isinstance(body, dict):
         return body
     claims: dict[str, Any] = {}
@@ -177,7 +177,7 @@ def run_demo(
     bound = token_jkt == signer.thumbprint
     ok = all(s == 200 for s in statuses) and bound
     stream.write("\n# API response (/api/dpop/test):\n")
-    if isinstance(body, list):  # the seed's claim list: one claim per line
+    if isinstance(body, list):  # the API's claim list: one claim per line
         stream.write("[\n" + ",\n".join("  " + json.dumps(item) for item in body) + "\n]\n\n")
     else:
         stream.write(json.dumps(body, indent=2) + "\n\n")
