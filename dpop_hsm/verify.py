@@ -8,6 +8,7 @@ junk cannot fill it.
 
 from __future__ import annotations
 
+import enum
 import hmac
 import json
 import threading
@@ -16,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -37,8 +38,11 @@ from .proof import access_token_hash
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
+    "NO_REPLAY_CHECK",
     "ReplayCache",
+    "ReplayCheck",
     "VerifiedProof",
+    "default_replay_cache",
     "public_key_from_jwk",
     "verify_jws_signature",
     "verify_proof",
@@ -99,6 +103,32 @@ class ReplayCache:
             seen[key] = expires_at
             seen.move_to_end(key)
             return True
+
+
+class ReplayCheck(enum.Enum):
+    """The explicit opt-out of replay checking: ``verify_proof(..., replay_cache=NO_REPLAY_CHECK)``.
+
+    Replay checking is on unless a caller writes this name (RFC 9449 §11.1): a verifier that
+    forgets to pass a cache still refuses replays, and a reader of the call sees when it is off.
+    """
+
+    DISABLED = "no replay check"
+
+
+NO_REPLAY_CHECK: Final = ReplayCheck.DISABLED
+"""``replay_cache=NO_REPLAY_CHECK``: accept a proof however often it is presented. Only for
+callers that check ``jti`` themselves (e.g. in a store shared by several worker processes)."""
+
+_DEFAULT_REPLAY_CACHE = ReplayCache()
+
+
+def default_replay_cache() -> ReplayCache:
+    """The process-wide cache ``verify_proof`` uses when no ``replay_cache`` is given.
+
+    One per process, bounded like any :class:`ReplayCache` (100,000 entries). Servers running
+    several worker processes see each other's proofs only through a shared store of their own.
+    """
+    return _DEFAULT_REPLAY_CACHE
 
 
 def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -274,7 +304,7 @@ def verify_proof(
     algorithms: Collection[str] = DEFAULT_ALGORITHMS,
     max_age: float = 60.0,
     leeway: float = 5.0,
-    replay_cache: ReplayCache | None = None,
+    replay_cache: ReplayCache | ReplayCheck | None = None,
     now: float | None = None,
 ) -> VerifiedProof:
     """Verify one DPoP proof for one request; raise the error of the first failed check.
@@ -283,6 +313,12 @@ def verify_proof(
     ``access_token`` makes ``ath`` mandatory; ``nonce`` is the current nonce, a collection of
     acceptable ones or a predicate; ``expected_jkt`` is the bound token's ``cnf.jkt``.
     ``iat`` must lie in [now - max_age - leeway, now + leeway].
+
+    Replays are refused by default (RFC 9449 §11.1): ``replay_cache`` is where seen (jkt, jti)
+    pairs are kept — None (the default) means the process-wide :func:`default_replay_cache`;
+    pass a :class:`ReplayCache` of your own to size it or to keep servers apart. Only
+    ``replay_cache=NO_REPLAY_CHECK`` turns the check off. A ``jti`` enters the cache only after
+    every other check passed, so junk and proofs for another request cannot fill it.
 
     Raises InvalidProofError (check: syntax, typ, alg, jwk, signature, htm, htu, iat, jti, ath),
     ReplayError, UseDPoPNonceError (check: nonce) and TokenBindingError (check: cnf).
@@ -360,8 +396,9 @@ def verify_proof(
 
     _check_nonce(claims, nonce)
 
-    if replay_cache is not None and not replay_cache.check_and_store(
-        jkt + ":" + jti, float(iat) + max_age + 2 * leeway, current
-    ):
-        raise ReplayError("jti", "proof was already used (jti replay)")
+    # RFC 9449 §11.1: a jti is accepted once per key for as long as its iat passes the window.
+    if replay_cache is not NO_REPLAY_CHECK:
+        cache = _DEFAULT_REPLAY_CACHE if replay_cache is None else replay_cache
+        if not cache.check_and_store(jkt + ":" + jti, float(iat) + max_age + 2 * leeway, current):
+            raise ReplayError("jti", "proof was already used (jti replay)")
     return VerifiedProof(claims=claims, header=header, jkt=jkt)

@@ -75,7 +75,6 @@ def bench_software(seconds: float) -> list[Row]:
 
     from dpop_hsm.proof import ProofFactory
     from dpop_hsm.signers.software import SoftwareSigner
-    from dpop_hsm.verify import verify_proof
 
     rows: list[Row] = []
     for alg in ("ES256", "ES384", "EdDSA"):
@@ -104,18 +103,56 @@ def bench_software(seconds: float) -> list[Row]:
         mark = "ok" if ratio >= TARGET_RATIO else f"BELOW TARGET {TARGET_RATIO}"
         rows.append((f"software {alg} proof/raw ratio (median of rounds; {mark})", ratio))
 
-    signer = SoftwareSigner.generate("ES256")
-    factory = ProofFactory(signer)
-    proofs = [factory.create("GET", "https://rs.example.com/r") for _ in range(64)]
-    index = [0]
-
-    def verify() -> object:
-        index[0] = (index[0] + 1) % len(proofs)
-        return verify_proof(proofs[index[0]], htm="GET", htu="https://rs.example.com/r")
-
-    rows.append(("verify_proof ES256 /s", _rate(verify, seconds / 4)))
+    rows.extend(bench_verify(seconds / 4))
     rows.extend(_import_times())
     return rows
+
+
+def _timed_calls(fn: Callable[[str], object], items: list[str]) -> float:
+    """Calls per second of ``fn`` over every item once (each proof is verified exactly once)."""
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return len(items) / (time.perf_counter() - start)
+
+
+def bench_verify(seconds: float, rounds: int = 7) -> list[Row]:
+    """verify_proof with the default replay check vs without, interleaved on distinct proofs.
+
+    Replay checking is on by default, so every proof must be new: each round verifies a fresh
+    slice of proofs through the process-wide cache and the same slice with NO_REPLAY_CHECK.
+    """
+    from dpop_hsm.proof import ProofFactory
+    from dpop_hsm.signers.software import SoftwareSigner
+    from dpop_hsm.verify import NO_REPLAY_CHECK, verify_proof
+
+    htu = "https://rs.example.com/r"
+    factory = ProofFactory(SoftwareSigner.generate("ES256"))
+    per_round = max(200, int(10_000 * seconds / rounds))  # ~seconds at ~10k verifications/s
+
+    def on(proof: str) -> object:
+        return verify_proof(proof, htm="GET", htu=htu)
+
+    def off(proof: str) -> object:
+        return verify_proof(proof, htm="GET", htu=htu, replay_cache=NO_REPLAY_CHECK)
+
+    ons, offs, ratios = [], [], []
+    for i in range(rounds):
+        proofs = [factory.create("GET", htu) for _ in range(per_round)]
+        if i % 2:
+            b = _timed_calls(off, proofs)
+            a = _timed_calls(on, proofs)
+        else:
+            a = _timed_calls(on, proofs)
+            b = _timed_calls(off, proofs)
+        ons.append(a)
+        offs.append(b)
+        ratios.append(a / b)
+    return [
+        ("verify_proof ES256 /s (replay check on: default cache)", statistics.median(ons)),
+        ("verify_proof ES256 /s (replay_cache=NO_REPLAY_CHECK)", statistics.median(offs)),
+        ("verify_proof replay-check on/off ratio (median of rounds)", statistics.median(ratios)),
+    ]
 
 
 def _hash(alg: str) -> object:
