@@ -8,16 +8,13 @@ junk cannot fill it.
 
 from __future__ import annotations
 
-import enum
 import hmac
 import json
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -35,12 +32,20 @@ from .errors import (
 from .htu import comparable_htu
 from .jose import b64url_decode, compact_json, jwk_thumbprint, split_compact
 from .proof import access_token_hash
+from .replay import (
+    NO_REPLAY_CHECK,
+    ReplayCache,
+    ReplayCheck,
+    ReplayStore,
+    default_replay_cache,
+)
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
     "NO_REPLAY_CHECK",
     "ReplayCache",
     "ReplayCheck",
+    "ReplayStore",
     "VerifiedProof",
     "default_replay_cache",
     "public_key_from_jwk",
@@ -67,68 +72,6 @@ class VerifiedProof:
     claims: Mapping[str, Any]
     header: Mapping[str, Any]
     jkt: str
-
-
-class ReplayCache:
-    """Seen ``jti`` values until their proofs could no longer pass the ``iat`` window (§11.1).
-
-    Bounded: at ``max_entries`` the entry closest to expiry is evicted first. All entries share
-    one lifetime, so insertion order is expiry order. If the bound is reached while entries are
-    still live, the oldest of them can be replayed: size it above peak proofs/s times the
-    window (the default, 100,000, covers ~1,500 proofs/s with a 60 s window).
-    """
-
-    def __init__(self, *, max_entries: int = 100_000) -> None:
-        if max_entries < 1:
-            raise ConfigurationError("max_entries must be positive")
-        self._max = max_entries
-        self._seen: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def check_and_store(self, key: str, expires_at: float, now: float) -> bool:
-        """Record ``key``; False when it was already recorded and not expired."""
-        with self._lock:
-            seen = self._seen
-            while seen:
-                oldest_key, oldest_exp = next(iter(seen.items()))
-                if oldest_exp > now and len(seen) < self._max:
-                    break
-                del seen[oldest_key]
-            previous = seen.get(key)
-            if previous is not None and previous > now:
-                return False
-            seen[key] = expires_at
-            seen.move_to_end(key)
-            return True
-
-
-class ReplayCheck(enum.Enum):
-    """The explicit opt-out of replay checking: ``verify_proof(..., replay_cache=NO_REPLAY_CHECK)``.
-
-    Replay checking is on unless a caller writes this name (RFC 9449 §11.1): a verifier that
-    forgets to pass a cache still refuses replays, and a reader of the call sees when it is off.
-    """
-
-    DISABLED = "no replay check"
-
-
-NO_REPLAY_CHECK: Final = ReplayCheck.DISABLED
-"""``replay_cache=NO_REPLAY_CHECK``: accept a proof however often it is presented. Only for
-callers that check ``jti`` themselves (e.g. in a store shared by several worker processes)."""
-
-_DEFAULT_REPLAY_CACHE = ReplayCache()
-
-
-def default_replay_cache() -> ReplayCache:
-    """The process-wide cache ``verify_proof`` uses when no ``replay_cache`` is given.
-
-    One per process, bounded like any :class:`ReplayCache` (100,000 entries). Servers running
-    several worker processes see each other's proofs only through a shared store of their own.
-    """
-    return _DEFAULT_REPLAY_CACHE
 
 
 def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -304,7 +247,7 @@ def verify_proof(
     algorithms: Collection[str] = DEFAULT_ALGORITHMS,
     max_age: float = 60.0,
     leeway: float = 5.0,
-    replay_cache: ReplayCache | ReplayCheck | None = None,
+    replay_cache: ReplayStore | ReplayCheck | None = None,
     now: float | None = None,
 ) -> VerifiedProof:
     """Verify one DPoP proof for one request; raise the error of the first failed check.
@@ -316,13 +259,24 @@ def verify_proof(
 
     Replays are refused by default (RFC 9449 §11.1): ``replay_cache`` is where seen (jkt, jti)
     pairs are kept — None (the default) means the process-wide :func:`default_replay_cache`;
-    pass a :class:`ReplayCache` of your own to size it or to keep servers apart. Only
+    pass a :class:`ReplayCache` of your own to size it or to keep servers apart, or any
+    :class:`ReplayStore` (a store shared by worker processes). Only
     ``replay_cache=NO_REPLAY_CHECK`` turns the check off. A ``jti`` enters the cache only after
     every other check passed, so junk and proofs for another request cannot fill it.
 
     Raises InvalidProofError (check: syntax, typ, alg, jwk, signature, htm, htu, iat, jti, ath),
-    ReplayError, UseDPoPNonceError (check: nonce) and TokenBindingError (check: cnf).
+    ReplayError, UseDPoPNonceError (check: nonce), TokenBindingError (check: cnf) and
+    ReplayCacheFullError / ReplayKeyQuotaError (the cache refuses rather than forget a live
+    ``jti``: answer 503). ConfigurationError only for the caller's own arguments.
     """
+    if (
+        replay_cache is not None
+        and replay_cache is not NO_REPLAY_CHECK
+        and not callable(getattr(replay_cache, "check_and_store", None))
+    ):
+        raise ConfigurationError(
+            "replay_cache must be a ReplayCache, None (the process-wide cache) or NO_REPLAY_CHECK"
+        )
     if not isinstance(proof, str):
         raise InvalidProofError("syntax", "proof is not a string")
     if len(proof) > MAX_PROOF_LENGTH:
@@ -398,7 +352,8 @@ def verify_proof(
 
     # RFC 9449 §11.1: a jti is accepted once per key for as long as its iat passes the window.
     if replay_cache is not NO_REPLAY_CHECK:
-        cache = _DEFAULT_REPLAY_CACHE if replay_cache is None else replay_cache
-        if not cache.check_and_store(jkt + ":" + jti, float(iat) + max_age + 2 * leeway, current):
+        cache = default_replay_cache() if replay_cache is None else replay_cache
+        expires_at = float(iat) + max_age + 2 * leeway
+        if not cache.check_and_store(jkt + ":" + jti, expires_at, current, owner=jkt):
             raise ReplayError("jti", "proof was already used (jti replay)")
     return VerifiedProof(claims=claims, header=header, jkt=jkt)

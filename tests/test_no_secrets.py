@@ -212,6 +212,7 @@ def test_every_error_class_renders_bounded_printable_text(name: str) -> None:
         "extra": "pkcs11",
         "error": hostile,
         "error_description": hostile,
+        "retry_after": 1.5,
     }
     error = cls(**{p: values[p] for p in params})
     assert isinstance(error, DPoPError) and error.code

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from dpop_hsm.errors import (
-    ConfigurationError,
     InvalidProofError,
     ReplayError,
     TokenBindingError,
@@ -526,97 +524,6 @@ def test_errors_never_contain_the_proof() -> None:
     proof = build(payload=claims(htm="POST"))
     err = check(proof, InvalidProofError, "htm")
     assert proof not in str(err) and proof.split(".")[2] not in repr(err)
-
-
-# --- ReplayCache --------------------------------------------------------------------------------
-
-
-def test_replay_cache_bound() -> None:
-    cache = ReplayCache(max_entries=100)
-    for i in range(1_000):
-        assert cache.check_and_store(f"k{i}", NOW + 60.0, NOW)
-        assert len(cache) <= 100
-    assert len(cache) == 100
-    assert not cache.check_and_store("k999", NOW + 60.0, NOW)  # the newest are kept
-    assert cache.check_and_store("k0", NOW + 60.0, NOW)  # the oldest were evicted
-
-
-def test_replay_cache_expiry() -> None:
-    cache = ReplayCache()
-    assert cache.check_and_store("a", 10.0, 0.0)
-    assert not cache.check_and_store("a", 10.0, 5.0)
-    assert cache.check_and_store("a", 30.0, 11.0)
-
-
-def test_replay_cache_rejects_bad_bound() -> None:
-    with pytest.raises(ConfigurationError):
-        ReplayCache(max_entries=0)
-
-
-def test_replay_cache_threads_unique_jtis() -> None:
-    cache = ReplayCache(max_entries=1_000_000)
-    results: list[bool] = []
-    lock = threading.Lock()
-
-    def worker(t: int) -> None:
-        local = [cache.check_and_store(f"{t}-{i}", NOW + 60.0, NOW) for i in range(5_000)]
-        with lock:
-            results.extend(local)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == 40_000 and all(results)
-    assert len(cache) == 40_000
-
-
-def test_replay_cache_threads_duplicates_accept_exactly_once() -> None:
-    """Eight threads race on the same 2,000 keys: each key is accepted by exactly one of them."""
-    cache = ReplayCache()
-    accepted = [0] * 2_000
-    lock = threading.Lock()
-    barrier = threading.Barrier(8)
-
-    def worker() -> None:
-        barrier.wait()
-        for i in range(2_000):
-            if cache.check_and_store(f"dup-{i}", NOW + 60.0, NOW):
-                with lock:
-                    accepted[i] += 1
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert accepted == [1] * 2_000
-
-
-def test_verify_proof_threads_with_shared_cache() -> None:
-    factory = ProofFactory(SIGNER, clock=lambda: NOW)
-    proofs = [factory.create("GET", HTU) for _ in range(200)]
-    cache = ReplayCache()
-    outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def worker() -> None:
-        for proof in proofs:
-            try:
-                verify_proof(proof, htm="GET", htu=HTU, now=NOW, replay_cache=cache)
-                outcome = "ok"
-            except ReplayError:
-                outcome = "replay"
-            with lock:
-                outcomes.append(outcome)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert outcomes.count("ok") == 200 and outcomes.count("replay") == 600
 
 
 def test_public_key_from_jwk_refuses_non_mapping() -> None:
