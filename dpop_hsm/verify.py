@@ -30,7 +30,7 @@ from .errors import (
     UseDPoPNonceError,
 )
 from .htu import comparable_htu
-from .jose import b64url_decode, compact_json, jwk_thumbprint, split_compact
+from .jose import b64url_decode, jwk_thumbprint, split_compact
 from .proof import access_token_hash
 from .replay import (
     NO_REPLAY_CHECK,
@@ -56,6 +56,14 @@ __all__ = [
 DEFAULT_ALGORITHMS: frozenset[str] = frozenset(ALGORITHMS)
 MAX_PROOF_LENGTH = 8192
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_KEY_MEMBERS = ("crv", "e", "kty", "n", "x", "y")  # the members a public key is built from
+# RSA bounds for proof keys. Below 2048 bits: under 112-bit security (NIST SP 800-57 Part 1,
+# SP 800-131A). Above 8192 bits: no HSM, TPM or token we sign with makes such keys, and the
+# verification cost grows with the square of the modulus (8192 bits at e = 65537 already costs
+# ~3x an ES256 check), so the bound caps what a stranger's jwk can make us spend.
+MAX_RSA_BITS = 8192
+_MIN_RSA_E = 2**16
+_MAX_RSA_E = 2**256
 _EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
     "P-256": (ec.SECP256R1, 32),
     "P-384": (ec.SECP384R1, 48),
@@ -103,34 +111,52 @@ def _decode_part(part: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _b64_int(jwk: Mapping[str, Any], name: str) -> int:
+def _b64_bytes(jwk: Mapping[str, Any], name: str) -> bytes:
     value = jwk.get(name)
     if not isinstance(value, str) or not value:
         raise InvalidProofError("jwk", f"member {name!r} missing or not a string")
     try:
-        return int.from_bytes(b64url_decode(value), "big")
+        return b64url_decode(value)
     except ValueError as e:
         raise InvalidProofError("jwk", f"member {name!r} is not base64url") from e
 
 
+def _b64_int(jwk: Mapping[str, Any], name: str) -> int:
+    return int.from_bytes(_b64_bytes(jwk, name), "big")
+
+
+def _b64_uint(jwk: Mapping[str, Any], name: str) -> int:
+    """A Base64urlUInt member: RFC 7518 §2 wants the fewest octets, so one key has one jkt."""
+    raw = _b64_bytes(jwk, name)
+    if raw[0] == 0:
+        raise InvalidProofError("jwk", f"member {name!r} has a leading zero octet (RFC 7518 §2)")
+    return int.from_bytes(raw, "big")
+
+
 @lru_cache(maxsize=1024)
-def _public_key_cached(canonical: bytes) -> PublicKey:
-    return _build_public_key(json.loads(canonical))
+def _public_key_cached(members: tuple[tuple[str, str], ...]) -> PublicKey:
+    return _build_public_key(dict(members))
 
 
 def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
-    """A ``cryptography`` public key from a public JWK; private members are refused."""
+    """A ``cryptography`` public key from a public JWK; private members are refused.
+
+    Raises InvalidProofError (check ``jwk``) for anything that is not a supported public key
+    within the bounds below, before any signature is checked with it.
+    """
     if not isinstance(jwk, Mapping):
         raise InvalidProofError("jwk", "jwk header is not a JSON object")
     private = _PRIVATE_MEMBERS.intersection(jwk)
     if private:
         raise InvalidProofError("jwk", f"jwk carries private key members {sorted(private)}")
-    members = {k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y", "n", "e")}
-    try:
-        canonical = compact_json(dict(sorted(members.items())))
-    except (TypeError, ValueError) as e:
-        raise InvalidProofError("jwk", "jwk members are not JSON values") from e
-    return _public_key_cached(canonical)
+    members = []
+    for name in _KEY_MEMBERS:
+        if name in jwk:
+            value = jwk[name]
+            if not isinstance(value, str):  # RFC 7517 §4, RFC 7518 §6: all strings
+                raise InvalidProofError("jwk", f"jwk member {name!r} is not a string")
+            members.append((name, value))
+    return _public_key_cached(tuple(members))
 
 
 def _build_public_key(jwk: Mapping[str, Any]) -> PublicKey:
@@ -161,11 +187,16 @@ def _build_public_key(jwk: Mapping[str, Any]) -> PublicKey:
         except ValueError as e:
             raise InvalidProofError("jwk", "Ed25519 public key is malformed") from e
     if kty == "RSA":
-        modulus, exponent = _b64_int(jwk, "n"), _b64_int(jwk, "e")
-        if modulus.bit_length() < MIN_RSA_BITS:
-            raise InvalidProofError("jwk", f"RSA modulus is shorter than {MIN_RSA_BITS} bits")
-        if modulus.bit_length() > 8192:
-            raise InvalidProofError("jwk", "RSA modulus is longer than 8192 bits")
+        # The jwk is unauthenticated input and sets the cost of the signature check: bound both
+        # numbers before verifying anything (a 3071-bit e costs ~100x a normal verification).
+        modulus, exponent = _b64_uint(jwk, "n"), _b64_uint(jwk, "e")
+        if not MIN_RSA_BITS <= modulus.bit_length() <= MAX_RSA_BITS or modulus % 2 == 0:
+            raise InvalidProofError(
+                "jwk", f"RSA modulus must be odd and {MIN_RSA_BITS} to {MAX_RSA_BITS} bits long"
+            )
+        # NIST SP 800-56B Rev. 2 §6.2.1 (and FIPS 186-5 §5.4): e odd, 2^16 < e < 2^256.
+        if not _MIN_RSA_E < exponent < _MAX_RSA_E or exponent % 2 == 0:
+            raise InvalidProofError("jwk", "RSA exponent e must be odd and 2^16 < e < 2^256")
         try:
             return rsa.RSAPublicNumbers(exponent, modulus).public_key()
         except ValueError as err:
