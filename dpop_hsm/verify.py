@@ -9,7 +9,7 @@ junk cannot fill it.
 from __future__ import annotations
 
 import hmac
-import json
+import re
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from .replay import (
     ReplayStore,
     default_replay_cache,
 )
+from .strict_json import StrictJsonError, loads_strict
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
@@ -82,30 +83,15 @@ class VerifiedProof:
     jkt: str
 
 
-def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise InvalidProofError("syntax", f"duplicate JSON member {key[:40]!r}")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise InvalidProofError("syntax", f"non-standard JSON constant {name}")
-
-
-_decoder = json.JSONDecoder(object_pairs_hook=_strict_object, parse_constant=_reject_constant)
-
-
 def _decode_part(part: str, what: str) -> dict[str, Any]:
+    """A base64url JSON object, parsed strictly (RFC 8259 §8.1 UTF-8, unique names, finite
+    numbers): another parser must not read a different header or claims from the same bytes."""
     try:
-        raw = b64url_decode(part)
-        value = _decoder.decode(raw.decode("utf-8"))
-    except InvalidProofError:
-        raise
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise InvalidProofError("syntax", f"{what} is not base64url-encoded JSON") from e
+        value = loads_strict(b64url_decode(part))
+    except StrictJsonError as e:
+        raise InvalidProofError("syntax", f"{what}: {e}") from e
+    except ValueError as e:
+        raise InvalidProofError("syntax", f"{what} is not base64url") from e
     if not isinstance(value, dict):
         raise InvalidProofError("syntax", f"{what} is not a JSON object")
     return value
@@ -210,7 +196,9 @@ def verify_jws_signature(key: PublicKey, alg: str, signature: bytes, signing_inp
     Public so servers can check other JWTs they receive (client assertions, access tokens)
     with the same strict rules as proofs.
     """
-    info = ALGORITHMS[alg]
+    info = ALGORITHMS.get(alg) if isinstance(alg, str) else None
+    if info is None:
+        raise InvalidProofError("alg", f"alg {str(alg)[:20]!r} is not supported")
     try:
         if info.kty == "EC":
             if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != {
@@ -246,6 +234,13 @@ def verify_jws_signature(key: PublicKey, alg: str, signature: bytes, signing_inp
 
 
 NonceCheck = str | Collection[str] | Callable[[str], bool]
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 9110 §11.2
+
+
+def _short(value: object) -> str:
+    """A caller-supplied value for a message: repr, bounded (it may come from a request)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_nonce(claims: Mapping[str, Any], nonce: NonceCheck | None) -> None:
@@ -308,6 +303,13 @@ def verify_proof(
         raise ConfigurationError(
             "replay_cache must be a ReplayCache, None (the process-wide cache) or NO_REPLAY_CHECK"
         )
+    if access_token is not None:
+        if not isinstance(access_token, str):
+            raise ConfigurationError("access_token must be a str (the token68 the request sent)")
+        # RFC 9449 §7.1: "Authorization: DPoP token68"; the token is the request's, so a
+        # malformed one is the client's error (invalid_token), never the server's.
+        if not _TOKEN68.fullmatch(access_token):
+            raise TokenBindingError("token", "the access token is not token68 (RFC 9110 §11.2)")
     if not isinstance(proof, str):
         raise InvalidProofError("syntax", "proof is not a string")
     if len(proof) > MAX_PROOF_LENGTH:
@@ -340,18 +342,25 @@ def verify_proof(
     verify_jws_signature(key, alg, signature, (header_b64 + "." + payload_b64).encode("ascii"))
     try:
         jkt = jwk_thumbprint(jwk)
-    except DPoPError as e:
-        raise InvalidProofError("jwk", str(e)) from e
+    except (DPoPError, ValueError) as e:
+        raise InvalidProofError("jwk", "jwk has no RFC 7638 thumbprint") from e
 
     method = claims.get("htm")
     if not isinstance(method, str) or method != htm:
-        raise InvalidProofError("htm", f"htm does not match the request method {htm!r}")
+        raise InvalidProofError("htm", f"htm does not match the request method {_short(htm)}")
     sent_htu = claims.get("htu")
     if not isinstance(sent_htu, str):
         raise InvalidProofError("htu", "htu claim missing or not a string")
+    # Both sides are normalized (RFC 9449 §4.3, RFC 3986 §6.2). The request URI comes from the
+    # request line and Host header, i.e. from the client too: one that cannot be normalized is
+    # a rejected request, not a server fault.
     try:
-        matches = comparable_htu(sent_htu) == comparable_htu(htu)
-    except ConfigurationError as e:
+        request_htu = comparable_htu(htu)
+    except (ConfigurationError, ValueError) as e:
+        raise InvalidProofError("htu", "the request URI is not an http(s) URI") from e
+    try:
+        matches = comparable_htu(sent_htu) == request_htu
+    except (ConfigurationError, ValueError) as e:
         raise InvalidProofError("htu", "htu is not an http(s) URI") from e
     if not matches:
         raise InvalidProofError("htu", "htu does not match the request URI")
@@ -376,7 +385,11 @@ def verify_proof(
         sent_ath = ath.encode("utf-8", "surrogatepass")  # lone surrogates: mismatch, not crash
         if not hmac.compare_digest(sent_ath, access_token_hash(access_token).encode()):
             raise InvalidProofError("ath", "ath does not match the access token")
-    if expected_jkt is not None and not hmac.compare_digest(expected_jkt.encode(), jkt.encode()):
+    # cnf.jkt comes from the token's claims: a non-string is a bad token, not a crash.
+    if expected_jkt is not None and (
+        not isinstance(expected_jkt, str)
+        or not hmac.compare_digest(expected_jkt.encode("utf-8", "surrogatepass"), jkt.encode())
+    ):
         raise TokenBindingError("cnf", "the proof's key does not match the token's cnf.jkt")
 
     _check_nonce(claims, nonce)

@@ -28,7 +28,13 @@ from dpop_hsm.errors import DPoPError, SignatureEncodingError, VerificationError
 from dpop_hsm.jose import b64url_decode, b64url_encode
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
-from dpop_hsm.verify import MAX_PROOF_LENGTH, ReplayCache, VerifiedProof, verify_proof
+from dpop_hsm.verify import (
+    MAX_PROOF_LENGTH,
+    NO_REPLAY_CHECK,
+    ReplayCache,
+    VerifiedProof,
+    verify_proof,
+)
 
 _LONG = os.environ.get("HYPOTHESIS_PROFILE", "") == "long"
 
@@ -296,6 +302,40 @@ def test_type_confusion_in_signed_proofs_only_typed_errors(
         assert result.claims["htm"] == "GET"
         assert isinstance(result.claims["iat"], int | float)
         assert result.header["typ"].lower() == "dpop+jwt"
+
+
+# Everything that arrives with the request is input: the access token, the token's cnf.jkt, and
+# the method and URI the server read off the request line. Whatever they hold, verify_proof
+# answers with a VerificationError (400/401), never ConfigurationError (a 500).
+request_text = st.one_of(
+    st.text(max_size=60),
+    st.text(alphabet="abcAZ09-._~+/= \t\r\n\x00\u00e9\ud800\uff41", max_size=30),
+    st.sampled_from(["", "tok", "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU", "tok\u00e9n"]),
+)
+
+
+@settings(FAST, max_examples=examples(300))
+@given(
+    access_token=st.one_of(st.none(), request_text),
+    htm=st.one_of(st.just("GET"), request_text),
+    htu=st.one_of(st.just(HTU), request_text, st.builds(lambda t: HTU + t, request_text)),
+    expected_jkt=st.one_of(st.none(), request_text, json_values),
+)
+def test_request_side_inputs_only_raise_verification_errors(
+    es256: SoftwareSigner, access_token: Any, htm: Any, htu: Any, expected_jkt: Any
+) -> None:
+    proof = ProofFactory(es256, clock=lambda: NOW).create("GET", HTU, access_token="tok")
+    result = only_typed_errors(
+        proof,
+        htm=htm,
+        htu=htu,
+        access_token=access_token,
+        expected_jkt=expected_jkt,
+        replay_cache=NO_REPLAY_CHECK,
+    )
+    if result is not None:
+        assert htm == "GET" and access_token in (None, "tok")
+        assert expected_jkt in (None, es256.thumbprint)
 
 
 # Regression (found by this suite): a validly signed proof whose ath or nonce claim is a JSON

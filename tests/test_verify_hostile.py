@@ -3,6 +3,13 @@
 Bounded cost: the proof's ``jwk`` is unauthenticated and chooses how much work the signature
 check takes, so an RSA key is bounded before any verification (NIST SP 800-56B Rev. 2 §6.2.1:
 odd ``e``, 2^16 < e < 2^256; a modulus of 2048 to 8192 bits; RFC 7518 §2 minimal octets).
+
+One error family: everything that comes with the request (the proof, the access token, the
+token's ``cnf.jkt``, even the method and URI the server read off the request) fails as a
+VerificationError, never as ConfigurationError, which a server would answer with a 500.
+
+Strict JSON (RFC 8259 §4, §6, §8.1): header and claims in UTF-8 without a BOM, unique member
+names, finite numbers; a second parser must not read another proof from the same bytes.
 """
 
 from __future__ import annotations
@@ -15,10 +22,22 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from dpop_hsm.errors import InvalidProofError
+from dpop_hsm.errors import (
+    ConfigurationError,
+    InvalidProofError,
+    TokenBindingError,
+    VerificationError,
+)
 from dpop_hsm.jose import b64url_decode, b64url_encode, compact_json
-from dpop_hsm.signers.software import public_jwk_of
-from dpop_hsm.verify import MAX_RSA_BITS, NO_REPLAY_CHECK, public_key_from_jwk, verify_proof
+from dpop_hsm.proof import access_token_hash
+from dpop_hsm.signers.software import SoftwareSigner, public_jwk_of
+from dpop_hsm.verify import (
+    MAX_RSA_BITS,
+    NO_REPLAY_CHECK,
+    public_key_from_jwk,
+    verify_jws_signature,
+    verify_proof,
+)
 
 NOW = 1_700_000_000
 HTU = "https://rs.example/resource"
@@ -159,3 +178,137 @@ def test_key_members_that_are_not_strings_are_refused(member: str, value: Any) -
     with pytest.raises(InvalidProofError) as info:
         public_key_from_jwk(jwk)
     assert info.value.check == "jwk"
+
+
+# --- one error family: the proof and the token are input, and input never makes a 500 ------
+
+SIGNER = SoftwareSigner.generate("ES256")
+
+
+def es256_proof(claims: dict[str, Any] | None = None, header_text: str | None = None) -> str:
+    header = (
+        header_text
+        or compact_json(
+            {"typ": "dpop+jwt", "alg": "ES256", "jwk": dict(SIGNER.public_jwk)}
+        ).decode()
+    )
+    return signed_text(header, compact_json(claims or CLAIMS).decode())
+
+
+def signed_text(header_text: str, claims_text: str | bytes) -> str:
+    raw = claims_text.encode() if isinstance(claims_text, str) else claims_text
+    signing_input = b64(header_text.encode()) + "." + b64(raw)
+    return signing_input + "." + b64(SIGNER.sign(signing_input.encode()))
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["tökén", "tok\u00e9n", "\ud800", "tok en", "tok\ten", "tok\r\n", "", "=", "a=b",
+     "Bearer abc", "abc,def", 'ab"c', "ab\x00", "ab;c", "\uff41\uff42"],
+)  # fmt: skip
+def test_a_malformed_access_token_is_invalid_token_never_configuration(token: str) -> None:
+    """RFC 9449 §7.1: the token is token68; one that is not is the client's invalid_token."""
+    proof = es256_proof({**CLAIMS, "ath": access_token_hash("abc")})
+    with pytest.raises(VerificationError) as info:
+        verify_proof(proof, htm="GET", htu=HTU, now=NOW, access_token=token)
+    assert type(info.value) is TokenBindingError and info.value.check == "token"
+    assert info.value.oauth_error == "invalid_token"
+
+
+@pytest.mark.parametrize(
+    "token", ["abc", "a.b-c_d~e+f/g==", "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU", "A" * 4000]
+)
+def test_token68_access_tokens_are_accepted(token: str) -> None:
+    proof = es256_proof({**CLAIMS, "ath": access_token_hash(token)})
+    verified = verify_proof(
+        proof, htm="GET", htu=HTU, now=NOW, access_token=token, replay_cache=NO_REPLAY_CHECK
+    )
+    assert verified.claims["ath"] == access_token_hash(token)
+
+
+def test_an_access_token_that_is_not_a_str_is_the_callers_mistake() -> None:
+    with pytest.raises(ConfigurationError):
+        verify_proof(es256_proof(), htm="GET", htu=HTU, now=NOW, access_token=b"abc")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("jkt", [5, ["x"], {"a": 1}, "\ud800", "", "x" * 10_000, True])
+def test_a_malformed_cnf_jkt_is_a_binding_error(jkt: Any) -> None:
+    """expected_jkt comes from the token's claims: whatever it holds, the answer is 401."""
+    with pytest.raises(VerificationError) as info:
+        verify_proof(es256_proof(), htm="GET", htu=HTU, now=NOW, expected_jkt=jkt)
+    assert type(info.value) is TokenBindingError and info.value.check == "cnf"
+
+
+@pytest.mark.parametrize(
+    "request_htu",
+    ["ftp://rs.example/resource", "http://[::1/", "https://\ud800/x", "rs.example/resource",
+     "https://rs.example:99999/", "", "https://" + "a" * 5000],
+)  # fmt: skip
+def test_a_request_uri_that_cannot_be_normalized_is_a_rejected_proof(request_htu: str) -> None:
+    """Servers build the request URI from the request line and Host: client input too."""
+    with pytest.raises(VerificationError) as info:
+        verify_proof(es256_proof(), htm="GET", htu=request_htu, now=NOW)
+    assert type(info.value) is InvalidProofError and info.value.check == "htu"
+
+
+@pytest.mark.parametrize("method", ["G" * 10_000, "\x1b[2J", None, 5, "GET\r\n"])
+def test_a_hostile_request_method_is_an_htm_mismatch_with_a_bounded_message(method: Any) -> None:
+    with pytest.raises(VerificationError) as info:
+        verify_proof(es256_proof(), htm=method, htu=HTU, now=NOW)
+    assert info.value.check == "htm"
+    assert len(str(info.value)) < 200 and "\x1b" not in str(info.value)
+
+
+def test_verify_jws_signature_refuses_an_unknown_alg() -> None:
+    key = public_key_from_jwk(dict(SIGNER.public_jwk))
+    for alg in ("none", "HS256", None, 5):
+        with pytest.raises(InvalidProofError) as info:
+            verify_jws_signature(key, alg, b"\x00" * 64, b"x")  # type: ignore[arg-type]
+        assert info.value.check == "alg"
+
+
+# --- strict JSON (RFC 8259): one parse, the same for every parser ----------------------------
+
+_CLAIMS_TEXT = compact_json(CLAIMS).decode()
+
+
+@pytest.mark.parametrize(
+    "claims_raw",
+    [
+        pytest.param(b"\xef\xbb\xbf" + _CLAIMS_TEXT.encode(), id="utf8-bom"),
+        pytest.param(_CLAIMS_TEXT.encode("utf-16"), id="utf16-with-bom"),
+        pytest.param(_CLAIMS_TEXT.encode("utf-16-le"), id="utf16-le"),
+        pytest.param(_CLAIMS_TEXT.encode("utf-32"), id="utf32"),
+        pytest.param(b'{"jti":"\xff","htm":"GET"}', id="invalid-utf8"),
+        pytest.param(b'{"jti":"\xed\xa0\x80"}', id="utf8-encoded-surrogate"),
+        pytest.param(_CLAIMS_TEXT[:-1].encode() + b',"iat":1}', id="duplicate-iat"),
+        pytest.param(_CLAIMS_TEXT[:-1].encode() + b',"htm":"POST"}', id="duplicate-htm"),
+        pytest.param(_CLAIMS_TEXT[:-1].encode() + b',"x":NaN}', id="nan"),
+        pytest.param(_CLAIMS_TEXT[:-1].encode() + b',"x":-Infinity}', id="infinity"),
+        pytest.param(_CLAIMS_TEXT.replace(str(NOW), "1e400").encode(), id="iat-overflows"),
+    ],
+)
+def test_claims_that_are_not_strict_json_are_a_syntax_error(claims_raw: bytes) -> None:
+    header = compact_json({"typ": "dpop+jwt", "alg": "ES256", "jwk": dict(SIGNER.public_jwk)})
+    proof = signed_text(header.decode(), claims_raw)
+    with pytest.raises(InvalidProofError) as info:
+        verify(proof)
+    assert info.value.check == "syntax"
+
+
+@pytest.mark.parametrize(
+    "header_text",
+    [
+        '\ufeff{"typ":"dpop+jwt","alg":"ES256","jwk":$JWK}',
+        '{"typ":"dpop+jwt","alg":"ES256","alg":"ES256","jwk":$JWK}',
+        '{"typ":"dpop+jwt","typ":"JWT","alg":"ES256","jwk":$JWK}',
+        '{"typ":"dpop+jwt","alg":"ES256","jwk":$JWK,"jwk":$JWK}',
+        '{"typ":"dpop+jwt","alg":"ES256","jwk":$JWK,"x":Infinity}',
+    ],
+)
+def test_headers_that_are_not_strict_json_are_a_syntax_error(header_text: str) -> None:
+    jwk = compact_json(dict(SIGNER.public_jwk)).decode()
+    proof = es256_proof(header_text=header_text.replace("$JWK", jwk))
+    with pytest.raises(InvalidProofError) as info:
+        verify(proof)
+    assert info.value.check == "syntax"
