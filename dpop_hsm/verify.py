@@ -3,7 +3,12 @@
 For resource servers and authorization servers written in Python, and for our own local test
 servers. Every check raises a typed error naming the check; nothing returns False. Checks run
 cheapest-first, and the replay cache is only written after the signature verified, so unsigned
-junk cannot fill it.
+junk cannot fill it. Replay checking is on unless a caller writes ``NO_REPLAY_CHECK``.
+
+Everything that arrives with the request — the proof, the access token, the token's
+``cnf.jkt`` — fails as a :class:`VerificationError`, so a server never answers hostile input
+with a 500; the proof's JSON is read strictly (``strict_json``) and its key is bounded before
+any signature is checked with it.
 """
 
 from __future__ import annotations
@@ -291,9 +296,10 @@ def verify_proof(
     every other check passed, so junk and proofs for another request cannot fill it.
 
     Raises InvalidProofError (check: syntax, typ, alg, jwk, signature, htm, htu, iat, jti, ath),
-    ReplayError, UseDPoPNonceError (check: nonce), TokenBindingError (check: cnf) and
-    ReplayCacheFullError / ReplayKeyQuotaError (the cache refuses rather than forget a live
-    ``jti``: answer 503). ConfigurationError only for the caller's own arguments.
+    ReplayError, UseDPoPNonceError (check: nonce), TokenBindingError (check: cnf, or token when
+    the access token is not token68) and ReplayCacheFullError / ReplayKeyQuotaError (the cache
+    refuses rather than forget a live ``jti``: answer 503). ConfigurationError only for the
+    caller's own mistakes (a replay_cache that is no store, an access_token that is no str).
     """
     if (
         replay_cache is not None
