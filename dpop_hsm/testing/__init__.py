@@ -1,0 +1,42 @@
+"""A real local authorization server and resource server that enforce RFC 9449.
+
+For tests (ours and users'), the demo and ``dpop-hsm serve``: two stdlib
+``ThreadingHTTPServer`` instances on 127.0.0.1 (port 0 by default), real sockets, proofs checked
+with :func:`dpop_hsm.verify.verify_proof`. Not a production server: no TLS, in-memory state.
+
+Authorization server (``as_url``):
+  ``POST /connect/token`` client_credentials with client_secret_basic, client_secret_post,
+  private_key_jwt (RFC 7523, registered public JWK, assertion jti replay-checked) or none; a
+  DPoP proof is required (§5) and, when ``as_nonce``, a current nonce (§8: 400
+  ``use_dpop_nonce``). Issues JWT access tokens (``typ: at+jwt``) signed with the server's own
+  ES256 key, with ``cnf.jkt``, ``client_id``, ``scope``, ``exp``. ``GET /jwks`` publishes the key;
+  ``GET /echo`` reports which credential headers arrived (for redirect tests).
+Resource server (``rs_url``):
+  ``/api/dpop/test`` returns the token's claims (never the proof); rejects Bearer use of a bound
+  token, replays, wrong htm/htu/ath, a key that does not match ``cnf.jkt``, and (``rs_nonce``)
+  a missing/stale nonce, each with ``WWW-Authenticate: DPoP error="…"`` and ``algs`` (§7.1,
+  §9). ``/redirect?to=…`` answers 307.
+
+Nonces rotate every ``nonce_lifetime`` seconds (the previous one stays acceptable) and are sent
+on every response, 200s included. Counters are thread-safe; ``behavior`` knobs make the AS and
+RS misbehave on purpose for failure tests.
+
+Layout: :mod:`.plumbing` (HTTP server, bounded bodies, JSON, counters, nonces),
+:mod:`.clients` (registrations, client authentication), :mod:`.tokens` (access tokens),
+:mod:`.authorization_server`, :mod:`.resource_server`, :mod:`.servers` (both, started together).
+"""
+
+from __future__ import annotations
+
+from .clients import ClientRegistration
+from .plumbing import MAX_BODY, ASBehavior, Counters, RSBehavior
+from .servers import LocalDPoPServers
+
+__all__ = [
+    "MAX_BODY",
+    "ASBehavior",
+    "ClientRegistration",
+    "Counters",
+    "LocalDPoPServers",
+    "RSBehavior",
+]

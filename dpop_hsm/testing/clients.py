@@ -1,0 +1,145 @@
+"""Registered clients and client authentication at the local authorization server.
+
+RFC 6749 §2.3.1 (``client_secret_basic``, ``client_secret_post``), RFC 7523 §3 + RFC 7521 §4.2
+(``private_key_jwt``, assertion ``jti`` replay-checked) and public clients (``none``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from ..errors import ConfigurationError, DPoPError, InvalidProofError, VerificationError
+from ..verify import DEFAULT_ALGORITHMS, ReplayCache, public_key_from_jwk, verify_jws_signature
+from .plumbing import Reject, decode_jws
+
+__all__ = ["ASSERTION_TYPE", "ClientAuthenticator", "ClientRegistration", "validate_registration"]
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
+
+
+@dataclass(frozen=True)
+class ClientRegistration:
+    """A client the AS knows: its auth method and secret or public JWK, and allowed scopes."""
+
+    client_id: str
+    auth_method: str = "client_secret_basic"
+    client_secret: str | None = field(default=None, repr=False)
+    jwk: Mapping[str, str] | None = None
+    scope: str = "api"
+
+
+def validate_registration(client: ClientRegistration) -> None:
+    """Refuse a registration that no request could ever authenticate as.
+
+    Raises :class:`~dpop_hsm.errors.ConfigurationError`.
+    """
+    if client.auth_method in ("client_secret_basic", "client_secret_post"):
+        if not client.client_secret:
+            raise ConfigurationError(f"{client.auth_method} client needs a secret")
+    elif client.auth_method == "private_key_jwt":
+        if not client.jwk:
+            raise ConfigurationError("private_key_jwt client needs a public JWK")
+    elif client.auth_method != "none":
+        raise ConfigurationError(f"unknown auth method {client.auth_method!r}")
+
+
+def _invalid_client(reason: str, description: str) -> Reject:
+    return Reject(401, reason, "invalid_client", description)
+
+
+class ClientAuthenticator:
+    """Authenticates the client of one request against the registered clients.
+
+    ``now`` is the server's clock; ``audiences`` (called per request) lists the values a client
+    assertion's ``aud`` may take.
+    """
+
+    def __init__(
+        self,
+        clients: Mapping[str, ClientRegistration],
+        *,
+        now: Callable[[], float],
+        audiences: Callable[[], Collection[str]],
+    ) -> None:
+        self._clients = clients
+        self._now = now
+        self._audiences = audiences
+        self._assertion_replays = ReplayCache()
+
+    def authenticate(self, authorization: str, form: Mapping[str, str]) -> ClientRegistration:
+        """The client that the ``Authorization`` header or the form authenticates.
+
+        Raises :class:`Reject` (401 ``invalid_client``) for any failure.
+        """
+        if authorization[:6].lower() == "basic ":
+            try:
+                decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+                raw_id, _, raw_secret = decoded.partition(":")
+                client_id, secret = unquote(raw_id), unquote(raw_secret)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise _invalid_client("client_auth", "bad Basic header") from e
+            return self._check_secret(client_id, secret, "client_secret_basic")
+        client_id = form.get("client_id", "")
+        if "client_assertion" in form:
+            return self._check_assertion(client_id, form)
+        if "client_secret" in form:
+            return self._check_secret(client_id, form["client_secret"], "client_secret_post")
+        client = self._clients.get(client_id)
+        if client is None or client.auth_method != "none":
+            raise _invalid_client("client_auth", "client authentication failed")
+        return client
+
+    def _check_secret(self, client_id: str, secret: str, method: str) -> ClientRegistration:
+        client = self._clients.get(client_id)
+        if (
+            client is None
+            or client.auth_method != method
+            or client.client_secret is None
+            or not hmac.compare_digest(secret.encode(), client.client_secret.encode())
+        ):
+            raise _invalid_client("client_auth", "client authentication failed")
+        return client
+
+    def _check_assertion(self, client_id: str, form: Mapping[str, str]) -> ClientRegistration:
+        """RFC 7523 §3; the ``jti`` replay check catches a client reusing its assertion on the
+        nonce retry (RFC 7523 §3 item 7)."""
+        if form.get("client_assertion_type") != ASSERTION_TYPE:
+            raise _invalid_client("client_auth", "wrong client_assertion_type")
+        try:
+            header, claims, signature, signing_input = decode_jws(form["client_assertion"])
+        except (ValueError, DPoPError) as e:
+            raise _invalid_client("client_auth", "malformed client assertion") from e
+        client = self._clients.get(str(claims.get("iss", "")))
+        if client is None or client.auth_method != "private_key_jwt" or client.jwk is None:
+            raise _invalid_client("client_auth", "unknown client")
+        if client_id and client_id != client.client_id:
+            raise _invalid_client("client_auth", "client_id does not match iss")
+        alg = header.get("alg")
+        try:
+            if not isinstance(alg, str) or alg not in DEFAULT_ALGORITHMS:
+                raise InvalidProofError("alg", "unsupported")
+            verify_jws_signature(public_key_from_jwk(client.jwk), alg, signature, signing_input)
+        except VerificationError as e:
+            raise _invalid_client("assertion_signature", "bad assertion signature") from e
+        now = self._now()
+        exp, iat, jti = claims.get("exp"), claims.get("iat"), claims.get("jti")
+        if claims.get("sub") != client.client_id:
+            raise _invalid_client("assertion_claims", "sub must be the client_id")
+        aud = claims.get("aud")
+        auds = aud if isinstance(aud, list) else [aud]
+        if not any(isinstance(a, str) and a in self._audiences() for a in auds):
+            raise _invalid_client("assertion_claims", "wrong aud")
+        if not isinstance(exp, int | float) or exp < now - 5:
+            raise _invalid_client("assertion_expired", "assertion expired")
+        if not isinstance(iat, int | float) or iat > now + 5:
+            raise _invalid_client("assertion_claims", "iat in the future")
+        if not isinstance(jti, str) or not self._assertion_replays.check_and_store(
+            client.client_id + ":" + jti, float(exp) + 10, now
+        ):
+            raise _invalid_client("assertion_replay", "client assertion replayed")
+        return client

@@ -1,0 +1,288 @@
+"""HTTP plumbing shared by the local authorization and resource servers.
+
+A threaded stdlib HTTP server bound to loopback, a request handler that reads a bounded body
+and hands it to the server's role object, JSON answers, thread-safe counters, rotating nonces,
+and the one exception that turns a failed check into an HTTP answer. Nothing here knows OAuth.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal, Protocol
+
+from ..errors import ReplayError, UseDPoPNonceError, VerificationError
+from ..jose import b64url_decode, b64url_encode, split_compact
+
+__all__ = [
+    "MAX_BODY",
+    "ASBehavior",
+    "Counters",
+    "Handler",
+    "LoopbackServer",
+    "Nonces",
+    "RSBehavior",
+    "Reject",
+    "Role",
+    "Settings",
+    "decode_jws",
+    "json_bytes",
+    "proof_rejection",
+]
+
+log = logging.getLogger("dpop_hsm.testing")
+
+ASBehavior = Literal[
+    "normal", "error_500", "not_json", "no_access_token", "bearer", "always_nonce", "bad_expires"
+]
+RSBehavior = Literal["normal", "always_nonce", "reject"]
+MAX_BODY = 64 * 1024
+JSON_HEADERS = (("Content-Type", "application/json"),)
+
+
+class Counters:
+    """Thread-safe event counts, read as attributes (an unknown name reads 0).
+
+    The servers count ``token_requests``, ``tokens_issued``, ``as_nonce_challenges``,
+    ``rs_nonce_challenges``, ``api_requests``, ``api_ok`` and ``rejections[reason]``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.rejections[reason] += 1
+
+    def __getattr__(self, name: str) -> int:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        with self._lock:
+            return self._counts[name]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self.rejections.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._counts, "rejections": dict(self.rejections)}
+
+
+class Nonces:
+    """Current + previous nonce, rotated by age; both acceptable (RFC 9449 §8.2 leaves policy)."""
+
+    def __init__(self, lifetime: float) -> None:
+        self.lifetime = lifetime
+        self._lock = threading.Lock()
+        self._current = b64url_encode(os.urandom(16))
+        self._previous: str | None = None
+        self._born = time.monotonic()
+
+    def current(self) -> str:
+        with self._lock:
+            if time.monotonic() - self._born >= self.lifetime:
+                self._rotate()
+            return self._current
+
+    def _rotate(self) -> None:
+        self._previous, self._current = self._current, b64url_encode(os.urandom(16))
+        self._born = time.monotonic()
+
+    def rotate(self) -> str:
+        with self._lock:
+            self._rotate()
+            return self._current
+
+    def accepts(self, nonce: str) -> bool:
+        current = self.current()
+        with self._lock:
+            return hmac.compare_digest(nonce, current) or (
+                self._previous is not None and hmac.compare_digest(nonce, self._previous)
+            )
+
+
+class Reject(Exception):  # noqa: N818 - internal control flow, becomes an HTTP answer
+    """A failed check: the HTTP status, a counter ``reason`` and the OAuth error to send."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        error: str,
+        description: str,
+        *,
+        nonce: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.error = error
+        self.description = description
+        self.nonce = nonce
+
+
+def proof_rejection(error: VerificationError, status: int, nonce_description: str) -> Reject:
+    """The answer to a proof that failed ``verify_proof``, the same at the AS and the RS."""
+    if isinstance(error, UseDPoPNonceError):
+        return Reject(status, "use_dpop_nonce", "use_dpop_nonce", nonce_description, nonce=True)
+    if isinstance(error, ReplayError):
+        return Reject(status, "replay", "invalid_dpop_proof", "DPoP proof replayed")
+    return Reject(status, f"proof_{error.check}", error.oauth_error, f"DPoP proof: {error.check}")
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact JSON for a response body."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def decode_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """Header, claims, signature and signing input of a compact JWS (not verified here).
+
+    Raises ``ValueError`` or :class:`~dpop_hsm.errors.DPoPError` for anything malformed.
+    """
+    h, p, s = split_compact(token)
+    header = json.loads(b64url_decode(h))
+    claims = json.loads(b64url_decode(p))
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise ValueError("JWS parts are not objects")
+    return header, claims, b64url_decode(s), f"{h}.{p}".encode("ascii")
+
+
+class Settings(Protocol):
+    """The knobs both servers read on every request; ``LocalDPoPServers`` holds them, so a
+    test can change them while the servers run."""
+
+    as_nonce: bool
+    rs_nonce: bool
+    token_lifetime: float
+    required_scope: str
+    multi_challenge: bool
+    proof_max_age: float
+    as_behavior: ASBehavior
+    rs_behavior: RSBehavior
+
+    def now(self) -> float:
+        """The servers' clock: wall time plus ``clock_offset``."""
+
+
+class Role(Protocol):
+    """What a :class:`LoopbackServer` serves: the authorization server or the resource server."""
+
+    role: str
+
+    def handle(self, handler: Handler, body: bytes) -> None:
+        """Answer one request (``handler.send``); the body was already read and bounded."""
+
+
+class LoopbackServer(ThreadingHTTPServer):
+    """A threaded HTTP/1.1 server for one role, with quiet, logged error handling."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    # The stdlib default backlog (5) drops SYNs under 32 concurrent clients: 1 s retransmits.
+    request_queue_size = 128
+
+    def __init__(self, app: Role, host: str, port: int) -> None:
+        self.app = app
+        self.role = app.role
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the bound socket."""
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log through ``logging`` instead of printing a traceback to stderr.
+
+        Clients that hang up mid-request are normal in failure tests (DEBUG); anything else is a
+        bug in the test server and is logged as an error with its traceback.
+        """
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("%s client %s went away: %s", self.role, client_address, type(exc).__name__)
+        else:
+            log.error(
+                "%s server failed on a request from %s", self.role, client_address, exc_info=True
+            )
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Reads the body (bounded), dispatches to the server's role, writes the answer."""
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + delayed ACK stall
+    # every keep-alive response by ~40 ms.
+    disable_nagle_algorithm = True
+    server: LoopbackServer
+    server_version = "dpop_hsm-testing"
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.server.role, format % args)
+
+    def _dispatch(self) -> None:
+        try:
+            body = self._read_body()
+        except ValueError:
+            self.send(400, b'{"error":"invalid_request"}', JSON_HEADERS)
+            self.close_connection = True
+            return
+        try:
+            self.server.app.handle(self, body)
+        except Exception:  # a test server must answer, not hang the client
+            log.exception("local %s server failed", self.server.role)
+            self.send(500, b"internal error", [("Content-Type", "text/plain")])
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch  # noqa: N815
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks: list[bytes] = []
+            total = 0
+            while True:
+                size_line = self.rfile.readline(1024).split(b";", 1)[0].strip()
+                size = int(size_line, 16)
+                if size == 0:
+                    while self.rfile.readline(1024).strip():
+                        pass
+                    return b"".join(chunks)
+                total += size
+                if total > MAX_BODY:
+                    raise ValueError("body too large")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(16)
+        length = int(self.headers.get("Content-Length", "0") or 0)
+        if length < 0 or length > MAX_BODY:
+            raise ValueError("body too large")
+        return self.rfile.read(length) if length else b""
+
+    def send(self, status: int, body: bytes, headers: Iterable[tuple[str, str]]) -> None:
+        """Write one complete response; ``Content-Length`` and ``no-store`` are added."""
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)

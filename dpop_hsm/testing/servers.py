@@ -1,0 +1,198 @@
+"""``LocalDPoPServers``: the authorization server and the resource server, started together."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from .authorization_server import AuthorizationServer
+from .clients import ClientRegistration, validate_registration
+from .plumbing import ASBehavior, Counters, LoopbackServer, Nonces, RSBehavior
+from .resource_server import API_PATH, ResourceServer
+from .tokens import TokenIssuer
+
+__all__ = ["LocalDPoPServers"]
+
+
+class LocalDPoPServers:
+    """Start an AS and an RS on loopback; a context manager; see the package docstring.
+
+    ``clients`` registers clients up front (more with :meth:`register_client`);
+    ``as_nonce``/``rs_nonce`` require nonces; ``token_lifetime`` (s) and ``clock_offset`` (s
+    added to the servers' clock) can be changed while running, as can ``as_behavior``,
+    ``rs_behavior`` and ``required_scope``.
+    """
+
+    def __init__(
+        self,
+        *,
+        clients: Iterable[ClientRegistration] = (),
+        as_nonce: bool = True,
+        rs_nonce: bool = True,
+        nonce_lifetime: float = 30.0,
+        token_lifetime: float = 300.0,
+        clock_offset: float = 0.0,
+        required_scope: str = "api",
+        multi_challenge: bool = True,
+        host: str = "127.0.0.1",
+        as_port: int = 0,
+        rs_port: int = 0,
+        proof_max_age: float = 60.0,
+    ) -> None:
+        self.as_nonce = as_nonce
+        self.rs_nonce = rs_nonce
+        self.as_nonces = Nonces(nonce_lifetime)
+        self.rs_nonces = Nonces(nonce_lifetime)
+        self.token_lifetime = token_lifetime
+        self.clock_offset = clock_offset
+        self.required_scope = required_scope
+        self.multi_challenge = multi_challenge
+        self.proof_max_age = proof_max_age
+        self.as_behavior: ASBehavior = "normal"
+        self.rs_behavior: RSBehavior = "normal"
+        self.counters = Counters()
+        self.seen: deque[dict[str, Any]] = deque(maxlen=1000)
+        self._issuer = TokenIssuer(now=self.now)
+        self.kid = self._issuer.kid
+        self.authorization_server = AuthorizationServer(
+            self, counters=self.counters, issuer=self._issuer, nonces=self.as_nonces, seen=self.seen
+        )
+        self.resource_server = ResourceServer(
+            self, counters=self.counters, issuer=self._issuer, nonces=self.rs_nonces, seen=self.seen
+        )
+        self.clients = self.authorization_server.clients
+        for client in clients:
+            self.register_client(client)
+        self._host, self._ports = host, (as_port, rs_port)
+        self._servers: list[LoopbackServer] = []
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> LocalDPoPServers:
+        """Bind both sockets and serve in daemon threads; a second call does nothing."""
+        if self._servers:
+            return self
+        as_server = LoopbackServer(self.authorization_server, self._host, self._ports[0])
+        try:
+            rs_server = LoopbackServer(self.resource_server, self._host, self._ports[1])
+        except OSError:
+            as_server.server_close()
+            raise
+        self._servers = [as_server, rs_server]
+        self.authorization_server.server = as_server
+        self.resource_server.server = rs_server
+        for server in self._servers:
+            thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"dpop_hsm-{server.role}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close both sockets; the URLs are then unavailable."""
+        # Shut both down in parallel: each shutdown() waits up to one poll interval.
+        stoppers = [threading.Thread(target=server.shutdown) for server in self._servers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+        for server in self._servers:
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._servers, self._threads = [], []
+        self.authorization_server.server = None
+        self.resource_server.server = None
+
+    def serve_forever(self) -> None:
+        """Block until interrupted (Ctrl-C) — for ``dpop-hsm serve``."""
+        self.start()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def __enter__(self) -> LocalDPoPServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- endpoints ------------------------------------------------------------------------
+
+    @property
+    def as_url(self) -> str:
+        """The authorization server's origin (and issuer); ConfigurationError when stopped."""
+        return self.authorization_server.url
+
+    @property
+    def rs_url(self) -> str:
+        """The resource server's origin; ConfigurationError when stopped."""
+        return self.resource_server.url
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.authorization_server.token_endpoint
+
+    @property
+    def jwks_url(self) -> str:
+        return self.as_url + "/jwks"
+
+    @property
+    def api_url(self) -> str:
+        return self.rs_url + API_PATH
+
+    def endpoints(self) -> str:
+        """Printable summary for people (``dpop-hsm serve``)."""
+        lines = [
+            f"token endpoint : {self.token_endpoint}",
+            f"jwks           : {self.jwks_url}",
+            f"api            : {self.api_url}",
+            f"nonces         : AS {'required' if self.as_nonce else 'off'}, "
+            f"RS {'required' if self.rs_nonce else 'off'}",
+            f"token lifetime : {self.token_lifetime:g} s",
+        ]
+        for c in self.clients.values():
+            lines.append(f"client         : {c.client_id} ({c.auth_method}, scope {c.scope!r})")
+        return "\n".join(lines)
+
+    # --- state ----------------------------------------------------------------------------
+
+    def register_client(self, client: ClientRegistration) -> None:
+        """Register (or replace) a client; ConfigurationError if it could never authenticate."""
+        validate_registration(client)
+        self.clients[client.client_id] = client
+
+    def revoke_all(self) -> int:
+        """Revoke every token issued so far (the RS then answers ``invalid_token``)."""
+        return self._issuer.revoke_all()
+
+    def now(self) -> float:
+        """The servers' clock: ``time.time()`` plus ``clock_offset``."""
+        return time.time() + self.clock_offset
+
+    def public_jwk(self) -> dict[str, str]:
+        """The access-token signing key as ``/jwks`` publishes it."""
+        return self._issuer.public_jwk()
+
+    def issue_token(self, *, client_id: str, jkt: str, scope: str) -> str:
+        """A JWT access token bound to ``jkt`` (RFC 9449 §6.1), signed with the server key."""
+        token, _ = self._issuer.issue(
+            issuer=self.as_url,
+            client_id=client_id,
+            jkt=jkt,
+            scope=scope,
+            lifetime=self.token_lifetime,
+        )
+        return token
