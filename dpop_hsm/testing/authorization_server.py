@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from ..errors import ConfigurationError, VerificationError
 from ..verify import ReplayCache, verify_proof
@@ -26,6 +26,7 @@ from .plumbing import (
     Settings,
     json_bytes,
     proof_rejection,
+    target_path,
 )
 from .tokens import TokenIssuer
 
@@ -75,7 +76,7 @@ class AuthorizationServer:
         return self.url + TOKEN_PATH
 
     def handle(self, h: Handler, body: bytes) -> None:
-        path = urlsplit(h.path).path
+        path = target_path(h.path)
         self.seen.append(
             {
                 "server": "as",

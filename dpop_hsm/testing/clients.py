@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import hmac
+import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard
 from urllib.parse import unquote
 
 from ..errors import ConfigurationError, DPoPError, InvalidProofError, VerificationError
@@ -20,6 +22,13 @@ __all__ = ["ASSERTION_TYPE", "ClientAuthenticator", "ClientRegistration", "valid
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
+LEEWAY = 5.0
+MAX_ASSERTION_LIFETIME = 3600.0
+
+
+def _numeric_date(value: object) -> TypeGuard[int | float]:
+    """RFC 7519 §2 NumericDate: a finite JSON number (``true`` is not one)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class ClientAuthenticator:
     """Authenticates the client of one request against the registered clients.
 
     ``now`` is the server's clock; ``audiences`` (called per request) lists the values a client
-    assertion's ``aud`` may take.
+    assertion's ``aud`` may take; ``max_assertion_lifetime`` bounds ``exp - iat`` (seconds).
     """
 
     def __init__(
@@ -65,8 +74,10 @@ class ClientAuthenticator:
         *,
         now: Callable[[], float],
         audiences: Callable[[], Collection[str]],
+        max_assertion_lifetime: float = MAX_ASSERTION_LIFETIME,
     ) -> None:
         self._clients = clients
+        self.max_assertion_lifetime = max_assertion_lifetime
         self._now = now
         self._audiences = audiences
         self._assertion_replays = ReplayCache()
@@ -114,7 +125,8 @@ class ClientAuthenticator:
             header, claims, signature, signing_input = decode_jws(form["client_assertion"])
         except (ValueError, DPoPError) as e:
             raise _invalid_client("client_auth", "malformed client assertion") from e
-        client = self._clients.get(str(claims.get("iss", "")))
+        iss = claims.get("iss")
+        client = self._clients.get(iss) if isinstance(iss, str) else None
         if client is None or client.auth_method != "private_key_jwt" or client.jwk is None:
             raise _invalid_client("client_auth", "unknown client")
         if client_id and client_id != client.client_id:
@@ -134,11 +146,27 @@ class ClientAuthenticator:
         auds = aud if isinstance(aud, list) else [aud]
         if not any(isinstance(a, str) and a in self._audiences() for a in auds):
             raise _invalid_client("assertion_claims", "wrong aud")
-        if not isinstance(exp, int | float) or exp < now - 5:
+        # RFC 7523 §3 items 4-6: exp required, iat bounds the lifetime; both finite NumericDates
+        # (the strict parser already refused NaN/Infinity; bool is not a number here).
+        if not _numeric_date(exp) or not _numeric_date(iat):
+            raise _invalid_client("assertion_claims", "exp and iat must be numbers")
+        if exp < now - LEEWAY:
             raise _invalid_client("assertion_expired", "assertion expired")
-        if not isinstance(iat, int | float) or iat > now + 5:
+        if iat > now + LEEWAY:
             raise _invalid_client("assertion_claims", "iat in the future")
-        if not isinstance(jti, str) or not self._assertion_replays.check_and_store(
+        if not 0 < exp - iat <= self.max_assertion_lifetime:
+            # The replay cache must remember a jti until exp: an absurd lifetime would let one
+            # assertion pin an entry for years (or, negative, never be valid).
+            raise _invalid_client(
+                "assertion_lifetime",
+                f"exp - iat must be within (0, {self.max_assertion_lifetime:g}] seconds",
+            )
+        nbf = claims.get("nbf")
+        if nbf is not None and (not _numeric_date(nbf) or nbf > now + LEEWAY):
+            raise _invalid_client("assertion_claims", "assertion not yet valid (nbf)")
+        if not isinstance(jti, str) or not jti or len(jti) > 256:
+            raise _invalid_client("assertion_claims", "jti missing or too long")
+        if not self._assertion_replays.check_and_store(
             client.client_id + ":" + jti, float(exp) + 10, now
         ):
             raise _invalid_client("assertion_replay", "client assertion replayed")

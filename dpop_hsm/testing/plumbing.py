@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -18,13 +19,16 @@ from collections import Counter
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 from ..errors import ReplayError, UseDPoPNonceError, VerificationError
 from ..jose import b64url_decode, b64url_encode, split_compact
+from ..strict_json import loads_strict
 
 __all__ = [
     "MAX_BODY",
     "ASBehavior",
+    "BodyError",
     "Counters",
     "Handler",
     "LoopbackServer",
@@ -36,6 +40,7 @@ __all__ = [
     "decode_jws",
     "json_bytes",
     "proof_rejection",
+    "target_path",
 ]
 
 log = logging.getLogger("dpop_hsm.testing")
@@ -45,6 +50,10 @@ ASBehavior = Literal[
 ]
 RSBehavior = Literal["normal", "always_nonce", "reject"]
 MAX_BODY = 64 * 1024
+_MAX_LINE = 1024
+_MAX_TRAILERS = 32
+_DIGITS = re.compile(r"[0-9]{1,10}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,8}")
 JSON_HEADERS = (("Content-Type", "application/json"),)
 
 
@@ -117,6 +126,15 @@ class Nonces:
             )
 
 
+class BodyError(Exception):
+    """The request body is framed wrongly or too large; ``status`` is the answer to send."""
+
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.description = description
+
+
 class Reject(Exception):  # noqa: N818 - internal control flow, becomes an HTTP answer
     """A failed check: the HTTP status, a counter ``reason`` and the OAuth error to send."""
 
@@ -146,6 +164,15 @@ def proof_rejection(error: VerificationError, status: int, nonce_description: st
     return Reject(status, f"proof_{error.check}", error.oauth_error, f"DPoP proof: {error.check}")
 
 
+def target_path(target: str) -> str:
+    """The path of a request target (RFC 9112 §3.2): origin-form as sent, or the path of an
+    absolute-form target, without query and fragment. The authority of an absolute-form
+    target is ignored on purpose: each server knows its own origin."""
+    if target.startswith("/"):
+        return target.split("?", 1)[0].split("#", 1)[0]
+    return urlsplit(target).path or "/"
+
+
 def json_bytes(value: Any) -> bytes:
     """Compact JSON for a response body."""
     return json.dumps(value, separators=(",", ":")).encode()
@@ -157,8 +184,10 @@ def decode_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes
     Raises ``ValueError`` or :class:`~dpop_hsm.errors.DPoPError` for anything malformed.
     """
     h, p, s = split_compact(token)
-    header = json.loads(b64url_decode(h))
-    claims = json.loads(b64url_decode(p))
+    # RFC 8259 strictly: no NaN/Infinity (``exp: NaN`` compares false with every bound, which
+    # would skip the expiry and replay checks), no duplicate members (parser differentials).
+    header = loads_strict(b64url_decode(h))
+    claims = loads_strict(b64url_decode(p))
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise ValueError("JWS parts are not objects")
     return header, claims, b64url_decode(s), f"{h}.{p}".encode("ascii")
@@ -243,9 +272,10 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         try:
             body = self._read_body()
-        except ValueError:
-            self.send(400, b'{"error":"invalid_request"}', JSON_HEADERS)
-            self.close_connection = True
+        except BodyError as e:
+            self.close_connection = True  # the framing is lost: the next bytes mean nothing
+            error = {"error": "invalid_request", "error_description": e.description}
+            self.send(e.status, json_bytes(error), [*JSON_HEADERS, ("Connection", "close")])
             return
         try:
             self.server.app.handle(self, body)
@@ -256,25 +286,63 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch  # noqa: N815
 
     def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks: list[bytes] = []
-            total = 0
-            while True:
-                size_line = self.rfile.readline(1024).split(b";", 1)[0].strip()
-                size = int(size_line, 16)
-                if size == 0:
-                    while self.rfile.readline(1024).strip():
-                        pass
-                    return b"".join(chunks)
-                total += size
-                if total > MAX_BODY:
-                    raise ValueError("body too large")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(16)
-        length = int(self.headers.get("Content-Length", "0") or 0)
-        if length < 0 or length > MAX_BODY:
-            raise ValueError("body too large")
-        return self.rfile.read(length) if length else b""
+        """The request body, at most :data:`MAX_BODY` bytes, framed exactly (RFC 9112 §6).
+
+        Content-Length must be plain digits and given once; Transfer-Encoding must be
+        ``chunked`` alone and not combined with Content-Length (§6.1: the combination is how
+        requests are smuggled past proxies). Chunk sizes are 1-8 hex digits, checked against
+        the remaining budget before anything is read, so no size (negative, ``0x``-prefixed,
+        with ``_`` or ``+``, or huge) can make the server read past the limit or wait for EOF.
+        Raises :class:`BodyError`.
+        """
+        encodings = self.headers.get_all("Transfer-Encoding") or []
+        lengths = self.headers.get_all("Content-Length") or []
+        if encodings:
+            if lengths:
+                raise BodyError(400, "both Transfer-Encoding and Content-Length")
+            if len(encodings) != 1 or encodings[0].strip().lower() != "chunked":
+                raise BodyError(501, "only Transfer-Encoding: chunked is understood")
+            return self._read_chunked()
+        if not lengths:
+            return b""
+        if len(lengths) != 1 or not _DIGITS.fullmatch(lengths[0]):
+            raise BodyError(400, "Content-Length must be one decimal number")
+        length = int(lengths[0])
+        if length > MAX_BODY:
+            raise BodyError(413, f"body larger than {MAX_BODY} bytes")
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            raise BodyError(400, "body shorter than Content-Length")
+        return body
+
+    def _line(self) -> bytes:
+        line = self.rfile.readline(_MAX_LINE + 1)
+        if not line.endswith(b"\n") or len(line) > _MAX_LINE:
+            raise BodyError(400, "chunk framing line missing or too long")
+        return line.rstrip(b"\r\n")
+
+    def _read_chunked(self) -> bytes:
+        # RFC 9112 §7.1: chunk = chunk-size [ chunk-ext ] CRLF chunk-data CRLF
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            size_text = self._line().split(b";", 1)[0].rstrip(b" \t")
+            if not _HEX.fullmatch(size_text):
+                raise BodyError(400, "chunk size must be 1 to 8 hex digits")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            if size > MAX_BODY - total:
+                raise BodyError(413, f"body larger than {MAX_BODY} bytes")
+            data = self.rfile.read(size)
+            if len(data) != size or self.rfile.read(2) != b"\r\n":
+                raise BodyError(400, "chunk data does not match its size")
+            chunks.append(data)
+            total += size
+        for _ in range(_MAX_TRAILERS):  # RFC 9112 §7.1.2: trailer section, then CRLF
+            if not self._line():
+                return b"".join(chunks)
+        raise BodyError(400, "too many trailer fields")
 
     def send(self, status: int, body: bytes, headers: Iterable[tuple[str, str]]) -> None:
         """Write one complete response; ``Content-Length`` and ``no-store`` are added."""

@@ -24,6 +24,7 @@ from .plumbing import (
     Settings,
     json_bytes,
     proof_rejection,
+    target_path,
 )
 from .tokens import TokenIssuer
 
@@ -74,8 +75,7 @@ class ResourceServer:
         return f'Bearer realm="dpop_hsm", {dpop}' if self.settings.multi_challenge else dpop
 
     def handle(self, h: Handler, body: bytes) -> None:
-        split = urlsplit(h.path)
-        path = split.path
+        path = target_path(h.path)
         self.seen.append(
             {
                 "server": "rs",
@@ -88,7 +88,7 @@ class ResourceServer:
         if self.settings.rs_nonce:
             headers.append(("DPoP-Nonce", self.nonces.current()))
         if path == "/redirect":
-            target = dict(parse_qsl(split.query)).get("to", API_PATH)
+            target = dict(parse_qsl(urlsplit(h.path).query)).get("to", API_PATH)
             h.send(307, b"", [("Location", target), *headers])
             return
         if path != API_PATH:
@@ -136,8 +136,10 @@ class ResourceServer:
             raise Reject(401, "proof_missing", "invalid_dpop_proof", "exactly one DPoP header")
         if self.settings.rs_behavior == "always_nonce":
             raise Reject(401, "use_dpop_nonce", "use_dpop_nonce", "nonce, please", nonce=True)
-        host = h.headers.get("Host") or self.url.split("//", 1)[1]
-        htu = f"http://{host}{urlsplit(h.path).path}"
+        # RFC 9449 §4.3 item 9: htu must match the URI of the request as this server is
+        # reached: its own configured origin, never the client-controlled Host header or an
+        # absolute-form request target (a proof made for another origin must not pass here).
+        htu = self.url + target_path(h.path)
         cnf = claims.get("cnf")
         jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
         if not isinstance(jkt, str):
