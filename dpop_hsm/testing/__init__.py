@@ -17,6 +17,10 @@ Resource server (``rs_url``):
   a missing/stale nonce, each with ``WWW-Authenticate: DPoP error="…"`` and ``algs`` (§7.1,
   §9). ``/redirect?to=…`` answers 307.
 
+``LocalDPoPServers()`` with no ``clients`` serves one ready client, ``DEFAULT_CLIENT``
+(client_id ``dpop-hsm-test``, secret ``dpop-hsm-test-secret``, ``client_secret_basic``, scope
+``api``). The pytest plugin :mod:`dpop_hsm.pytest_plugin` starts one per test.
+
 Nonces rotate every ``nonce_lifetime`` seconds (the previous one stays acceptable) and are sent
 on every response, 200s included. Counters are thread-safe; ``behavior`` knobs make the AS and
 RS misbehave on purpose for failure tests.
@@ -28,11 +32,14 @@ Layout: :mod:`.plumbing` (HTTP server, bounded bodies, JSON, counters, nonces),
 
 from __future__ import annotations
 
-from .clients import ClientRegistration
+from .clients import DEFAULT_CLIENT, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, ClientRegistration
 from .plumbing import MAX_BODY, ASBehavior, Counters, RSBehavior
 from .servers import LocalDPoPServers
 
 __all__ = [
+    "DEFAULT_CLIENT",
+    "DEFAULT_CLIENT_ID",
+    "DEFAULT_CLIENT_SECRET",
     "MAX_BODY",
     "ASBehavior",
     "ClientRegistration",

@@ -18,7 +18,15 @@ from ..errors import ConfigurationError, DPoPError, InvalidProofError, Verificat
 from ..verify import DEFAULT_ALGORITHMS, ReplayCache, public_key_from_jwk, verify_jws_signature
 from .plumbing import Reject, decode_jws
 
-__all__ = ["ASSERTION_TYPE", "ClientAuthenticator", "ClientRegistration", "validate_registration"]
+__all__ = [
+    "ASSERTION_TYPE",
+    "DEFAULT_CLIENT",
+    "DEFAULT_CLIENT_ID",
+    "DEFAULT_CLIENT_SECRET",
+    "ClientAuthenticator",
+    "ClientRegistration",
+    "validate_registration",
+]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
@@ -40,6 +48,14 @@ class ClientRegistration:
     client_secret: str | None = field(default=None, repr=False)
     jwk: Mapping[str, str] | None = None
     scope: str = "api"
+
+
+# Fixture values for local test servers, not credentials of anything real.
+DEFAULT_CLIENT_ID = "dpop-hsm-test"
+DEFAULT_CLIENT_SECRET = "dpop-hsm-test-secret"  # noqa: S105
+DEFAULT_CLIENT = ClientRegistration(
+    DEFAULT_CLIENT_ID, "client_secret_basic", DEFAULT_CLIENT_SECRET, scope="api"
+)
 
 
 def validate_registration(client: ClientRegistration) -> None:

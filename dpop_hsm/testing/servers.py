@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .authorization_server import AuthorizationServer
-from .clients import ClientRegistration, validate_registration
+from .clients import DEFAULT_CLIENT, ClientRegistration, validate_registration
 from .plumbing import ASBehavior, Counters, LoopbackServer, Nonces, RSBehavior
 from .resource_server import API_PATH, ResourceServer
 from .tokens import TokenIssuer
@@ -20,7 +20,15 @@ __all__ = ["LocalDPoPServers"]
 class LocalDPoPServers:
     """Start an AS and an RS on loopback; a context manager; see the package docstring.
 
-    ``clients`` registers clients up front (more with :meth:`register_client`);
+    ``clients`` registers clients up front (more with :meth:`register_client`). Without it, the
+    servers come with one ready client, :data:`DEFAULT_CLIENT`: client_id ``dpop-hsm-test``,
+    secret ``dpop-hsm-test-secret``, ``client_secret_basic``, scope ``api`` — so this works
+    against a fresh ``LocalDPoPServers()`` (nonces included, the client retries)::
+
+        TokenClient(signer, token_endpoint=servers.token_endpoint,
+                    client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET)
+
+    Pass ``clients=[]`` for none.
     ``as_nonce``/``rs_nonce`` require nonces; ``token_lifetime`` (s) and ``clock_offset`` (s
     added to the servers' clock) can be changed while running, as can ``as_behavior``,
     ``rs_behavior`` and ``required_scope``.
@@ -29,7 +37,7 @@ class LocalDPoPServers:
     def __init__(
         self,
         *,
-        clients: Iterable[ClientRegistration] = (),
+        clients: Iterable[ClientRegistration] | None = None,
         as_nonce: bool = True,
         rs_nonce: bool = True,
         nonce_lifetime: float = 30.0,
@@ -64,7 +72,7 @@ class LocalDPoPServers:
             self, counters=self.counters, issuer=self._issuer, nonces=self.rs_nonces, seen=self.seen
         )
         self.clients = self.authorization_server.clients
-        for client in clients:
+        for client in (DEFAULT_CLIENT,) if clients is None else clients:
             self.register_client(client)
         self._host, self._ports = host, (as_port, rs_port)
         self._servers: list[LoopbackServer] = []
