@@ -10,7 +10,8 @@ httpx) is imported at all.
     server on 127.0.0.1, nonces required at both), fresh for each test and stopped after it.
     It serves one ready client: ``DEFAULT_CLIENT_ID`` / ``DEFAULT_CLIENT_SECRET`` from
     :mod:`dpop_hsm.testing` (``dpop-hsm-test`` / ``dpop-hsm-test-secret``,
-    ``client_secret_basic``, scope ``api``); register more with ``register_client``.
+    ``client_secret_basic``, scope ``api``), and the public client ``DEFAULT_PUBLIC_CLIENT_ID``
+    (``dpop-hsm-public``, for login flows); register more with ``register_client``.
 ``dpop_signer``
     A new software ES256 key (:class:`dpop_hsm.SoftwareSigner`) for each test.
 

@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from dpop_hsm.signers.base import Signer
-from dpop_hsm.testing import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, LocalDPoPServers
+from dpop_hsm.testing import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    DEFAULT_PUBLIC_CLIENT_ID,
+    LocalDPoPServers,
+)
 from dpop_hsm.token import TokenClient
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -88,7 +93,8 @@ def test_the_default_client_of_bare_servers_gets_a_token(dpop_signer: Signer) ->
             client_secret=DEFAULT_CLIENT_SECRET,
         ).get_token()
         assert token.is_dpop
-        assert list(servers.clients) == [DEFAULT_CLIENT_ID]
+        assert list(servers.clients) == [DEFAULT_CLIENT_ID, DEFAULT_PUBLIC_CLIENT_ID]
+        assert servers.clients[DEFAULT_PUBLIC_CLIENT_ID].public
     assert list(LocalDPoPServers(clients=[]).clients) == []
 
 

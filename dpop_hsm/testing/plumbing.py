@@ -34,6 +34,7 @@ __all__ = [
     "LoopbackServer",
     "Nonces",
     "RSBehavior",
+    "RefreshPolicy",
     "Reject",
     "Role",
     "Settings",
@@ -49,6 +50,7 @@ ASBehavior = Literal[
     "normal", "error_500", "not_json", "no_access_token", "bearer", "always_nonce", "bad_expires"
 ]
 RSBehavior = Literal["normal", "always_nonce", "reject"]
+RefreshPolicy = Literal["always", "offline_access", "never"]
 MAX_BODY = 64 * 1024
 _MAX_LINE = 1024
 _MAX_TRAILERS = 32
@@ -60,8 +62,15 @@ JSON_HEADERS = (("Content-Type", "application/json"),)
 class Counters:
     """Thread-safe event counts, read as attributes (an unknown name reads 0).
 
-    The servers count ``token_requests``, ``tokens_issued``, ``as_nonce_challenges``,
-    ``rs_nonce_challenges``, ``api_requests``, ``api_ok`` and ``rejections[reason]``.
+    Token endpoint: ``token_requests``, ``tokens_issued`` (all grants) and per grant
+    ``tokens_client_credentials``, ``tokens_authorization_code``, ``tokens_refresh_token``,
+    ``tokens_device_code``; ``refreshes``, ``refresh_tokens_issued``, ``refresh_reuse``,
+    ``code_replays``, ``grants_revoked``. Front channel: ``codes_issued``,
+    ``authorizations_approved``, ``authorizations_denied``, ``par_requests``. Device grant:
+    ``device_authorizations``, ``device_polls``, ``device_slow_downs``, ``device_approvals``,
+    ``device_denials``. Revocation: ``revocation_requests``, ``revocations`` (tokens or grants
+    actually revoked). Nonces: ``as_nonce_challenges``, ``rs_nonce_challenges``. RS:
+    ``api_requests``, ``api_ok``. Every refusal: ``rejections[reason]``.
     """
 
     def __init__(self) -> None:
@@ -194,8 +203,8 @@ def decode_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes
 
 
 class Settings(Protocol):
-    """The knobs both servers read on every request; ``LocalDPoPServers`` holds them, so a
-    test can change them while the servers run."""
+    """The knobs the servers read on every request; ``LocalDPoPServers`` holds them, so a
+    test can change them while the servers run (see its docstring for each)."""
 
     as_nonce: bool
     rs_nonce: bool
@@ -205,6 +214,17 @@ class Settings(Protocol):
     proof_max_age: float
     as_behavior: ASBehavior
     rs_behavior: RSBehavior
+    dpop_signing_algs: frozenset[str]
+    require_par: bool
+    refresh_tokens: RefreshPolicy
+    refresh_token_lifetime: float
+    code_lifetime: float
+    par_lifetime: float
+    login_lifetime: float
+    device_code_lifetime: float
+    device_interval: int
+    revoke_access_tokens: bool
+    metadata_overrides: dict[str, Any]
 
     def now(self) -> float:
         """The servers' clock: wall time plus ``clock_offset``."""

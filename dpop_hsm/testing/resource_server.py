@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigurationError, VerificationError
-from ..verify import DEFAULT_ALGORITHMS, ReplayCache, verify_proof
+from ..verify import ReplayCache, verify_proof
 from .plumbing import (
     Counters,
     Handler,
@@ -31,7 +31,6 @@ from .tokens import TokenIssuer
 __all__ = ["API_PATH", "ResourceServer"]
 
 API_PATH = "/api/dpop/test"
-_ALGS = " ".join(sorted(DEFAULT_ALGORITHMS))
 
 
 class ResourceServer:
@@ -66,7 +65,7 @@ class ResourceServer:
         return self.server.url
 
     def _challenge(self, error: str | None, description: str | None) -> str:
-        parts = [f'algs="{_ALGS}"']
+        parts = [f'algs="{" ".join(sorted(self.settings.dpop_signing_algs))}"']
         if error:
             parts.append(f'error="{error}"')
         if description:
@@ -152,6 +151,7 @@ class ResourceServer:
                 access_token=token,
                 nonce=self.nonces.accepts if self.settings.rs_nonce else None,
                 expected_jkt=jkt,
+                algorithms=self.settings.dpop_signing_algs,
                 replay_cache=self._proof_replays,
                 max_age=self.settings.proof_max_age,
                 now=self.settings.now(),

@@ -5,12 +5,28 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from ..errors import ConfigurationError
+from ..verify import DEFAULT_ALGORITHMS
 from .authorization_server import AuthorizationServer
-from .clients import DEFAULT_CLIENT, ClientRegistration, validate_registration
-from .plumbing import ASBehavior, Counters, LoopbackServer, Nonces, RSBehavior
+from .browser import approve_device, complete_login
+from .clients import (
+    DEFAULT_CLIENT,
+    DEFAULT_PUBLIC_CLIENT,
+    ClientRegistration,
+    validate_registration,
+)
+from .context import (
+    AUTHORIZE_PATH,
+    DEVICE_AUTHORIZATION_PATH,
+    JWKS_PATH,
+    METADATA_PATHS,
+    PAR_PATH,
+    REVOKE_PATH,
+)
+from .plumbing import ASBehavior, Counters, LoopbackServer, Nonces, RefreshPolicy, RSBehavior
 from .resource_server import API_PATH, ResourceServer
 from .tokens import TokenIssuer
 
@@ -21,17 +37,31 @@ class LocalDPoPServers:
     """Start an AS and an RS on loopback; a context manager; see the package docstring.
 
     ``clients`` registers clients up front (more with :meth:`register_client`). Without it, the
-    servers come with one ready client, :data:`DEFAULT_CLIENT`: client_id ``dpop-hsm-test``,
-    secret ``dpop-hsm-test-secret``, ``client_secret_basic``, scope ``api`` — so this works
+    servers come with two ready clients: :data:`DEFAULT_CLIENT` (client_id ``dpop-hsm-test``,
+    secret ``dpop-hsm-test-secret``, ``client_secret_basic``, scope ``api``, every grant) and
+    :data:`DEFAULT_PUBLIC_CLIENT` (client_id ``dpop-hsm-public``, ``none``, scope ``api``:
+    authorization code, refresh token and device grants, loopback redirect URIs
+    ``http://127.0.0.1/callback`` and ``http://[::1]/callback`` on any port). So this works
     against a fresh ``LocalDPoPServers()`` (nonces included, the client retries)::
 
         TokenClient(signer, token_endpoint=servers.token_endpoint,
                     client_id=DEFAULT_CLIENT_ID, client_secret=DEFAULT_CLIENT_SECRET)
 
     Pass ``clients=[]`` for none.
-    ``as_nonce``/``rs_nonce`` require nonces; ``token_lifetime`` (s) and ``clock_offset`` (s
-    added to the servers' clock) can be changed while running, as can ``as_behavior``,
-    ``rs_behavior`` and ``required_scope``.
+
+    Options, all attributes a test may change while the servers run:
+    ``as_nonce``/``rs_nonce`` require nonces (at the token endpoint, PAR and every grant; at the
+    RS); ``token_lifetime`` (s, access tokens, at least 1); ``clock_offset`` (s added to the
+    servers' clock: move time forward to expire codes, device codes and refresh tokens);
+    ``required_scope`` (RS); ``dpop_signing_algs`` (accepted proof algs, advertised as
+    ``dpop_signing_alg_values_supported``); ``require_par`` (RFC 9126 §5);
+    ``refresh_tokens`` (``"always"`` for user grants, ``"offline_access"`` only when that
+    scope was granted, ``"never"``); ``refresh_token_lifetime``, ``code_lifetime``,
+    ``par_lifetime``, ``login_lifetime`` (the login form), ``device_code_lifetime`` (s);
+    ``device_interval`` (s between polls); ``revoke_access_tokens`` (False: revocation answers
+    ``unsupported_token_type`` for access tokens); ``metadata_overrides`` (merged into the
+    metadata document, None deletes a member); ``as_behavior``/``rs_behavior`` (misbehave on
+    purpose). ``counters`` counts what happened (see :class:`Counters`).
     """
 
     def __init__(
@@ -49,7 +79,25 @@ class LocalDPoPServers:
         as_port: int = 0,
         rs_port: int = 0,
         proof_max_age: float = 60.0,
+        dpop_signing_algs: Collection[str] | None = None,
+        require_par: bool = False,
+        refresh_tokens: RefreshPolicy = "always",
+        refresh_token_lifetime: float = 86400.0,
+        code_lifetime: float = 60.0,
+        par_lifetime: float = 60.0,
+        login_lifetime: float = 600.0,
+        device_code_lifetime: float = 600.0,
+        device_interval: int = 5,
+        revoke_access_tokens: bool = True,
+        metadata_overrides: Mapping[str, Any] | None = None,
     ) -> None:
+        algs = frozenset(DEFAULT_ALGORITHMS if dpop_signing_algs is None else dpop_signing_algs)
+        if not algs or not algs <= DEFAULT_ALGORITHMS:
+            raise ConfigurationError(
+                f"dpop_signing_algs must be a non-empty subset of {sorted(DEFAULT_ALGORITHMS)}"
+            )
+        if refresh_tokens not in ("always", "offline_access", "never"):
+            raise ConfigurationError("refresh_tokens must be 'always', 'offline_access' or 'never'")
         self.as_nonce = as_nonce
         self.rs_nonce = rs_nonce
         self.as_nonces = Nonces(nonce_lifetime)
@@ -59,6 +107,17 @@ class LocalDPoPServers:
         self.required_scope = required_scope
         self.multi_challenge = multi_challenge
         self.proof_max_age = proof_max_age
+        self.dpop_signing_algs = algs
+        self.require_par = require_par
+        self.refresh_tokens: RefreshPolicy = refresh_tokens
+        self.refresh_token_lifetime = refresh_token_lifetime
+        self.code_lifetime = code_lifetime
+        self.par_lifetime = par_lifetime
+        self.login_lifetime = login_lifetime
+        self.device_code_lifetime = device_code_lifetime
+        self.device_interval = device_interval
+        self.revoke_access_tokens = revoke_access_tokens
+        self.metadata_overrides: dict[str, Any] = dict(metadata_overrides or {})
         self.as_behavior: ASBehavior = "normal"
         self.rs_behavior: RSBehavior = "normal"
         self.counters = Counters()
@@ -72,7 +131,8 @@ class LocalDPoPServers:
             self, counters=self.counters, issuer=self._issuer, nonces=self.rs_nonces, seen=self.seen
         )
         self.clients = self.authorization_server.clients
-        for client in (DEFAULT_CLIENT,) if clients is None else clients:
+        defaults = (DEFAULT_CLIENT, DEFAULT_PUBLIC_CLIENT)
+        for client in defaults if clients is None else clients:
             self.register_client(client)
         self._host, self._ports = host, (as_port, rs_port)
         self._servers: list[LoopbackServer] = []
@@ -155,16 +215,52 @@ class LocalDPoPServers:
 
     @property
     def jwks_url(self) -> str:
-        return self.as_url + "/jwks"
+        return self.as_url + JWKS_PATH
 
     @property
     def api_url(self) -> str:
         return self.rs_url + API_PATH
 
+    @property
+    def issuer(self) -> str:
+        """The AS's issuer identifier (RFC 8414 §2): its origin, no trailing slash."""
+        return self.as_url
+
+    @property
+    def metadata_url(self) -> str:
+        """RFC 8414 §3 metadata URL (the document is also at the OpenID Connect path)."""
+        return self.as_url + METADATA_PATHS[0]
+
+    @property
+    def authorization_endpoint(self) -> str:
+        return self.as_url + AUTHORIZE_PATH
+
+    @property
+    def par_endpoint(self) -> str:
+        return self.as_url + PAR_PATH
+
+    @property
+    def device_authorization_endpoint(self) -> str:
+        return self.as_url + DEVICE_AUTHORIZATION_PATH
+
+    @property
+    def revocation_endpoint(self) -> str:
+        return self.as_url + REVOKE_PATH
+
+    def metadata(self) -> dict[str, Any]:
+        """The metadata document the AS serves now (RFC 8414 §2)."""
+        return self.authorization_server.metadata()
+
     def endpoints(self) -> str:
         """Printable summary for people (``dpop-hsm serve``)."""
         lines = [
+            f"issuer         : {self.issuer}",
+            f"metadata       : {self.metadata_url}",
             f"token endpoint : {self.token_endpoint}",
+            f"authorize      : {self.authorization_endpoint}",
+            f"par            : {self.par_endpoint}",
+            f"device         : {self.device_authorization_endpoint}",
+            f"revocation     : {self.revocation_endpoint}",
             f"jwks           : {self.jwks_url}",
             f"api            : {self.api_url}",
             f"nonces         : AS {'required' if self.as_nonce else 'off'}, "
@@ -174,6 +270,21 @@ class LocalDPoPServers:
         for c in self.clients.values():
             lines.append(f"client         : {c.client_id} ({c.auth_method}, scope {c.scope!r})")
         return "\n".join(lines)
+
+    # --- a test acting as the user ----------------------------------------------------------
+
+    def complete_login(
+        self, authorization_url: str, *, user: str = "alice", approve: bool = True
+    ) -> str:
+        """Open ``authorization_url`` as the user's browser would, sign in as ``user`` and
+        approve (or deny); the redirect ``Location`` (with ``code``/``error``, ``state``,
+        ``iss``), not followed. Raises ProtocolError when the AS shows an error page."""
+        return complete_login(authorization_url, user=user, approve=approve)
+
+    def approve_device(self, user_code: str, *, user: str = "alice", approve: bool = True) -> None:
+        """Enter ``user_code`` on the device page and approve (or deny) it, over HTTP.
+        Raises ProtocolError for an unknown, expired or already decided code."""
+        approve_device(self.as_url, user_code, user=user, approve=approve)
 
     # --- state ----------------------------------------------------------------------------
 

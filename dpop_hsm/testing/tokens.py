@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import DPoPError, InvalidProofError
+from ..errors import DPoPError
 from ..jose import b64url_encode, compact_json
 from ..signers.software import SoftwareSigner
 from ..verify import public_key_from_jwk, verify_jws_signature
@@ -87,20 +87,27 @@ class TokenIssuer:
             self._revoked |= self._issued
             return len(self._revoked)
 
+    def decode(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token this issuer signed (expired or revoked too); None otherwise."""
+        try:
+            header, claims, signature, signing_input = decode_jws(token)
+            if header.get("alg") != "ES256" or header.get("kid") != self.kid:
+                return None
+            verify_jws_signature(
+                public_key_from_jwk(self._key.public_jwk), "ES256", signature, signing_input
+            )
+        except (ValueError, DPoPError):
+            return None
+        return claims
+
     def claims(self, token: str) -> dict[str, Any]:
         """The claims of a token this issuer signed, still valid and not revoked.
 
         Raises :class:`~dpop_hsm.testing.plumbing.Reject` (401 ``invalid_token``) otherwise.
         """
-        try:
-            header, claims, signature, signing_input = decode_jws(token)
-            if header.get("alg") != "ES256" or header.get("kid") != self.kid:
-                raise InvalidProofError("alg", "not our token")
-            verify_jws_signature(
-                public_key_from_jwk(self._key.public_jwk), "ES256", signature, signing_input
-            )
-        except (ValueError, DPoPError) as e:
-            raise Reject(401, "token_invalid", "invalid_token", "token not issued here") from e
+        claims = self.decode(token)
+        if claims is None:
+            raise Reject(401, "token_invalid", "invalid_token", "token not issued here")
         with self._lock:
             revoked = claims.get("jti") in self._revoked
         if revoked:
