@@ -6,13 +6,14 @@ codes (RFC 6749 §4.1.2) and PAR (RFC 9126, RFC 9449 §10.1)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from urllib.parse import urlencode
 
 import pytest
 import requests
 
-from dpop_hsm.errors import ProtocolError
+from dpop_hsm.errors import ConfigurationError, ProtocolError
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import (
     DEFAULT_CLIENT_ID,
@@ -21,6 +22,7 @@ from dpop_hsm.testing import (
     ClientRegistration,
     LocalDPoPServers,
 )
+from dpop_hsm.token import TokenClient
 from tests.oauth_helpers import Flow, api, callback_params, claims_of, error_of
 
 
@@ -517,3 +519,70 @@ def test_the_flow_works_without_nonces(key: SoftwareSigner) -> None:
         body = flow.tokens()
         assert api(srv, key, body["access_token"]).status_code == 200
         assert srv.counters.as_nonce_challenges == 0
+
+
+def test_par_accepts_an_assertion_for_the_par_endpoint(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    # RFC 9126 §2: the AS accepts its issuer, token endpoint or PAR endpoint as aud.
+    srv.register_client(ClientRegistration("jwt", "private_key_jwt", jwk=dict(key.public_jwk)))
+    flow = Flow(srv, key, "jwt")
+    for audience in (srv.par_endpoint, srv.issuer, srv.token_endpoint):
+        client = TokenClient(
+            key, token_endpoint=srv.token_endpoint, client_id="jwt", audience=audience
+        )
+        params = flow.authorization_params()
+        params["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        params["client_assertion"] = client._client_assertion()
+        response = flow.post(srv.par_endpoint, params, proof=False, auth=False)
+        assert response.status_code == 201, response.text
+    wrong = TokenClient(
+        key, token_endpoint=srv.token_endpoint, client_id="jwt", audience=srv.revocation_endpoint
+    )
+    params = flow.authorization_params()
+    params["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    params["client_assertion"] = wrong._client_assertion()
+    refused = flow.post(srv.par_endpoint, params, proof=False, auth=False)
+    assert refused.status_code == 401 and error_of(refused) == "invalid_client"
+
+
+def test_concurrent_redemptions_of_one_code_leave_no_live_token(
+    srv: LocalDPoPServers, public: Flow, key: SoftwareSigner
+) -> None:
+    code = public.login()["code"]
+    results: list[requests.Response] = []
+    barrier = threading.Barrier(8)
+
+    def redeem() -> None:
+        flow = Flow(srv, key, public.client_id, nonce=srv.as_nonces.current())
+        flow.verifier = public.verifier
+        barrier.wait()
+        results.append(flow.exchange(code))
+
+    threads = [threading.Thread(target=redeem) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Seven are replays (RFC 6749 §4.1.2): refused, and whatever the code produced, even for
+    # the one redemption that came first, is revoked.
+    refused = [r for r in results if r.status_code != 200]
+    assert len(refused) >= 7 and {error_of(r) for r in refused} == {"invalid_grant"}
+    assert srv.counters.code_replays == 7
+    for winner in (r for r in results if r.status_code == 200):
+        assert api(srv, key, winner.json()["access_token"]).status_code == 401
+
+
+def test_registration_checks_redirect_uris_and_grants() -> None:
+    srv = LocalDPoPServers(clients=[])
+    for bad in (("/relative",), ("http://127.0.0.1/cb#x",), ("http://a b/cb",)):
+        with pytest.raises(ConfigurationError, match="redirect URI"):
+            srv.register_client(ClientRegistration("x", "none", redirect_uris=bad))
+    with pytest.raises(ConfigurationError, match="tuple"):
+        srv.register_client(
+            ClientRegistration("x", "none", redirect_uris="http://127.0.0.1/cb")  # type: ignore[arg-type]
+        )
+    with pytest.raises(ConfigurationError, match="grant types"):
+        srv.register_client(ClientRegistration("x", "none", grant_types=frozenset({"password"})))
+    with pytest.raises(ConfigurationError, match="dpop_signing_algs"):
+        LocalDPoPServers(dpop_signing_algs=["HS256"])

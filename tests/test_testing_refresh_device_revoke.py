@@ -5,6 +5,7 @@ through the servers' ``clock_offset``, never by sleeping."""
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -348,3 +349,25 @@ def test_revocation_authenticates_and_checks_the_owner(
     assert confidential.refresh(body["refresh_token"]).status_code == 200
     missing = public.post(srv.revocation_endpoint, {}, proof=False)
     assert missing.status_code == 400 and error_of(missing) == "invalid_request"
+
+
+def test_concurrent_refreshes_with_one_token_let_one_win(
+    srv: LocalDPoPServers, public: Flow, key: SoftwareSigner
+) -> None:
+    body = public.tokens()
+    results: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def refresh() -> None:
+        flow = Flow(srv, key, public.client_id, nonce=srv.as_nonces.current())
+        barrier.wait()
+        results.append(flow.refresh(body["refresh_token"]).status_code)
+
+    threads = [threading.Thread(target=refresh) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # One rotation wins; the others present a token that is no longer live, which is reuse.
+    assert results.count(200) <= 1 and results.count(400) >= 5
+    assert srv.counters.refreshes == results.count(200)
