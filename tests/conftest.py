@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures_softhsm",
     "tests.fixtures_tpm",
     "tests.fixtures_servers",
+    "tests.fixtures_redis",
 ]
