@@ -287,6 +287,7 @@ class RedisTokenCache(SharedTokenCache):
         def attempt() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
             pipe.set(lock, owner, nx=True, px=_ms(lease))
+            pipe.get(lock)
             pipe.pttl(lock)
             pipe.get(entry)
             pipe.pttl(entry)
@@ -294,7 +295,7 @@ class RedisTokenCache(SharedTokenCache):
             return result
 
         try:
-            got, lock_ttl, raw, pttl = self._guard(attempt)
+            got, holder, lock_ttl, raw, pttl = self._guard(attempt)
         except Unavailable:
             return SharedLock(self, key, held=False, available=False)
         read = _with_ttl(raw, pttl)
@@ -306,6 +307,7 @@ class RedisTokenCache(SharedTokenCache):
             lease,
             held=bool(got),
             lease_left=max(0.0, lock_ttl / 1000) if lock_ttl > 0 else 0.0,
+            holder=holder.decode("utf-8", "replace") if isinstance(holder, bytes) else holder,
             current=current,
         )
 

@@ -330,8 +330,9 @@ class SharedLock:
     """The fleet-wide renewal lock of one cache key, as one attempt to take it found it.
 
     ``held``: we own it (publish or release it); ``available``: False when the store is in an
-    outage (renew locally); ``lease_left``: seconds until a busy lock's lease ends;
-    ``current``: the entry read in the same step (the re-read after taking the lock).
+    outage (renew locally); ``lease_left``: seconds until a busy lock's lease ends; ``holder``:
+    who holds a busy lock, where the store knows; ``current``: the entry read in the same step
+    (the re-read after taking the lock).
     Subclasses implement :meth:`_publish`, :meth:`_release` and :meth:`_extend`.
     """
 
@@ -343,11 +344,12 @@ class SharedLock:
         held: bool,
         available: bool = True,
         lease_left: float = 0.0,
+        holder: str | None = None,
         current: Token | None = None,
     ) -> None:
         self.cache, self.key = cache, key
         self.held, self.available = held, available
-        self.lease_left, self.current = lease_left, current
+        self.lease_left, self.holder, self.current = lease_left, holder, current
 
     def publish(self, token: Token) -> None:
         """Store ``token`` for the fleet, wake the waiters and release the lock (best effort)."""
@@ -595,6 +597,8 @@ def renewal_flow(
     if token is not None:
         return token
     deadline = time.monotonic() + lease + 1.0
+    holder: str | None = None
+    took_over = False
     while True:
         with shared.lock(key, lease) as lock:
             if lock.held:
@@ -607,6 +611,14 @@ def renewal_flow(
             if not lock.available:
                 break
             wait = lock.lease_left
+            if lock.holder != holder:
+                if holder is not None and not took_over:
+                    # The holder we waited for died (its lease ran out) and another process
+                    # took over: wait for that one's token too, once, rather than fetch one
+                    # more ourselves.
+                    took_over = True
+                    deadline = max(deadline, time.monotonic() + wait + 1.0)
+                holder = lock.holder
         left = deadline - time.monotonic()
         if left <= 0:
             break

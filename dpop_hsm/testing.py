@@ -240,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
                 app._handle_as(self, body)
             else:
                 app._handle_rs(self, body)
+        except (ConnectionError, TimeoutError):
+            raise  # the client went away mid-answer: handle_error logs it at DEBUG
         except Exception:  # a test server must answer, not hang the client
             log.exception("local %s server failed", self.server.role)
             self._send(500, b"internal error", [("Content-Type", "text/plain")])
@@ -297,7 +299,10 @@ class LocalDPoPServers:
     ``clients`` registers clients up front (more with :meth:`register_client`);
     ``as_nonce``/``rs_nonce`` require nonces; ``token_lifetime`` (s) and ``clock_offset`` (s
     added to the servers' clock) can be changed while running, as can ``as_behavior``,
-    ``rs_behavior`` and ``required_scope``.
+    ``rs_behavior``, ``required_scope``, ``token_delay`` (s the AS waits before answering a
+    token request: a slow AS) and ``issue_refresh_tokens`` (each one also kept in
+    ``refresh_tokens_issued``). ``tokens_issued_at`` has the ``time.monotonic()`` of every
+    token issued.
     """
 
     def __init__(
@@ -329,6 +334,10 @@ class LocalDPoPServers:
         self.multi_challenge = multi_challenge
         self.proof_max_age = proof_max_age
         self.as_behavior: ASBehavior = "normal"
+        self.token_delay = 0.0
+        self.issue_refresh_tokens = False
+        self.refresh_tokens_issued: list[str] = []
+        self.tokens_issued_at: list[float] = []
         self.rs_behavior: RSBehavior = "normal"
         self.counters = Counters()
         self.seen: deque[dict[str, Any]] = deque(maxlen=1000)
@@ -513,6 +522,8 @@ class LocalDPoPServers:
             h._send(405, b"", [("Allow", "POST")])
             return
         self.counters.add("token_requests")
+        if self.token_delay > 0:
+            time.sleep(self.token_delay)
         headers: list[tuple[str, str]] = [
             ("Content-Type", "application/json"),
             ("Pragma", "no-cache"),
@@ -583,6 +594,8 @@ class LocalDPoPServers:
         if not set(scope.split()) <= set(client.scope.split()):
             raise _Reject(400, "scope", "invalid_scope", "scope not allowed for this client")
         self.counters.add("tokens_issued")
+        with self._state_lock:
+            self.tokens_issued_at.append(time.monotonic())
         lifetime = max(1, round(self.token_lifetime))
         answer: dict[str, Any] = {
             "access_token": self.issue_token(
@@ -592,6 +605,11 @@ class LocalDPoPServers:
             "token_type": "DPoP",
             "scope": scope,
         }
+        if self.issue_refresh_tokens:
+            refresh_token = b64url_encode(os.urandom(32))
+            with self._state_lock:
+                self.refresh_tokens_issued.append(refresh_token)
+            answer["refresh_token"] = refresh_token
         if self.as_behavior == "no_access_token":
             del answer["access_token"]
         elif self.as_behavior == "bearer":
