@@ -21,6 +21,7 @@ entry's expiry is the writer's wall clock — one host, one clock. Waiters poll 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -150,7 +151,7 @@ class FileTokenCache(SharedTokenCache):
         except FileNotFoundError:
             return None
         except OSError as e:
-            if e.errno == getattr(os, "ELOOP", -1):
+            if e.errno == errno.ELOOP:
                 return b""  # a symlink planted in our directory: corrupt, gets replaced
             raise
         try:
