@@ -463,7 +463,7 @@ def test_configuration_errors(redis_server: RedisServer) -> None:
 
     with pytest.raises(ConfigurationError, match="synchronous"):
         RedisTokenCache(redis_py.asyncio.Redis(port=redis_server.port))
-    with pytest.raises(ConfigurationError, match="redis.Redis"):
+    with pytest.raises(ConfigurationError, match=r"redis\.Redis"):
         RedisTokenCache(object())
     with pytest.raises(ConfigurationError, match="URL"):
         RedisTokenCache.from_url("http://:pw-in-url@example.invalid/")
@@ -473,3 +473,33 @@ def test_configuration_errors(redis_server: RedisServer) -> None:
         RedisTokenCache.from_url(redis_server.url, lease=0)
     with pytest.raises(ConfigurationError, match="backoff"):
         RedisTokenCache.from_url(redis_server.url, backoff=-1)
+
+
+def test_a_refusing_redis_is_an_outage_too(
+    redis_server: RedisServer,
+    redis_prefix: str,
+    servers: LocalDPoPServers,
+    signer: SoftwareSigner,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every command answered with an error (here an ACL that allows none): work locally."""
+    from dpop_hsm.redis import RedisTokenCache
+
+    admin = redis_server.client()
+    user = f"refused{abs(hash(redis_prefix)) % 10**6}"
+    admin.execute_command("ACL", "SETUSER", user, "on", "nopass", "~*", "-@all")
+    cache = RedisTokenCache.from_url(
+        f"redis://{user}@127.0.0.1:{redis_server.port}/0", prefix=redis_prefix
+    )
+    try:
+        client = _client(servers, signer, cache)
+        with DPoPSession(client) as session:
+            for _ in range(3):
+                assert session.get(servers.api_url).status_code == 200
+    finally:
+        cache.close()
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+    assert cache.outage.stats["outages"] == 1
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "NoPermissionError" in warnings[0].getMessage()
