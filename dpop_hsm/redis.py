@@ -27,7 +27,7 @@ Asyncio: the client is redis-py's *synchronous* client on purpose. Nothing on an
 touches Redis: ``get()`` (the cache hit) reads only the in-process layer, and the renewal
 flow, invalidation and nonce look-ups run where the async adapters already run every step
 that may block (a worker thread, ``anyio.to_thread``); a lock release that happens on the loop
-(an error or cancellation) is handed to a thread. An ``redis.asyncio`` client is refused.
+(an error or cancellation) is handed to a thread. A ``redis.asyncio`` client is refused.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ written only when the cache was created with ``share_refresh_tokens=True``.
 :class:`SharedTokenCache` is the base of :class:`dpop_hsm.redis.RedisTokenCache` and
 :class:`dpop_hsm.file_cache.FileTokenCache`. It is a :class:`~dpop_hsm.token.TokenCache`: every
 process keeps the in-memory layer in front, so a cache hit never leaves the process, and the
-client's in-process single flight stays in front of the fleet lock, so only one thread per
-process ever talks to the shared store. That thread runs :func:`renewal_flow`: read the shared
-entry; if it is stale, take the fleet lock, read again (someone may have just renewed), then
-either adopt the shared token or fetch one and publish it; while another process holds the
-lock, wait (bounded by its lease) for its token to appear.
+client's in-process single flight stays in front of the fleet lock, so however many threads
+wait, one thread per process and cache key renews through the shared store. It runs
+:func:`renewal_flow`: read the shared entry; if it is stale, take the fleet lock, read again
+(someone may have just renewed), then either adopt the shared token or fetch one and publish
+it; while another process holds the lock, wait (bounded by its lease) for its token.
 
 Degraded mode: the shared store is a cache, not a dependency. Any failure of it (down, frozen,
 refusing) marks an outage: one WARNING on ``dpop_hsm.shared_cache``, then the store is skipped
