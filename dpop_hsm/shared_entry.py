@@ -173,6 +173,9 @@ def decode_entry(
     extra = entry.get("extra")
     if not isinstance(extra, dict) or SECRET_FIELDS.intersection(extra):
         raise ValueError("entry extra is not an object of non-secret members")
+    refresh = entry.get("refresh_token")
+    if refresh is not None and not isinstance(refresh, str):
+        raise ValueError("entry refresh_token is not a string")
     lifetime = _number(entry, "lifetime")
     issued_at = _number(entry, "issued_at")
     expires_at = _number(entry, "expires_at")
@@ -183,9 +186,6 @@ def decode_entry(
     expires_in = min(expires_in, lifetime)
     if expires_in <= 0:
         return None
-    refresh = entry.get("refresh_token")
-    if refresh is not None and not isinstance(refresh, str):
-        raise ValueError("entry refresh_token is not a string")
     token = Token(
         access_token=access_token,
         token_type=token_type,
