@@ -9,6 +9,8 @@
 - ``raw_http``: a raw-socket HTTP server for hostile-server tests.
 - ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
 - ``oauth``: drives the local AS's login, PAR, device and refresh endpoints like a browser would.
+- ``redis``: pytest plugin, a private redis-server on a free 127.0.0.1 port.
+- ``fleet``, ``fleet_worker``: worker processes of the fleet tests, driven over stdio.
 - ``cli``: pytest plugin and helpers for running ``dpop-hsm`` in-process and as a child.
 
 The plugins are registered in ``tests/conftest.py``.
