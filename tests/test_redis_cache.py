@@ -272,9 +272,9 @@ def test_no_entry_holds_the_private_key_client_secret_or_refresh_token(
     entries = {k: v for k, v in redis_server.dump().items() if k.startswith(redis_prefix.encode())}
     assert any(b":token:" in k for k in entries) and any(b":nonce:" in k for k in entries)
     blob = b"\n".join(entries.values())
-    key = signer._key
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    numbers = key.private_numbers()
+    private = signer._key
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    numbers = private.private_numbers()
     d = numbers.private_value.to_bytes(32, "big")
     pem = signer._key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -419,9 +419,8 @@ def test_a_frozen_redis_costs_one_timeout_per_backoff_and_sharing_resumes(
         made.append(late)
         token = _client(servers, signer, late).get_token()
         assert servers.counters.tokens_issued == issued
-        assert token.access_token in {
-            t.access_token for c in clients if (t := c.cached_token()) is not None
-        }
+        held = [c.cached_token() for c in clients]
+        assert token.access_token in {h.access_token for h in held if h is not None}
     finally:
         for cache in made:
             cache.close()
