@@ -10,7 +10,8 @@
 - ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
 - ``oauth``: drives the local AS's login, PAR, device and refresh endpoints like a browser would.
 - ``redis``: pytest plugin, a private redis-server on a free 127.0.0.1 port.
-- ``fleet``, ``fleet_worker``: worker processes of the fleet tests, driven over stdio.
+- ``fleet``: starts, commands and collects the fleet tests' worker processes.
+- ``fleet_worker``: one worker process of the fleet tests, driven over stdio.
 - ``cli``: pytest plugin and helpers for running ``dpop-hsm`` in-process and as a child.
 
 The plugins are registered in ``tests/conftest.py``.
