@@ -135,15 +135,19 @@ class DPoPMiddleware:
             response = await handler(request)
             headers = _headers(response)
             log_response(response.status, response.reason or "", headers, None, url=url)
-            fresh = self.flow.observe(url, headers)
-            decision = self.flow.classify(
-                response.status,
-                headers,
-                stamp=stamp,
-                fresh_nonce=fresh,
-                retried=retried,
-                replayable=replayable,
-            )
+            try:
+                fresh = self.flow.observe(url, headers)
+                decision = self.flow.classify(
+                    response.status,
+                    headers,
+                    stamp=stamp,
+                    fresh_nonce=fresh,
+                    retried=retried,
+                    replayable=replayable,
+                )
+            except BaseException:
+                response.release()  # the caller never sees it: give the connection back
+                raise
             if decision.action is Action.PASS:
                 self._remember_redirect(response, url)
                 return response
