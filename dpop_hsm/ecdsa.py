@@ -1,4 +1,4 @@
-"""The only place ECDSA signature encodings change (RFC 7518 §3.4; pitfall 1 in our RFC notes).
+"""The only place ECDSA signature encodings change (RFC 7518 §3.4: raw, fixed-length r||s).
 
 JWS wants raw ``r||s``, each integer left-padded to the curve's byte size (32, 48, 66).
 ``cryptography`` returns DER, PKCS#11 ``CKM_ECDSA`` returns raw, TPMs return ``r`` and ``s``;

@@ -1,4 +1,4 @@
-"""Pkcs11Signer on a real SoftHSM2 token: keys, proofs, threads and every fault of issue 3.
+"""Pkcs11Signer on a real SoftHSM2 token: keys, proofs, threads and the faults tokens show.
 
 Signatures are checked with ``cryptography`` (an independent implementation), never with the
 token itself. Faults are caused for real: sessions closed under the signer, the token wiped and
@@ -583,11 +583,64 @@ def test_pin_locked_maps_to_pin_locked_error() -> None:
     import pkcs11
 
     from dpop_hsm.errors import PinLockedError
-    from dpop_hsm.signers.pkcs11 import _map_error
-    from dpop_hsm.signers.pkcs11_module import CKR_PIN_INCORRECT, CKR_PIN_LOCKED, login_error
+    from dpop_hsm.signers.pkcs11.ckr import (
+        CKR_PIN_INCORRECT,
+        CKR_PIN_LOCKED,
+        error_for_exception,
+        error_for_rv,
+    )
 
-    assert type(login_error(CKR_PIN_LOCKED, "token 't'")) is PinLockedError
-    assert type(login_error(CKR_PIN_INCORRECT, "token 't'")) is PinError
-    assert type(_map_error(pkcs11.exceptions.PinLocked(), "sign")) is PinLockedError
-    assert type(_map_error(pkcs11.exceptions.PinIncorrect(), "sign")) is PinError
-    assert type(_map_error(pkcs11.exceptions.TokenNotPresent(), "sign")) is TokenNotPresentError
+    assert type(error_for_rv(CKR_PIN_LOCKED, "token 't'")) is PinLockedError
+    assert type(error_for_rv(CKR_PIN_INCORRECT, "token 't'")) is PinError
+    assert type(error_for_exception(pkcs11.exceptions.PinLocked(), "sign")) is PinLockedError
+    assert type(error_for_exception(pkcs11.exceptions.PinIncorrect(), "sign")) is PinError
+    assert type(error_for_exception(pkcs11.exceptions.TokenNotPresent(), "sign")) is (
+        TokenNotPresentError
+    )
+
+
+def test_one_ckr_table_for_return_values_and_exceptions() -> None:
+    # The ctypes paths (login, admin, hot path) see CK_RV numbers, python-pkcs11 raises one
+    # class per CKR code: both must land on the same error, with the same words.
+    import pkcs11
+
+    from dpop_hsm.errors import DeviceError
+    from dpop_hsm.signers.pkcs11 import ckr
+
+    for row in ckr._TABLE:
+        assert row.exception is not None
+        cls = getattr(pkcs11.exceptions, row.exception)  # a typo in the table fails here
+        by_exception = ckr.error_for_exception(cls(), "what")
+        assert type(by_exception) is row.error
+        if row.value >= 0:
+            by_rv = ckr.error_for_rv(row.value, "what")
+            assert type(by_rv) is row.error
+            assert str(by_rv) == str(by_exception) == f"what: {row.text} ({row.name})"
+    unknown = ckr.error_for_rv(0x80000123, "what", "C_Sign")
+    assert type(unknown) is DeviceError and "C_Sign" in str(unknown)
+    # Our own errors are never mistaken for python-pkcs11's namesakes (DeviceError).
+    assert not ckr.has_fault(DeviceError("x"), ckr.SESSION)
+    assert ckr.has_fault(pkcs11.exceptions.DeviceError(), ckr.SESSION)
+    assert ckr.has_fault(ckr.SessionLostError("x"), ckr.SESSION)
+
+
+def test_old_import_paths_still_work() -> None:
+    # The backend became a package; the modules it grew out of re-export the same objects.
+    from dpop_hsm.signers import pkcs11 as package
+    from dpop_hsm.signers import pkcs11_admin, pkcs11_module, pkcs11_uri
+    from dpop_hsm.signers.pkcs11 import admin, cryptoki, locate, signer, uri
+
+    assert package.Pkcs11Signer is signer.Pkcs11Signer
+    assert package.load_pkcs11_reference is signer.load_pkcs11_reference
+    assert pkcs11_module.load_module is cryptoki.load_module
+    assert pkcs11_module.Module is cryptoki.Module
+    assert pkcs11_module.SignBuffer is cryptoki.SignBuffer
+    assert pkcs11_admin.init_token is admin.init_token
+    assert pkcs11_admin.token_labels is admin.token_labels
+    assert pkcs11_uri.Pkcs11Uri is uri.Pkcs11Uri
+    assert pkcs11_uri.resolve_module_name is locate.resolve_module_name
+    assert type(pkcs11_module.login_error(pkcs11_module.CKR_PIN_LOCKED, "t")).__name__ == (
+        "PinLockedError"
+    )
+    with pytest.raises(AttributeError):
+        package.NoSuchName  # noqa: B018
