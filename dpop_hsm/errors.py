@@ -18,6 +18,7 @@ __all__ = [
     "DPoPError",
     "DeviceError",
     "InsecureEndpointError",
+    "InvalidJwkError",
     "InvalidProofError",
     "KeyNotFoundError",
     "KeyReferenceError",
@@ -121,6 +122,12 @@ class UnsupportedKeyError(SignerError):
     """The key exists but is of a type, curve or form that DPoP signing cannot use."""
 
     code = "unsupported_key"
+
+
+class InvalidJwkError(UnsupportedKeyError):
+    """A JWK is malformed: a member is missing, not base64url, of the wrong length, off-curve."""
+
+    code = "invalid_jwk"
 
 
 class SignatureEncodingError(SignerError):

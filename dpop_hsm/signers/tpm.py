@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ..algorithms import algorithm
 from ..ecdsa import rs_to_raw
 from ..errors import (
     DeviceError,
@@ -60,8 +61,9 @@ from ..errors import (
     UnsupportedKeyError,
 )
 from ..jose import jwk_thumbprint
+from ..jwk import Curve, jwk_from_public_key
+from ..jwk import curve as jwk_curve
 from ..secret_sources import SecretSource, resolve_secret
-from .software import public_jwk_of
 from .tpm_ref import TpmReference, default_tcti, parse_handle, resolve_auth
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")  # before the TSS can log anything (see above)
@@ -106,17 +108,27 @@ _MAX_BLOB = 64 * 1024
 
 @dataclass(frozen=True)
 class _Curve:
+    """A curve as the TPM names it, joined to the one curve table (dpop_hsm.jwk)."""
+
     alg: str
     tpm_curve: int
     hash_alg: int
     hash_name: str
     size: int
-    crypto_curve: Callable[[], ec.EllipticCurve]
+    curve: Curve
 
 
+def _tpm_curve(crv: str, tpm_curve: int) -> _Curve:
+    c = jwk_curve(crv)
+    hash_name = algorithm(c.alg).hash_name or "sha256"
+    tpm_hash = {"sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384}[hash_name]
+    return _Curve(c.alg, tpm_curve, tpm_hash, hash_name, c.size, c)
+
+
+# TPM 2.0 Part 2 §6.4 TPM_ECC_CURVE: the curves a TPM can hold that JWS signs with.
 _CURVES: dict[str, _Curve] = {
-    "ES256": _Curve("ES256", TPM2_ECC.NIST_P256, TPM2_ALG.SHA256, "sha256", 32, ec.SECP256R1),
-    "ES384": _Curve("ES384", TPM2_ECC.NIST_P384, TPM2_ALG.SHA384, "sha384", 48, ec.SECP384R1),
+    c.alg: c
+    for c in (_tpm_curve("P-256", TPM2_ECC.NIST_P256), _tpm_curve("P-384", TPM2_ECC.NIST_P384))
 }
 _BY_TPM_CURVE = {int(c.tpm_curve): c for c in _CURVES.values()}
 
@@ -266,10 +278,10 @@ def _public_of(public: Any, *, what: str) -> tuple[_Curve, dict[str, str]]:
     x = int.from_bytes(bytes(area.unique.ecc.x), "big")
     y = int.from_bytes(bytes(area.unique.ecc.y), "big")
     try:
-        point = ec.EllipticCurvePublicNumbers(x, y, curve.crypto_curve()).public_key()
+        point = ec.EllipticCurvePublicNumbers(x, y, curve.curve.ec_curve()).public_key()
     except ValueError as e:
         raise UnsupportedKeyError(f"{what}: public point is not on the curve") from e
-    return curve, public_jwk_of(point)  # coordinates left-padded to full length
+    return curve, jwk_from_public_key(point)  # coordinates left-padded to full length
 
 
 def _read_blob(path: Path) -> Any:

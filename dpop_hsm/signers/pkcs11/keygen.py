@@ -20,19 +20,13 @@ from pkcs11.constants import DEFAULT as P11_DEFAULT
 
 from ...algorithms import AlgorithmInfo
 from ...errors import KeyReferenceError, MechanismNotSupportedError
+from ...jwk import curve
 from .ckr import TEMPLATE, error_for_exception, has_fault
 from .cryptoki import Module
 from .objects import describe, find_token
 from .uri import Pkcs11Uri
 
 __all__ = ["generate_key_pair"]
-
-_CURVE_OIDS = {
-    "P-256": "1.2.840.10045.3.1.7",
-    "P-384": "1.3.132.0.34",
-    "P-521": "1.3.132.0.35",
-    "Ed25519": "1.3.101.112",
-}
 
 
 def generate_key_pair(
@@ -103,10 +97,10 @@ def _generate_pair(
     }
     if info.kty == "EC":
         key_type, mech, length = KeyType.EC, Mechanism.EC_KEY_PAIR_GEN, None
-        public[Attribute.EC_PARAMS] = asn1.ObjectIdentifier(_CURVE_OIDS[info.crv or ""]).dump()
+        public[Attribute.EC_PARAMS] = asn1.ObjectIdentifier(curve(info.crv).oid).dump()
     elif info.kty == "OKP":
         key_type, mech, length = KeyType.EC_EDWARDS, Mechanism.EC_EDWARDS_KEY_PAIR_GEN, None
-        public[Attribute.EC_PARAMS] = asn1.ObjectIdentifier(_CURVE_OIDS["Ed25519"]).dump()
+        public[Attribute.EC_PARAMS] = asn1.ObjectIdentifier(curve(info.crv).oid).dump()
     else:
         key_type, mech, length = KeyType.RSA, Mechanism.RSA_PKCS_KEY_PAIR_GEN, 2048
     if mech not in mechanisms:

@@ -18,35 +18,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11e
 
-from ...algorithms import MIN_RSA_BITS
 from ...errors import AmbiguousKeyError, KeyNotFoundError, TokenNotPresentError, UnsupportedKeyError
+from ...jwk import MIN_RSA_BITS, Curve, PublicKey, curve_for_name, curve_for_oid
 from .cryptoki import Module
 from .uri import Pkcs11Uri
 
 __all__ = [
     "PROTECTION_FLAGS",
-    "PublicKey",
     "describe",
     "find_private_key",
     "find_token",
     "public_key_of",
     "read",
 ]
-
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
-
-_EC_OIDS = {
-    "1.2.840.10045.3.1.7": "P-256",
-    "1.3.132.0.34": "P-384",
-    "1.3.132.0.35": "P-521",
-    "1.3.101.112": "Ed25519",
-}
-_EC_NAMES = {"edwards25519": "Ed25519", "ed25519": "Ed25519"}
-_CURVES: dict[str, ec.EllipticCurve] = {
-    "P-256": ec.SECP256R1(),
-    "P-384": ec.SECP384R1(),
-    "P-521": ec.SECP521R1(),
-}
 
 PROTECTION_FLAGS = (
     ("sensitive", Attribute.SENSITIVE),
@@ -177,23 +161,18 @@ def _public_object(session: Any, key: Any) -> Any | None:
     return found[0] if len(found) == 1 else None
 
 
-def _curve_of(params: bytes) -> str:
-    """JWK ``crv`` of CKA_EC_PARAMS: a named-curve OID, or (PKCS#11 3.0) a curve name string."""
+def _curve_of(params: bytes) -> Curve:
+    """The curve of CKA_EC_PARAMS: a named-curve OID, or (PKCS#11 3.0) a curve name string."""
     try:
         value = asn1.Asn1Value.load(params, strict=True)
     except (ValueError, TypeError) as e:
         raise UnsupportedKeyError("CKA_EC_PARAMS is not DER") from e
     if isinstance(value, asn1.ObjectIdentifier):
-        crv = _EC_OIDS.get(value.dotted)
-        if crv is None:
-            raise UnsupportedKeyError(
-                f"EC curve {value.dotted} is not usable for JWS (P-256/384/521, Ed25519 are)"
-            )
-        return crv
+        return curve_for_oid(value.dotted)
     if isinstance(value, asn1.PrintableString):
-        crv = _EC_NAMES.get(str(value.native).lower())
-        if crv is not None:
-            return crv
+        found = curve_for_name(str(value.native))
+        if found is not None:
+            return found
     raise UnsupportedKeyError("CKA_EC_PARAMS is not a named curve (explicit parameters?)")
 
 
@@ -244,17 +223,17 @@ def public_key_of(module: Module, session: Any, key: Any) -> tuple[str, PublicKe
         return "RSA", pub
     if not params:
         raise UnsupportedKeyError(f"{what}: the token does not reveal CKA_EC_PARAMS")
-    crv = _curve_of(params)
+    found = _curve_of(params)
     if point is None:
         raise UnsupportedKeyError(f"{what}: no public key object with the same id or label")
     try:
-        if crv == "Ed25519":
+        if found.kty == "OKP":
             if key_type != KeyType.EC_EDWARDS:
                 raise UnsupportedKeyError(f"{what}: Ed25519 parameters on a non-EdDSA key")
-            return crv, ed25519.Ed25519PublicKey.from_public_bytes(_unwrap_point(point, 32))
-        curve = _CURVES[crv]
-        size = 1 + 2 * ((curve.key_size + 7) // 8)
-        raw_point = _unwrap_point(point, size)
-        return crv, ec.EllipticCurvePublicKey.from_encoded_point(curve, raw_point)
+            raw = _unwrap_point(point, found.size)
+            return found.crv, ed25519.Ed25519PublicKey.from_public_bytes(raw)
+        raw_point = _unwrap_point(point, 1 + 2 * found.size)  # uncompressed: 04 || X || Y
+        key_obj = ec.EllipticCurvePublicKey.from_encoded_point(found.ec_curve(), raw_point)
+        return found.crv, key_obj
     except ValueError as err:
-        raise UnsupportedKeyError(f"{what}: CKA_EC_POINT is not a point on {crv}") from err
+        raise UnsupportedKeyError(f"{what}: CKA_EC_POINT is not a point on {found.crv}") from err

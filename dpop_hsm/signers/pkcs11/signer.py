@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
 
-from ...algorithms import DEFAULT_ALG, EC_CURVE_ALGS, AlgorithmInfo, algorithm
+from ...algorithms import DEFAULT_ALG, AlgorithmInfo, algorithm
 from ...errors import (
     DeviceError,
     KeyNotFoundError,
@@ -39,6 +39,7 @@ from ...errors import (
     UnsupportedKeyError,
 )
 from ...jose import jwk_thumbprint
+from ...jwk import curve, jwk_from_public_key
 from ...secret_sources import SecretSource, resolve_secret
 from .uri import Pkcs11Uri
 
@@ -49,7 +50,6 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError("pkcs11", "pkcs11") from e
 
-from ..software import public_jwk_of
 from .ckr import PIN, SESSION, error_for_exception, has_fault
 from .cryptoki import FORKS, Module, SessionLostError, SignBuffer, load_module
 from .keygen import generate_key_pair
@@ -204,7 +204,7 @@ class Pkcs11Signer:
             if info.kty != "RSA":
                 raise UnsupportedKeyError(f"alg {info.name} does not fit an RSA key")
             return info
-        derived = "EdDSA" if crv == "Ed25519" else EC_CURVE_ALGS[crv]
+        derived = curve(crv).alg
         if self._requested_alg is not None and self._requested_alg != derived:
             raise UnsupportedKeyError(
                 f"alg {self._requested_alg} does not fit a {crv} key (it signs {derived})"
@@ -230,7 +230,7 @@ class Pkcs11Signer:
                 module, session, token, self._parsed, logged_in=self._pin is not None
             )
             crv, pub = public_key_of(module, session, key)
-            jwk = public_jwk_of(pub)
+            jwk = jwk_from_public_key(pub)
             thumbprint = jwk_thumbprint(jwk)
             if not first:
                 if thumbprint != self._thumbprint:
