@@ -29,7 +29,7 @@ the TPM answers :class:`PinLockedError` until its recovery time has passed (or
 DA-protected (no ``noDA`` attribute): a guessable auth value is exactly what DA protects.
 
 The TSS prints warnings to stderr on its own (e.g. a failed connect). Unless ``TSS2_LOG`` is
-set, this module sets it to ``all+NONE`` before tpm2-pytss is imported; the TSS reads it at its
+set, :mod:`.tpm_tss` sets it to ``all+NONE`` before tpm2-pytss is imported; the TSS reads it at its
 first log call, so setting it any time before the first TPM command would also work.
 """
 
@@ -39,264 +39,50 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from ..algorithms import algorithm
 from ..ecdsa import rs_to_raw
 from ..errors import (
     DeviceError,
     KeyNotFoundError,
     KeyReferenceError,
     MechanismNotSupportedError,
-    MissingDependencyError,
     PinError,
-    PinLockedError,
-    SignerError,
-    TokenNotPresentError,
     UnsupportedKeyError,
 )
 from ..jose import jwk_thumbprint
-from ..jwk import Curve, jwk_from_public_key
-from ..jwk import curve as jwk_curve
 from ..secret_sources import SecretSource, resolve_secret
 from .tpm_ref import TpmReference, default_tcti, parse_handle, resolve_auth
-
-os.environ.setdefault("TSS2_LOG", "all+NONE")  # before the TSS can log anything (see above)
-
-try:
-    from tpm2_pytss import (
-        ESAPI,
-        ESYS_TR,
-        TPM2_ALG,
-        TPM2_CAP,
-        TPM2_ECC,
-        TPM2_RC,
-        TPM2_ST,
-        TPM2B_AUTH,
-        TPM2B_PUBLIC,
-        TPM2B_SENSITIVE_CREATE,
-        TPMA_OBJECT,
-        TPMS_ECC_PARMS,
-        TPMS_SENSITIVE_CREATE,
-        TPMT_ECC_SCHEME,
-        TPMT_KDF_SCHEME,
-        TPMT_PUBLIC,
-        TPMT_SIG_SCHEME,
-        TPMT_SYM_DEF_OBJECT,
-        TPMT_TK_HASHCHECK,
-        TPMU_PUBLIC_PARMS,
-        TPMU_SYM_KEY_BITS,
-        TPMU_SYM_MODE,
-        TSS2_Exception,
-    )
-    from tpm2_pytss.constants import TPM2_RH, TSS2_RC
-    from tpm2_pytss.tsskey import TSSPrivKey
-except (ImportError, OSError) as _e:  # OSError: the TSS shared libraries are missing
-    raise MissingDependencyError("tpm2_pytss", "tpm") from _e
+from .tpm_tss import (  # first tpm2-pytss import: tpm_tss sets TSS2_LOG and maps ImportError
+    CURVES,
+    ESYS_TR,
+    TPM2_RC,
+    TPM2_RH,
+    TPM2_ST,
+    TPM2B_AUTH,
+    TPM2B_SENSITIVE_CREATE,
+    TPMS_SENSITIVE_CREATE,
+    TPMT_TK_HASHCHECK,
+    TSS2_Exception,
+    TSSPrivKey,
+    connect,
+    ecc_curve_ids,
+    is_link_error,
+    key_template,
+    map_error,
+    persistent_in_use,
+    primary_template,
+    public_of,
+    read_blob,
+    sig_scheme,
+    write_new_file,
+)
 
 __all__ = ["TpmReference", "TpmSigner", "load_tpm_reference"]
 
 T = TypeVar("T")
-
-_MAX_BLOB = 64 * 1024
-
-
-@dataclass(frozen=True)
-class _Curve:
-    """A curve as the TPM names it, joined to the one curve table (dpop_hsm.jwk)."""
-
-    alg: str
-    tpm_curve: int
-    hash_alg: int
-    hash_name: str
-    size: int
-    curve: Curve
-
-
-def _tpm_curve(crv: str, tpm_curve: int) -> _Curve:
-    c = jwk_curve(crv)
-    hash_name = algorithm(c.alg).hash_name or "sha256"
-    tpm_hash = {"sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384}[hash_name]
-    return _Curve(c.alg, tpm_curve, tpm_hash, hash_name, c.size, c)
-
-
-# TPM 2.0 Part 2 §6.4 TPM_ECC_CURVE: the curves a TPM can hold that JWS signs with.
-_CURVES: dict[str, _Curve] = {
-    c.alg: c
-    for c in (_tpm_curve("P-256", TPM2_ECC.NIST_P256), _tpm_curve("P-384", TPM2_ECC.NIST_P384))
-}
-_BY_TPM_CURVE = {int(c.tpm_curve): c for c in _CURVES.values()}
-
-# The storage primary: TCG "TPM 2.0 Keys for Device Identity and Attestation" / Provisioning
-# Guidance SRK template (ECC NIST P-256, AES-128-CFB, restricted decrypt, empty unique) — the
-# parent the TSS2 key file format means by "parent = TPM2_RH_OWNER". Being a template, not a
-# stored object, it is recreated on demand and flushed after use.
-_PRIMARY_ATTRS = (
-    TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.DECRYPT
-    | TPMA_OBJECT.NODA
-    | TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-)
-# Our signing keys: sign-only, unrestricted (signs external digests), never exportable, made by
-# the TPM's RNG, used with the auth value. DA-protected on purpose (no NODA).
-_KEY_ATTRS = (
-    TPMA_OBJECT.SIGN_ENCRYPT
-    | TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-)
-
-_TCTI_LAYER = int(TSS2_RC.TCTI_RC_LAYER)
-_LAYER_MASK = int(TSS2_RC.RC_LAYER_MASK)
-
-
-def _primary_template() -> Any:
-    return TPM2B_PUBLIC(
-        publicArea=TPMT_PUBLIC(
-            type=TPM2_ALG.ECC,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=_PRIMARY_ATTRS,
-            authPolicy=b"",
-            parameters=TPMU_PUBLIC_PARMS(
-                eccDetail=TPMS_ECC_PARMS(
-                    symmetric=TPMT_SYM_DEF_OBJECT(
-                        algorithm=TPM2_ALG.AES,
-                        keyBits=TPMU_SYM_KEY_BITS(aes=128),
-                        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-                    ),
-                    scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
-                    curveID=TPM2_ECC.NIST_P256,
-                    kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-                )
-            ),
-        )
-    )
-
-
-def _key_template(curve: _Curve) -> Any:
-    scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA)
-    scheme.details.ecdsa.hashAlg = curve.hash_alg  # bind the key to ECDSA with its hash
-    return TPM2B_PUBLIC(
-        publicArea=TPMT_PUBLIC(
-            type=TPM2_ALG.ECC,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=_KEY_ATTRS,
-            authPolicy=b"",
-            parameters=TPMU_PUBLIC_PARMS(
-                eccDetail=TPMS_ECC_PARMS(
-                    symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                    scheme=scheme,
-                    curveID=curve.tpm_curve,
-                    kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-                )
-            ),
-        )
-    )
-
-
-def _sig_scheme(curve: _Curve) -> Any:
-    scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
-    scheme.details.any.hashAlg = curve.hash_alg
-    return scheme
-
-
-def _is_link_error(e: TSS2_Exception) -> bool:
-    """True when the TPM did not answer (connection lost), as opposed to answering 'no'."""
-    return (int(e.rc) & _LAYER_MASK) == _TCTI_LAYER or int(e.rc) == int(TPM2_RC.INITIALIZE)
-
-
-def _map_error(e: TSS2_Exception, *, what: str, tcti: str) -> SignerError:
-    """A TSS return code → our typed error. ``str(e)`` is the TSS's decoding of the code only."""
-    rc = int(e.rc)
-    if _is_link_error(e):
-        return TokenNotPresentError(f"{what}: no TPM answers at TCTI {tcti!r} ({e})")
-    if rc & _LAYER_MASK == 0:  # the TPM itself answered
-        base = int(e.error)
-        if base in (int(TPM2_RC.AUTH_FAIL), int(TPM2_RC.BAD_AUTH)):
-            return PinError(
-                f"{what}: the TPM rejected the auth value (not retried: each failure counts "
-                "toward the TPM's dictionary-attack lockout)"
-            )
-        if base == int(TPM2_RC.LOCKOUT):
-            return PinLockedError(
-                f"{what}: the TPM is in dictionary-attack lockout after too many wrong auth "
-                "values; wait for its recovery time or clear it with the lockout auth"
-            )
-        if base == int(TPM2_RC.HANDLE):
-            return KeyNotFoundError(f"{what}: the TPM has no object at that handle ({e})")
-        if base == int(TPM2_RC.OBJECT_MEMORY):
-            return DeviceError(
-                f"{what}: the TPM is out of object slots — another client left transient objects "
-                "loaded (tpm2_flushcontext -t) or needs a resource manager (tpmrm0, tpm2-abrmd)"
-            )
-        if base in (int(TPM2_RC.CURVE), int(TPM2_RC.SCHEME), int(TPM2_RC.HASH)):
-            return MechanismNotSupportedError(f"{what}: the TPM does not support this ({e})")
-    return DeviceError(f"{what}: TPM error {rc:#x} ({e})")
-
-
-def _connect(tcti: str, what: str) -> Any:
-    try:
-        return ESAPI(tcti)
-    except TSS2_Exception as e:
-        raise _map_error(e, what=what, tcti=tcti) from e
-
-
-def _ecc_curve_ids(esapi: Any) -> set[int]:
-    _, data = esapi.get_capability(TPM2_CAP.ECC_CURVES, 0, 64)
-    curves = data.data.eccCurves  # index by count: tpm2-pytss 3.0 fails iterating empty TPMLs
-    return {int(curves[i]) for i in range(curves.count)}
-
-
-def _public_of(public: Any, *, what: str) -> tuple[_Curve, dict[str, str]]:
-    """Check a key's public area is a DPoP signing key and build its JWK from it."""
-    area = public.publicArea
-    if int(area.type) != int(TPM2_ALG.ECC):
-        raise UnsupportedKeyError(f"{what}: not an ECC key (ES256/ES384 need P-256/P-384)")
-    attrs = int(area.objectAttributes)
-    if not attrs & int(TPMA_OBJECT.SIGN_ENCRYPT) or attrs & int(TPMA_OBJECT.RESTRICTED):
-        raise UnsupportedKeyError(
-            f"{what}: not an unrestricted signing key (needs sign, must not be restricted)"
-        )
-    detail = area.parameters.eccDetail
-    curve = _BY_TPM_CURVE.get(int(detail.curveID))
-    if curve is None:
-        raise UnsupportedKeyError(f"{what}: ECC curve {detail.curveID} is not P-256 or P-384")
-    scheme = int(detail.scheme.scheme)
-    if scheme not in (int(TPM2_ALG.NULL), int(TPM2_ALG.ECDSA)) or (
-        scheme == int(TPM2_ALG.ECDSA) and int(detail.scheme.details.ecdsa.hashAlg) != curve.hash_alg
-    ):
-        raise UnsupportedKeyError(f"{what}: key scheme is not ECDSA with {curve.hash_name}")
-    x = int.from_bytes(bytes(area.unique.ecc.x), "big")
-    y = int.from_bytes(bytes(area.unique.ecc.y), "big")
-    try:
-        point = ec.EllipticCurvePublicNumbers(x, y, curve.curve.ec_curve()).public_key()
-    except ValueError as e:
-        raise UnsupportedKeyError(f"{what}: public point is not on the curve") from e
-    return curve, jwk_from_public_key(point)  # coordinates left-padded to full length
-
-
-def _read_blob(path: Path) -> Any:
-    try:
-        if path.stat().st_size > _MAX_BLOB:
-            raise KeyReferenceError(f"TPM key blob {str(path)!r} is larger than 64 KiB")
-        data = path.read_bytes()
-    except OSError as e:
-        raise KeyReferenceError(f"cannot read TPM key blob {str(path)!r}: {e.strerror}") from e
-    try:
-        return TSSPrivKey.from_pem(data)
-    except (ValueError, TypeError, IndexError, TSS2_Exception) as e:
-        raise KeyReferenceError(
-            f"{str(path)!r} is not a TSS2 PRIVATE KEY file (TPM 2.0 key file PEM)"
-        ) from e
 
 
 class TpmSigner:
@@ -319,7 +105,7 @@ class TpmSigner:
         auth = resolve_auth(secret, ref.auth_source, what=f"auth value for {self._what}")
         self._blob: Any = None
         if ref.blob is not None:
-            self._blob = _read_blob(ref.blob)
+            self._blob = read_blob(ref.blob)
             if self._blob.empty_auth and not explicit:
                 auth = None  # the key file says "no auth": ignore an ambient $DPOP_HSM_TPM_AUTH
             elif not self._blob.empty_auth and not auth:
@@ -335,14 +121,14 @@ class TpmSigner:
         try:
             with self._lock:
                 public = self._run(self._read_public)
-            curve, jwk = _public_of(public, what=self._what)
+            curve, jwk = public_of(public, what=self._what)
             if ref.alg is not None and ref.alg != curve.alg:
                 raise UnsupportedKeyError(f"{self._what} is a {curve.alg} key, not {ref.alg}")
         except BaseException:
             self.close()
             raise
         self._curve = curve
-        self._scheme = _sig_scheme(curve)
+        self._scheme = sig_scheme(curve)
         self._hash = getattr(hashlib, curve.hash_name)
         self._jwk: Mapping[str, str] = MappingProxyType(jwk)
         self._thumbprint = jwk_thumbprint(self._jwk)
@@ -408,7 +194,7 @@ class TpmSigner:
         if self._closed:
             raise DeviceError(f"{self._what}: the signer is closed")
         if self._esapi is None:
-            esapi = _connect(self._tcti, self._what)
+            esapi = connect(self._tcti, self._what)
             try:
                 if self._ref.handle is not None:
                     key_tr = esapi.tr_from_tpmpublic(self._ref.handle)
@@ -429,14 +215,14 @@ class TpmSigner:
         try:
             return op(self._ensure())
         except TSS2_Exception as e:
-            if not _is_link_error(e):
-                raise _map_error(e, what=self._what, tcti=self._tcti) from e
+            if not is_link_error(e):
+                raise map_error(e, what=self._what, tcti=self._tcti) from e
         self._disconnect()  # swtpm restarted, abrmd bounced, TPM reset: start afresh
         try:
             return op(self._ensure())
         except TSS2_Exception as e:
             self._disconnect()
-            raise _map_error(e, what=self._what, tcti=self._tcti) from e
+            raise map_error(e, what=self._what, tcti=self._tcti) from e
 
     def _read_public(self, esapi: Any) -> Any:
         if self._blob is not None:
@@ -454,14 +240,14 @@ class TpmSigner:
             try:
                 return esapi.context_load(self._saved)
             except TSS2_Exception as e:
-                if _is_link_error(e):
+                if is_link_error(e):
                     raise
                 self._saved = None  # saved contexts die with a TPM reset: reload from the blob
-        primary = esapi.create_primary(None, _primary_template(), ESYS_TR.OWNER)[0]
+        primary = esapi.create_primary(None, primary_template(), ESYS_TR.OWNER)[0]
         try:
             key = esapi.load(primary, self._blob.private, self._blob.public)
         except TSS2_Exception as e:
-            if not _is_link_error(e) and int(e.error) == int(TPM2_RC.INTEGRITY):
+            if not is_link_error(e) and int(e.error) == int(TPM2_RC.INTEGRITY):
                 raise KeyNotFoundError(
                     f"{self._what} was not created by this TPM (or the TPM was cleared since): "
                     "its storage primary key cannot unwrap it"
@@ -510,7 +296,7 @@ class TpmSigner:
         """
         if (handle is None) == (blob_path is None):
             raise KeyReferenceError("TpmSigner.generate needs exactly one of handle or blob_path")
-        curve = _CURVES.get(alg)
+        curve = CURVES.get(alg)
         if curve is None:
             raise UnsupportedKeyError(f"TPM keys support ES256 and ES384, not {alg!r}")
         tcti_str = tcti or default_tcti()
@@ -525,14 +311,14 @@ class TpmSigner:
                 raise KeyReferenceError(f"refusing to overwrite existing file {str(path)!r}")
             ref = TpmReference(blob=path, tcti=tcti)
             what = f"new TPM key blob {str(path)!r}"
-        esapi = _connect(tcti_str, what)
+        esapi = connect(tcti_str, what)
         try:
             try:
-                if int(curve.tpm_curve) not in _ecc_curve_ids(esapi):
+                if int(curve.tpm_curve) not in ecc_curve_ids(esapi):
                     raise MechanismNotSupportedError(
                         f"{what}: this TPM does not support the {curve.alg} curve"
                     )
-                if handle is not None and _persistent_in_use(esapi, handle):
+                if handle is not None and persistent_in_use(esapi, handle):
                     raise KeyReferenceError(
                         f"persistent handle {handle:#010x} is already in use; refusing to "
                         f"overwrite it (evict it first: tpm2_evictcontrol -c {handle:#010x})"
@@ -540,11 +326,9 @@ class TpmSigner:
                 sensitive = TPM2B_SENSITIVE_CREATE(
                     TPMS_SENSITIVE_CREATE(userAuth=TPM2B_AUTH(secret.encode("utf-8")))
                 )
-                primary = esapi.create_primary(None, _primary_template(), ESYS_TR.OWNER)[0]
+                primary = esapi.create_primary(None, primary_template(), ESYS_TR.OWNER)[0]
                 try:
-                    private, public, _, _, _ = esapi.create(
-                        primary, sensitive, _key_template(curve)
-                    )
+                    private, public, _, _, _ = esapi.create(primary, sensitive, key_template(curve))
                     if handle is not None:
                         key = esapi.load(primary, private, public)
                         try:
@@ -554,12 +338,12 @@ class TpmSigner:
                 finally:
                     esapi.flush_context(primary)
             except TSS2_Exception as e:
-                raise _map_error(e, what=what, tcti=tcti_str) from e
+                raise map_error(e, what=what, tcti=tcti_str) from e
         finally:
             esapi.close()
         if handle is None:
             pem = TSSPrivKey(private, public, empty_auth=not secret, parent=TPM2_RH.OWNER).to_pem()
-            _write_new_file(path, pem)
+            write_new_file(path, pem)
         return cls(ref, secret=secret)
 
     @staticmethod
@@ -568,29 +352,14 @@ class TpmSigner:
         handle = parse_handle(str(handle))
         tcti_str = tcti or default_tcti()
         what = f"persistent handle {handle:#010x}"
-        esapi = _connect(tcti_str, what)
+        esapi = connect(tcti_str, what)
         try:
             key_tr = esapi.tr_from_tpmpublic(handle)
             esapi.evict_control(ESYS_TR.OWNER, key_tr, handle)
         except TSS2_Exception as e:
-            raise _map_error(e, what=what, tcti=tcti_str) from e
+            raise map_error(e, what=what, tcti=tcti_str) from e
         finally:
             esapi.close()
-
-
-def _persistent_in_use(esapi: Any, handle: int) -> bool:
-    _, data = esapi.get_capability(TPM2_CAP.HANDLES, handle, 1)
-    handles = data.data.handles
-    return handles.count > 0 and int(handles[0]) == handle
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    except OSError as e:
-        raise KeyReferenceError(f"cannot write TPM key blob {str(path)!r}: {e.strerror}") from e
 
 
 def load_tpm_reference(ref: str, secret: SecretSource | None) -> TpmSigner:
