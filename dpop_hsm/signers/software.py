@@ -26,7 +26,7 @@ from ..jwk import PrivateKey, curve, curve_of_key, jwk_from_public_key
 from ..jwk import private_key_from_jwk as _private_key_from_jwk
 from ..secret_sources import SecretSource, resolve_secret
 
-__all__ = ["SoftwareSigner", "load_file_reference", "public_jwk_of"]
+__all__ = ["SoftwareSigner", "generate_file_reference", "load_file_reference", "public_jwk_of"]
 
 
 _MAX_KEY_FILE = 1 << 20
@@ -239,8 +239,8 @@ def _reject_public_der(data: bytes, name: str) -> None:
     raise UnsupportedKeyError(f"{name}: holds a public key only; a private key is needed")
 
 
-def load_file_reference(ref: str, secret: SecretSource | None) -> SoftwareSigner:
-    """Registry loader for paths and ``file:`` URIs (``file:key.pem``, ``file:///abs/key.pem``)."""
+def _path_of_reference(ref: str) -> Path:
+    """The path a plain path or ``file:`` URI names (``file:key.pem``, ``file:///abs/key.pem``)."""
     path = ref
     if ref.lower().startswith("file:"):
         parts = urlsplit(ref)
@@ -249,4 +249,39 @@ def load_file_reference(ref: str, secret: SecretSource | None) -> SoftwareSigner
         path = unquote(parts.path)
     if not path:
         raise KeyReferenceError("file reference names no path")
-    return SoftwareSigner.from_file(path, password=secret)
+    return Path(path)
+
+
+def load_file_reference(ref: str, secret: SecretSource | None) -> SoftwareSigner:
+    """Registry loader for paths and ``file:`` URIs (``file:key.pem``, ``file:///abs/key.pem``)."""
+    return SoftwareSigner.from_file(_path_of_reference(ref), password=secret)
+
+
+def generate_file_reference(
+    ref: str, alg: str | None, secret: SecretSource | None
+) -> SoftwareSigner:
+    """Registry generator for paths and ``file:`` URIs: a new PKCS#8 PEM key file.
+
+    The file is created with ``O_EXCL`` and mode 0600: an existing file (or a symlink, even a
+    dangling one) is never overwritten, and nobody else can read the key. ``secret`` (a string
+    or a callable) encrypts the PEM. Raises KeyReferenceError when the file exists or cannot be
+    created; the path, never the password, is in the message.
+    """
+    path = _path_of_reference(ref)
+    if path.exists():
+        raise KeyReferenceError(f"{str(path)!r} exists; refusing to overwrite a key file")
+    password = resolve_secret(secret, what=f"password for the new key file {str(path)!r}")
+    signer = SoftwareSigner.generate(alg or DEFAULT_ALG)
+    pem = signer.private_pem(password)
+    try:
+        # O_EXCL: never clobber a key created meanwhile; 0600: the key is a secret.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise KeyReferenceError(f"cannot create {str(path)!r}: {e.strerror}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+    except OSError as e:
+        path.unlink(missing_ok=True)  # no half-written key file left behind
+        raise KeyReferenceError(f"cannot write {str(path)!r}: {e.strerror}") from e
+    return signer

@@ -53,7 +53,7 @@ from ..errors import (
     UnsupportedKeyError,
 )
 from ..jose import jwk_thumbprint
-from ..secret_sources import SecretSource, resolve_secret
+from ..secret_sources import SecretSource, read_secret_source, resolve_secret
 from .tpm_ref import TpmReference, default_tcti, parse_handle, resolve_auth
 from .tpm_tss import (  # first tpm2-pytss import: tpm_tss sets TSS2_LOG and maps ImportError
     CURVES,
@@ -80,7 +80,7 @@ from .tpm_tss import (  # first tpm2-pytss import: tpm_tss sets TSS2_LOG and map
     write_new_file,
 )
 
-__all__ = ["TpmReference", "TpmSigner", "load_tpm_reference"]
+__all__ = ["TpmReference", "TpmSigner", "generate_tpm_reference", "load_tpm_reference"]
 
 T = TypeVar("T")
 
@@ -365,3 +365,29 @@ class TpmSigner:
 def load_tpm_reference(ref: str, secret: SecretSource | None) -> TpmSigner:
     """Registry loader for ``tpm2:`` references."""
     return TpmSigner(ref, secret=secret)
+
+
+def generate_tpm_reference(ref: str, alg: str | None, secret: SecretSource | None) -> TpmSigner:
+    """Registry generator for ``tpm2:`` references: :meth:`TpmSigner.generate`.
+
+    ``handle=`` persists the key there, ``blob=`` writes a new key file. The auth value is read
+    from the reference's ``auth-source`` when it names one (so the key opens later with the
+    same reference), else from ``secret``; ``$DPOP_HSM_TPM_AUTH`` is never read here. ``alg``
+    and the reference's ``alg=`` must agree when both are given.
+    """
+    parsed = TpmReference.parse(ref)
+    if alg is not None and parsed.alg is not None and alg != parsed.alg:
+        raise KeyReferenceError(
+            f"alg {alg} contradicts the reference's alg={parsed.alg}; give one of them"
+        )
+    what = "auth value for the new TPM key"
+    auth: SecretSource | None = (
+        read_secret_source(parsed.auth_source, what=what) if parsed.auth_source else secret
+    )
+    return TpmSigner.generate(
+        tcti=parsed.tcti,
+        handle=parsed.handle,
+        blob_path=parsed.blob,
+        alg=parsed.alg or alg or "ES256",
+        auth=auth,
+    )

@@ -22,13 +22,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .signer import Pkcs11Signer, load_pkcs11_reference
+    from .signer import Pkcs11Signer, generate_pkcs11_reference, load_pkcs11_reference
 
-__all__ = ["Pkcs11Signer", "load_pkcs11_reference"]
+__all__ = ["Pkcs11Signer", "generate_pkcs11_reference", "load_pkcs11_reference"]
 
 _LAZY = {
     "Pkcs11Signer": "signer",
     "load_pkcs11_reference": "signer",
+    "generate_pkcs11_reference": "signer",
     "_map_error": "signer",
 }
 

@@ -56,7 +56,7 @@ from .keygen import generate_key_pair
 from .objects import PROTECTION_FLAGS, describe, find_private_key, find_token, public_key_of, read
 from .pool import Entry, Generation, SessionPool
 
-__all__ = ["Pkcs11Signer", "load_pkcs11_reference"]
+__all__ = ["Pkcs11Signer", "generate_pkcs11_reference", "load_pkcs11_reference"]
 
 # The one CKR table, under the name this module exported before it had one.
 _map_error = error_for_exception
@@ -506,3 +506,10 @@ class Pkcs11Signer:
 def load_pkcs11_reference(ref: str, secret: SecretSource | None) -> Pkcs11Signer:
     """Registry loader for ``pkcs11:`` URIs."""
     return Pkcs11Signer(ref, secret=secret)
+
+
+def generate_pkcs11_reference(
+    ref: str, alg: str | None, secret: SecretSource | None
+) -> Pkcs11Signer:
+    """Registry generator for ``pkcs11:`` URIs: :meth:`Pkcs11Signer.generate`."""
+    return Pkcs11Signer.generate(ref, alg or DEFAULT_ALG, secret=secret)
