@@ -213,8 +213,8 @@ def test_generate_tpm_key_auth_from_the_reference(
     monkeypatch.setenv("DPOP_HSM_TEST_KEY_AUTH", "key-auth-71")
     monkeypatch.setenv("DPOP_HSM_TPM_AUTH", "never-used-for-new-keys")
     ref = f"tpm2:blob={tmp_path / 'a.tss'};tcti={swtpm.tcti};auth-source=env:DPOP_HSM_TEST_KEY_AUTH"
-    with generate_signer(ref, secret="ignored-the-reference-names-a-source"):
-        pass
+    made = generate_signer(ref, secret="ignored-the-reference-names-a-source")
+    made.close()  # type: ignore[attr-defined]
     monkeypatch.delenv("DPOP_HSM_TPM_AUTH")
     with load_signer(ref) as signer:  # type: ignore[attr-defined]
         assert len(signer.sign(b"x")) == 64

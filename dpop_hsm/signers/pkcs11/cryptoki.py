@@ -48,7 +48,15 @@ from .ckr import (
     error_for_rv,
 )
 
-__all__ = ["FORKS", "SERIALIZE_ENV", "Module", "SessionLostError", "SignBuffer", "load_module"]
+__all__ = [
+    "FORKS",
+    "SERIALIZE_ENV",
+    "Module",
+    "SessionLostError",
+    "SignBuffer",
+    "load_module",
+    "loaded_module",
+]
 
 CKF_OS_LOCKING_OK = 0x2
 CKU_USER = 1
@@ -409,6 +417,18 @@ def load_module(path: str) -> Module:
         elif module.pid != os.getpid():
             module.after_fork()
         return module
+
+
+def loaded_module(path: str) -> Module | None:
+    """The :class:`Module` for ``path`` if this process has loaded it, else None (no loading).
+
+    For callers that changed a module's store from outside (another process added a token or
+    a key): SoftHSM2 and tpm2-pkcs11 read it at ``C_Initialize``, so they call
+    :meth:`Module.reinitialize`.
+    """
+    with _LOCK:
+        module = _MODULES.get(os.path.realpath(path))
+    return module if module is not None and module.pid == os.getpid() else None
 
 
 # Bumped in every forked child; signers compare it instead of calling os.getpid() per sign.
