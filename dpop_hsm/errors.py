@@ -41,6 +41,7 @@ __all__ = [
     "TransportError",
     "UnauthorizedError",
     "UnsupportedKeyError",
+    "UntrustedModuleError",
     "UseDPoPNonceError",
     "VerificationError",
 ]
@@ -82,6 +83,17 @@ class KeyReferenceError(ConfigurationError):
     """A key reference (path, ``pkcs11:`` or ``tpm2:`` URI) cannot be parsed or used."""
 
     code = "invalid_key_reference"
+
+
+class UntrustedModuleError(KeyReferenceError):
+    """A key reference names code to load that the caller did not allow.
+
+    A PKCS#11 ``module-path`` outside the trusted module directories, or a TPM TCTI other than
+    ``device``, ``tabrmd``, ``mssim`` and ``swtpm`` (``cmd:`` runs a command, a path loads any
+    library): a reference string alone never makes the process run new code.
+    """
+
+    code = "untrusted_module"
 
 
 class MissingDependencyError(ConfigurationError):

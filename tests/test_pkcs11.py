@@ -342,9 +342,37 @@ def test_missing_token_and_module(softhsm: SoftHsm) -> None:
         Pkcs11Signer(softhsm.uri("absent-token", object="x"), secret=softhsm.pin)
     assert "'dpop'" in str(info.value)  # lists the tokens that are present
     with pytest.raises(TokenNotPresentError):
-        Pkcs11Signer("pkcs11:token=dpop?module-path=/nonexistent/libnone.so")
+        Pkcs11Signer(
+            "pkcs11:token=dpop?module-path=/nonexistent/libnone.so", allow_module_path=True
+        )
     with pytest.raises(TokenNotPresentError):
         Pkcs11Signer("pkcs11:token=dpop?module-name=no-such-pkcs11-module")
+
+
+def test_untrusted_module_path_is_refused_on_every_entry_point(
+    softhsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpop_hsm.errors import UntrustedModuleError
+    from dpop_hsm.signers import generate_signer
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    monkeypatch.delenv("DPOP_HSM_PKCS11_MODULES", raising=False)
+    # A copy of the real module outside the trusted directories: the same code, untrusted place.
+    copy = tmp_path / "libsofthsm2-copy.so"
+    shutil.copyfile(softhsm.module, copy)
+    uri = f"pkcs11:token=dpop;object=test-es256?module-path={copy}"
+    for attempt in (
+        lambda: Pkcs11Signer(uri, secret=softhsm.pin),
+        lambda: Pkcs11Signer.generate(uri.replace("test-es256", "x"), secret=softhsm.pin),
+        lambda: load_signer(uri, secret=softhsm.pin),
+        lambda: generate_signer(uri.replace("test-es256", "x"), secret=softhsm.pin),
+    ):
+        with pytest.raises(UntrustedModuleError):
+            attempt()
+    assert str(copy) not in Path("/proc/self/maps").read_text()  # never dlopen()ed
+    # The trusted path itself (where resolve_module_name found it) needs no opt-in.
+    with Pkcs11Signer(softhsm.uri(object="test-es256"), secret=softhsm.pin) as trusted:
+        assert "module-path=" + softhsm.module in trusted.uri
 
 
 _YKCS11 = textwrap.dedent(

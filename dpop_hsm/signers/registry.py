@@ -90,7 +90,9 @@ def _lazy(target: str) -> Callable[..., Signer]:
     return function
 
 
-def load_signer(ref: str, *, secret: SecretSource | None = None) -> Signer:
+def load_signer(
+    ref: str, *, secret: SecretSource | None = None, allow_module_path: bool = False
+) -> Signer:
     """Load the key named by ``ref`` and return a ready Signer.
 
     ``ref`` is a path or ``file:`` URI (PEM, DER or JWK), an RFC 7512 ``pkcs11:`` URI, or a
@@ -98,18 +100,29 @@ def load_signer(ref: str, *, secret: SecretSource | None = None) -> Signer:
     callable returning one; ``pkcs11:`` URIs also read ``pin-source`` and ``DPOP_HSM_PIN``,
     ``tpm2:`` references ``auth-source`` and ``DPOP_HSM_TPM_AUTH``.
 
-    Raises KeyReferenceError for a malformed reference, MissingDependencyError when the backend's
-    extra is not installed, and SignerError subclasses for key and device problems.
+    A reference never makes the process load code on its own: a ``pkcs11:`` ``module-path``
+    outside the trusted module directories (or ``$DPOP_HSM_PKCS11_MODULES``) and a ``tpm2:``
+    TCTI other than device, tabrmd, mssim or swtpm need ``allow_module_path=True`` — pass it
+    only for references you trust as much as code (one a user typed on a command line, say).
+    User-registered loaders never see the flag.
+
+    Raises KeyReferenceError for a malformed reference, UntrustedModuleError for code the
+    reference may not load, MissingDependencyError when the backend's extra is not installed,
+    and SignerError subclasses for key and device problems.
     """
     _, entry = _entry(ref)
     loader = entry.loader
     if isinstance(loader, str):
-        return _lazy(loader)(ref, secret)
+        return _lazy(loader)(ref, secret, allow_module_path=allow_module_path)
     return loader(ref, secret)
 
 
 def generate_signer(
-    ref: str, *, alg: str | None = None, secret: SecretSource | None = None
+    ref: str,
+    *,
+    alg: str | None = None,
+    secret: SecretSource | None = None,
+    allow_module_path: bool = False,
 ) -> Signer:
     """Create a new key where ``ref`` says and return a Signer for it; never overwrites.
 
@@ -124,7 +137,8 @@ def generate_signer(
       environment, so a key never gets an auth value by accident).
 
     ``alg`` defaults to ES256 (the reference's ``alg=`` for ``tpm2:``; the two must agree).
-    Raises KeyReferenceError (malformed reference, target exists, no generator for the scheme),
+    ``allow_module_path`` as for :func:`load_signer`. Raises KeyReferenceError (malformed
+    reference, target exists, no generator for the scheme), UntrustedModuleError,
     MissingDependencyError, and the backend's SignerErrors.
     """
     scheme, entry = _entry(ref)
@@ -135,5 +149,5 @@ def generate_signer(
             "(register it with register_scheme(..., generator=...))"
         )
     if isinstance(generator, str):
-        return _lazy(generator)(ref, alg, secret)
+        return _lazy(generator)(ref, alg, secret, allow_module_path=allow_module_path)
     return generator(ref, alg, secret)

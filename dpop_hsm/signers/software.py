@@ -252,13 +252,18 @@ def _path_of_reference(ref: str) -> Path:
     return Path(path)
 
 
-def load_file_reference(ref: str, secret: SecretSource | None) -> SoftwareSigner:
-    """Registry loader for paths and ``file:`` URIs (``file:key.pem``, ``file:///abs/key.pem``)."""
+def load_file_reference(
+    ref: str, secret: SecretSource | None, *, allow_module_path: bool = False
+) -> SoftwareSigner:
+    """Registry loader for paths and ``file:`` URIs (``file:key.pem``, ``file:///abs/key.pem``).
+
+    ``allow_module_path`` is accepted for the registry's sake: a key file names no code.
+    """
     return SoftwareSigner.from_file(_path_of_reference(ref), password=secret)
 
 
 def generate_file_reference(
-    ref: str, alg: str | None, secret: SecretSource | None
+    ref: str, alg: str | None, secret: SecretSource | None, *, allow_module_path: bool = False
 ) -> SoftwareSigner:
     """Registry generator for paths and ``file:`` URIs: a new PKCS#8 PEM key file.
 

@@ -54,7 +54,7 @@ from ..errors import (
 )
 from ..jose import jwk_thumbprint
 from ..secret_sources import SecretSource, read_secret_source, resolve_secret
-from .tpm_ref import TpmReference, default_tcti, parse_handle, resolve_auth
+from .tpm_ref import TpmReference, check_tcti, default_tcti, parse_handle, resolve_auth
 from .tpm_tss import (  # first tpm2-pytss import: tpm_tss sets TSS2_LOG and maps ImportError
     CURVES,
     ESYS_TR,
@@ -90,16 +90,22 @@ class TpmSigner:
 
     Thread-safe: ESAPI contexts are not, so one lock serializes every TPM command of this
     signer (a TPM executes one command at a time anyway). Use as a context manager or call
-    :meth:`close`. Raises :class:`TokenNotPresentError`, :class:`KeyNotFoundError`,
-    :class:`PinError`, :class:`UnsupportedKeyError`, :class:`DeviceError`.
+    :meth:`close`. The reference's ``tcti`` may name only a device or socket TCTI unless
+    ``allow_module_path=True`` (see :mod:`.tpm_ref`). Raises :class:`UntrustedModuleError`,
+    :class:`TokenNotPresentError`, :class:`KeyNotFoundError`, :class:`PinError`,
+    :class:`UnsupportedKeyError`, :class:`DeviceError`.
     """
 
     def __init__(
-        self, reference: str | TpmReference, *, secret: SecretSource | None = None
+        self,
+        reference: str | TpmReference,
+        *,
+        secret: SecretSource | None = None,
+        allow_module_path: bool = False,
     ) -> None:
         ref = reference if isinstance(reference, TpmReference) else TpmReference.parse(reference)
         self._ref = ref
-        self._tcti = ref.resolved_tcti()
+        self._tcti = ref.resolved_tcti(allow_module_path=allow_module_path)
         self._what = f"TPM key at {ref.describe_key()}"
         explicit = secret is not None or ref.auth_source is not None
         auth = resolve_auth(secret, ref.auth_source, what=f"auth value for {self._what}")
@@ -282,6 +288,7 @@ class TpmSigner:
         blob_path: str | os.PathLike[str] | None = None,
         alg: str = "ES256",
         auth: SecretSource | None = None,
+        allow_module_path: bool = False,
     ) -> TpmSigner:
         """Create a key in the TPM and return a signer for it.
 
@@ -292,14 +299,15 @@ class TpmSigner:
         sensitiveDataOrigin, userWithAuth, under the standard storage primary of the owner
         hierarchy (whose auth must be empty, the usual setup). ``auth`` is the key's auth value
         (default: empty); only this argument is read — not ``$DPOP_HSM_TPM_AUTH`` — so a key
-        never gets an auth value by accident.
+        never gets an auth value by accident. ``tcti`` is checked like a reference's
+        (:func:`~.tpm_ref.check_tcti`; ``allow_module_path=True`` lifts the check).
         """
         if (handle is None) == (blob_path is None):
             raise KeyReferenceError("TpmSigner.generate needs exactly one of handle or blob_path")
         curve = CURVES.get(alg)
         if curve is None:
             raise UnsupportedKeyError(f"TPM keys support ES256 and ES384, not {alg!r}")
-        tcti_str = tcti or default_tcti()
+        tcti_str = check_tcti(tcti, allow_module_path=allow_module_path) if tcti else default_tcti()
         secret = resolve_secret(auth, what="auth value for the new TPM key") or ""
         if handle is not None:
             handle = parse_handle(str(handle))
@@ -344,13 +352,13 @@ class TpmSigner:
         if handle is None:
             pem = TSSPrivKey(private, public, empty_auth=not secret, parent=TPM2_RH.OWNER).to_pem()
             write_new_file(path, pem)
-        return cls(ref, secret=secret)
+        return cls(ref, secret=secret, allow_module_path=allow_module_path)
 
     @staticmethod
-    def evict(handle: int, *, tcti: str | None = None) -> None:
+    def evict(handle: int, *, tcti: str | None = None, allow_module_path: bool = False) -> None:
         """Delete the persistent key at ``handle`` (TPM2_EvictControl with owner auth)."""
         handle = parse_handle(str(handle))
-        tcti_str = tcti or default_tcti()
+        tcti_str = check_tcti(tcti, allow_module_path=allow_module_path) if tcti else default_tcti()
         what = f"persistent handle {handle:#010x}"
         esapi = connect(tcti_str, what)
         try:
@@ -362,12 +370,16 @@ class TpmSigner:
             esapi.close()
 
 
-def load_tpm_reference(ref: str, secret: SecretSource | None) -> TpmSigner:
+def load_tpm_reference(
+    ref: str, secret: SecretSource | None, *, allow_module_path: bool = False
+) -> TpmSigner:
     """Registry loader for ``tpm2:`` references."""
-    return TpmSigner(ref, secret=secret)
+    return TpmSigner(ref, secret=secret, allow_module_path=allow_module_path)
 
 
-def generate_tpm_reference(ref: str, alg: str | None, secret: SecretSource | None) -> TpmSigner:
+def generate_tpm_reference(
+    ref: str, alg: str | None, secret: SecretSource | None, *, allow_module_path: bool = False
+) -> TpmSigner:
     """Registry generator for ``tpm2:`` references: :meth:`TpmSigner.generate`.
 
     ``handle=`` persists the key there, ``blob=`` writes a new key file. The auth value is read
@@ -376,6 +388,7 @@ def generate_tpm_reference(ref: str, alg: str | None, secret: SecretSource | Non
     and the reference's ``alg=`` must agree when both are given.
     """
     parsed = TpmReference.parse(ref)
+    parsed.resolved_tcti(allow_module_path=allow_module_path)  # refuse before any TSS call
     if alg is not None and parsed.alg is not None and alg != parsed.alg:
         raise KeyReferenceError(
             f"alg {alg} contradicts the reference's alg={parsed.alg}; give one of them"
@@ -390,4 +403,5 @@ def generate_tpm_reference(ref: str, alg: str | None, secret: SecretSource | Non
         blob_path=parsed.blob,
         alg=parsed.alg or alg or "ES256",
         auth=auth,
+        allow_module_path=allow_module_path,
     )

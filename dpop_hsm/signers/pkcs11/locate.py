@@ -1,9 +1,18 @@
-"""Where PKCS#11 module files are found: the trusted module directories and name lookup.
+"""Where PKCS#11 module files are found, and which ones a key reference may make us load.
 
-RFC 7512 §2.3 leaves ``module-name`` resolution to the consumer. We look in the directories
-distributions and p11-kit install modules to (plus ``$DPOP_HSM_PKCS11_MODULE_DIRS``), and in
-p11-kit's ``.module`` registrations. A name never carries a path, so a lookup never leaves
-these directories.
+Loading a PKCS#11 module runs its code, so a URI string alone must not pick an arbitrary file
+(``pkcs11:…?module-path=/tmp/x.so``). We follow the p11-kit and pkcs11-provider practice: the
+operator decides which modules are trusted, the reference only chooses among them.
+
+- ``module-name`` (RFC 7512 §2.3 leaves its resolution to the consumer) is looked up in the
+  trusted module directories — where distributions and p11-kit install modules, plus
+  ``$DPOP_HSM_PKCS11_MODULE_DIRS`` — and in p11-kit's ``.module`` registrations. A name never
+  carries a path separator or ``..``, so a lookup never leaves these directories.
+- ``module-path`` is loaded when it names a file directly in a trusted module directory or
+  registered with p11-kit, when it is listed in ``$DPOP_HSM_PKCS11_MODULES`` (absolute paths
+  separated by ``:``), or when the caller opts in (``allow_module_path=True``: the CLI does, for
+  the URI its user typed). Anything else is :class:`~dpop_hsm.errors.UntrustedModuleError`,
+  raised before the file is opened.
 
 This module imports nothing from python-pkcs11.
 """
@@ -11,15 +20,24 @@ This module imports nothing from python-pkcs11.
 from __future__ import annotations
 
 import os
+import re
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
-from ...errors import KeyReferenceError, TokenNotPresentError
+from ...errors import KeyReferenceError, TokenNotPresentError, UntrustedModuleError
 
-__all__ = ["MODULE_DIRS_ENV", "module_search_dirs", "resolve_module_name"]
+__all__ = [
+    "MODULES_ENV",
+    "MODULE_DIRS_ENV",
+    "check_module_path",
+    "module_search_dirs",
+    "resolve_module_name",
+]
 
 MODULE_DIRS_ENV = "DPOP_HSM_PKCS11_MODULE_DIRS"
+MODULES_ENV = "DPOP_HSM_PKCS11_MODULES"
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 
 
 def module_search_dirs() -> list[Path]:
@@ -38,6 +56,62 @@ def module_search_dirs() -> list[Path]:
     return [d for d in dirs if not (d in seen or seen.add(d))]  # type: ignore[func-returns-value]
 
 
+def _normal(path: str) -> str:
+    # Lexical: "/usr/lib/pkcs11/../../../tmp/x.so" is /tmp/x.so. Symlinks inside a trusted
+    # directory are the administrator's, so they are not resolved.
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _allowlisted() -> set[str]:
+    listed = os.environ.get(MODULES_ENV, "")
+    return {_normal(p) for p in listed.split(os.pathsep) if p and os.path.isabs(p)}
+
+
+def check_module_path(path: str, *, allow_module_path: bool = False) -> str:
+    """Return ``path`` if a URI's ``module-path`` may be loaded, else raise (nothing is opened).
+
+    Allowed: ``allow_module_path=True`` (the caller vouches for the reference), a path in
+    ``$DPOP_HSM_PKCS11_MODULES``, a file directly in a trusted module directory, or a module
+    registered with p11-kit. Raises UntrustedModuleError naming the three fixes.
+    """
+    if allow_module_path:
+        return path
+    if os.path.isabs(path):
+        normal = _normal(path)
+        if normal in _allowlisted():
+            return path
+        parent = os.path.dirname(normal)
+        if any(parent == _normal(str(d)) for d in module_search_dirs()):
+            return path
+        if normal in {_normal(str(t)) for t in _p11kit_registered()}:
+            return path
+    raise UntrustedModuleError(
+        f"pkcs11 URI module-path {path!r} is not a trusted PKCS#11 module (loading it would run "
+        f"its code): use module-name= for an installed module, list the path in {MODULES_ENV}, "
+        "or pass allow_module_path=True if you trust the reference"
+    )
+
+
+def _p11kit_registered() -> Iterable[Path]:
+    """Absolute module paths named by p11-kit registrations (the operator's configuration)."""
+    for reg in _p11kit_module_files():
+        target = _registered_module(reg)
+        if target is not None and target.is_absolute():
+            yield target
+
+
+def _registered_module(reg: Path) -> Path | None:
+    try:
+        lines = reg.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "module" and value.strip():
+            return Path(value.strip())
+    return None
+
+
 def _p11kit_module_files() -> Iterable[Path]:
     # p11-kit registration files: <config dirs>/<name>.module with a "module:" line.
     for conf in (Path("/etc/pkcs11/modules"), Path("/usr/share/p11-kit/modules")):
@@ -51,9 +125,10 @@ def resolve_module_name(name: str) -> str:
     RFC 7512 §2.3 leaves the lookup to the consumer: we try ``name``, ``lib<name>`` with and
     without ``.so`` in :func:`module_search_dirs`, then p11-kit ``.module`` registrations.
     """
-    if not name or "/" in name or name in (".", ".."):
+    if not _MODULE_NAME.fullmatch(name) or ".." in name:
         raise KeyReferenceError(
-            "pkcs11 URI attribute 'module-name': a bare module name without a path"
+            f"pkcs11 URI attribute 'module-name' {name[:60]!r}: a bare module name "
+            "(letters, digits, '.', '_', '+', '-'; no path, no '..'); use module-path= for a file"
         )
     stems = [name] if name.startswith("lib") else [name, "lib" + name]
     candidates = []
@@ -68,20 +143,15 @@ def resolve_module_name(name: str) -> str:
     for reg in _p11kit_module_files():
         if reg.stem not in (name, name.removeprefix("lib"), name.removesuffix(".so")):
             continue
-        try:
-            lines = reg.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
+        target = _registered_module(reg)
+        if target is None:
             continue
-        for line in lines:
-            key, _, value = line.partition(":")
-            if key.strip() == "module" and value.strip():
-                target = Path(value.strip())
-                if not target.is_absolute():
-                    for d in dirs:
-                        if (d / target).is_file():
-                            return str(d / target)
-                elif target.is_file():
-                    return str(target)
+        if not target.is_absolute():
+            for d in dirs:
+                if (d / target).is_file():
+                    return str(d / target)
+        elif target.is_file():
+            return str(target)
     raise TokenNotPresentError(
         f"PKCS#11 module {name!r} not found in {', '.join(str(d) for d in dirs if d.is_dir())}"
     )

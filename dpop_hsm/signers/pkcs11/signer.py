@@ -101,8 +101,11 @@ class Pkcs11Signer:
     ``secret`` is the user PIN (string or callback); else the URI's ``pin-source`` or
     ``pin-value``, else ``$DPOP_HSM_PIN``. ``alg`` chooses between PS256 and RS256 for RSA keys
     (default PS256) and must agree with the key otherwise. ``max_sessions`` bounds the pool.
+    ``allow_module_path=True`` lets the URI's ``module-path`` name any module file (loading it
+    runs its code); without it only trusted modules load (see :mod:`.locate`).
 
-    Raises KeyReferenceError (bad URI), TokenNotPresentError (no module/token), PinError,
+    Raises KeyReferenceError (bad URI), UntrustedModuleError (module-path not allowed),
+    TokenNotPresentError (no module/token), PinError,
     KeyNotFoundError/AmbiguousKeyError (listing candidates), UnsupportedKeyError and
     MechanismNotSupportedError. Thread-safe; a context manager.
     """
@@ -114,6 +117,7 @@ class Pkcs11Signer:
         secret: SecretSource | None = None,
         alg: str | None = None,
         max_sessions: int = 8,
+        allow_module_path: bool = False,
     ) -> None:
         self._parsed = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
         if self._parsed.type not in (None, "private", "public", "cert"):
@@ -126,7 +130,7 @@ class Pkcs11Signer:
             raise KeyNotFoundError(f"pkcs11 URI vendor attribute(s) {names} match no key here")
         if max_sessions < 1:
             raise KeyReferenceError("max_sessions must be >= 1")
-        self._module_path = self._parsed.module()
+        self._module_path = self._parsed.module(allow_module_path=allow_module_path)
         self._secret = secret
         self._requested_alg = alg
         self._pool = SessionPool(max_sessions)
@@ -480,6 +484,7 @@ class Pkcs11Signer:
         *,
         secret: SecretSource | None = None,
         max_sessions: int = 8,
+        allow_module_path: bool = False,
     ) -> Pkcs11Signer:
         """Generate a key pair on the token and return a signer for it.
 
@@ -492,7 +497,8 @@ class Pkcs11Signer:
         parsed = uri if isinstance(uri, Pkcs11Uri) else Pkcs11Uri.parse(uri)
         info = algorithm(alg)
         pin = parsed.resolve_pin(secret)
-        module = load_module(parsed.module())
+        module_path = parsed.module(allow_module_path=allow_module_path)
+        module = load_module(module_path)
         target = generate_key_pair(module, parsed, info, pin=pin)
         # A new key never asks for a PIN per signature: the PIN already read serves the login.
         return cls(
@@ -500,16 +506,21 @@ class Pkcs11Signer:
             secret=pin if pin is not None else secret,
             alg=info.name,
             max_sessions=max_sessions,
+            allow_module_path=allow_module_path,
         )
 
 
-def load_pkcs11_reference(ref: str, secret: SecretSource | None) -> Pkcs11Signer:
+def load_pkcs11_reference(
+    ref: str, secret: SecretSource | None, *, allow_module_path: bool = False
+) -> Pkcs11Signer:
     """Registry loader for ``pkcs11:`` URIs."""
-    return Pkcs11Signer(ref, secret=secret)
+    return Pkcs11Signer(ref, secret=secret, allow_module_path=allow_module_path)
 
 
 def generate_pkcs11_reference(
-    ref: str, alg: str | None, secret: SecretSource | None
+    ref: str, alg: str | None, secret: SecretSource | None, *, allow_module_path: bool = False
 ) -> Pkcs11Signer:
     """Registry generator for ``pkcs11:`` URIs: :meth:`Pkcs11Signer.generate`."""
-    return Pkcs11Signer.generate(ref, alg or DEFAULT_ALG, secret=secret)
+    return Pkcs11Signer.generate(
+        ref, alg or DEFAULT_ALG, secret=secret, allow_module_path=allow_module_path
+    )

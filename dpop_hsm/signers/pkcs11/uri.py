@@ -21,9 +21,16 @@ from urllib.parse import quote, unquote_to_bytes
 
 from ...errors import KeyReferenceError, SecretSourceError, TokenNotPresentError
 from ...secret_sources import SecretSource, read_secret_source, resolve_secret
-from .locate import MODULE_DIRS_ENV, module_search_dirs, resolve_module_name
+from .locate import (
+    MODULE_DIRS_ENV,
+    MODULES_ENV,
+    check_module_path,
+    module_search_dirs,
+    resolve_module_name,
+)
 
 __all__ = [
+    "MODULES_ENV",
     "MODULE_DIRS_ENV",
     "MODULE_ENV",
     "PIN_ENV",
@@ -240,15 +247,21 @@ class Pkcs11Uri:
         return replace(self, **changes)
 
     # Module ----------------------------------------------------------------------------------
-    def module(self) -> str:
+    def module(self, *, allow_module_path: bool = False) -> str:
         """The PKCS#11 module file to load.
 
-        ``module-path`` wins over ``module-name`` (RFC 7512 §2.3); with neither, the
-        ``DPOP_HSM_PKCS11_MODULE`` environment variable names a path or a module name.
-        Raises KeyReferenceError when nothing names a module, TokenNotPresentError when the
-        named module file does not exist.
+        ``module-path`` wins over ``module-name`` (RFC 7512 §2.3), and is checked by
+        :func:`~.locate.check_module_path` first: loading a module runs its code, so a path
+        outside the trusted module directories needs ``$DPOP_HSM_PKCS11_MODULES`` or the
+        caller's ``allow_module_path=True``. With neither attribute, the
+        ``DPOP_HSM_PKCS11_MODULE`` environment variable names a path or a module name (the
+        environment is the operator's, so its path is trusted).
+
+        Raises KeyReferenceError when nothing names a module, UntrustedModuleError for a path
+        that is not allowed, TokenNotPresentError when the module file does not exist.
         """
         if self.module_path:
+            check_module_path(self.module_path, allow_module_path=allow_module_path)
             path = Path(self.module_path)
             if not path.is_file():
                 raise TokenNotPresentError(f"PKCS#11 module {self.module_path!r} does not exist")
