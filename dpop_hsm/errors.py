@@ -20,6 +20,7 @@ __all__ = [
     "InsecureEndpointError",
     "InvalidJwkError",
     "InvalidProofError",
+    "KeyMismatchError",
     "KeyNotFoundError",
     "KeyReferenceError",
     "MechanismNotSupportedError",
@@ -152,6 +153,17 @@ class KeyNotFoundError(SignerError):
     """No key on the device matches the reference."""
 
     code = "key_not_found"
+
+
+class KeyMismatchError(SignerError):
+    """The public key found beside a private key is not its half of the pair.
+
+    A public object with the same CKA_ID or label from another key pair would otherwise be
+    published as the signer's JWK, and every proof would fail verification (or bind tokens to a
+    key someone else holds). Checked by signing and verifying one challenge at load.
+    """
+
+    code = "key_pair_mismatch"
 
 
 class AmbiguousKeyError(SignerError):

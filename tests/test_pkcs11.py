@@ -672,3 +672,128 @@ def test_old_import_paths_still_work() -> None:
     )
     with pytest.raises(AttributeError):
         package.NoSuchName  # noqa: B018
+
+
+# --- the published key is the signing key ----------------------------------------------------
+
+
+def _swap_public_object(softhsm: SoftHsm, key_id: bytes, label: str, donor_id: bytes) -> None:
+    """Replace the public object named (id, label) by a copy of another pair's public key."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+    with token.open(rw=True) as session:  # logged in through the module's signers
+        donor = session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=donor_id)
+        params, point = donor[Attribute.EC_PARAMS], donor[Attribute.EC_POINT]
+        session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=key_id).destroy()
+        session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                Attribute.KEY_TYPE: pkcs11.KeyType.EC,
+                Attribute.TOKEN: True,
+                Attribute.ID: key_id,
+                Attribute.LABEL: label,
+                Attribute.EC_PARAMS: params,
+                Attribute.EC_POINT: point,
+                Attribute.VERIFY: True,
+            }
+        )
+
+
+def test_public_object_of_another_pair_is_refused(softhsm: SoftHsm, es256: Any) -> None:
+    from dpop_hsm.errors import KeyMismatchError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    # The hostile token: the private key "mismatch" (id 77) sits beside a public object with
+    # its id and label that holds ANOTHER pair's public key ("donor", id 78).
+    Pkcs11Signer.generate(softhsm.uri(object="mismatch", id=b"\x77"), secret=softhsm.pin).close()
+    with Pkcs11Signer.generate(
+        softhsm.uri(object="donor", id=b"\x78"), secret=softhsm.pin
+    ) as donor:
+        donor_jkt = donor.thumbprint
+    _swap_public_object(softhsm, b"\x77", "mismatch", donor_id=b"\x78")
+    for uri in (softhsm.uri(object="mismatch"), softhsm.uri(id=b"\x77")):
+        with pytest.raises(KeyMismatchError) as info:
+            Pkcs11Signer(uri, secret=softhsm.pin)
+        assert info.value.code == "key_pair_mismatch"
+        assert "label='mismatch' id=77" in str(info.value)
+        assert donor_jkt not in str(info.value)
+    with Pkcs11Signer(softhsm.uri(object="donor"), secret=softhsm.pin) as honest:
+        assert honest.thumbprint == donor_jkt  # the donor's own pair still loads
+
+
+def test_private_key_replaced_under_a_live_signer_is_refused(softhsm: SoftHsm) -> None:
+    import pkcs11
+    from asn1crypto import core
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+    from dpop_hsm.errors import KeyMismatchError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    uri = softhsm.uri(object="replaced", id=b"\x79")
+    with Pkcs11Signer.generate(uri, secret=softhsm.pin) as signer:
+        _sign_ok(signer)
+        # Same id and label, same public object, another private key: the thumbprint cannot
+        # tell, only a signature can.
+        token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+        with token.open(rw=True) as session:
+            session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=b"\x79").destroy()
+            session.generate_keypair(
+                KeyType.EC,
+                mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                store=True,
+                public_template={
+                    Attribute.EC_PARAMS: core.ObjectIdentifier("1.2.840.10045.3.1.7").dump(),
+                    Attribute.LABEL: "replaced-new-public",
+                    Attribute.ID: b"\x7a",
+                },
+                private_template={Attribute.LABEL: "replaced", Attribute.ID: b"\x79"},
+            )
+        signer._module.close_all_sessions(signer._token.slot.slot_id)  # force a reconnect
+        with pytest.raises(KeyMismatchError):
+            signer.sign(b"x")
+
+
+def test_key_with_a_pin_per_signature_is_proven_on_its_first_signature(
+    softhsm: SoftHsm, es256: Any
+) -> None:
+    import pkcs11
+    from asn1crypto import core
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    from dpop_hsm.errors import KeyMismatchError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    # A PIV-9c-like key (a PIN per signature) is not signed with at load — that would ask for
+    # the PIN (and a touch) just to open it — so its first signature is the proof.
+    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+    with token.open(rw=True) as session:  # logged in through es256's login
+        session.generate_keypair(
+            KeyType.EC,
+            mechanism=Mechanism.EC_KEY_PAIR_GEN,
+            store=True,
+            label="always-mismatch",
+            id=b"\x9d",
+            public_template={
+                Attribute.EC_PARAMS: core.ObjectIdentifier("1.2.840.10045.3.1.7").dump()
+            },
+            private_template={Attribute.ALWAYS_AUTHENTICATE: True, Attribute.SIGN: True},
+        )
+    Pkcs11Signer.generate(
+        softhsm.uri(object="always-donor", id=b"\x9e"), secret=softhsm.pin
+    ).close()
+    _swap_public_object(softhsm, b"\x9d", "always-mismatch", donor_id=b"\x9e")
+    asked: list[int] = []
+
+    def pin() -> str:
+        asked.append(1)
+        return softhsm.pin
+
+    with Pkcs11Signer(softhsm.uri(object="always-mismatch"), secret=pin) as signer:
+        assert signer.always_authenticate
+        loaded_with = len(asked)
+        for _ in range(2):  # refused every time, not only the first
+            with pytest.raises(KeyMismatchError):
+                signer.sign(b"x")
+        assert len(asked) == loaded_with + 2  # one context login per attempt, none extra

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
 
-from ...algorithms import DEFAULT_ALG, AlgorithmInfo, algorithm
+from cryptography.exceptions import InvalidSignature
+
+from ...algorithms import DEFAULT_ALG, AlgorithmInfo, algorithm, verify_signature
 from ...errors import (
     DeviceError,
+    KeyMismatchError,
     KeyNotFoundError,
     KeyReferenceError,
     MechanismNotSupportedError,
@@ -39,7 +42,7 @@ from ...errors import (
     UnsupportedKeyError,
 )
 from ...jose import jwk_thumbprint
-from ...jwk import curve, jwk_from_public_key
+from ...jwk import PublicKey, curve, jwk_from_public_key
 from ...secret_sources import SecretSource, resolve_secret
 from .uri import Pkcs11Uri
 
@@ -87,6 +90,32 @@ def _plan(info: AlgorithmInfo) -> _Plan:
         # SHA-1 (SoftHSM2 answers ArgumentsBad), so the parameters are always explicit.
         return _Plan(Mechanism.SHA256_RSA_PKCS_PSS, (Mechanism.SHA256, MGF.SHA256, 32), None, 0)
     return _Plan(Mechanism.SHA256_RSA_PKCS, None, None, 0)
+
+
+# Signed once per connect and verified with the public key found (never a JWS signing input,
+# which is two base64url parts and a dot, so the signature is useless anywhere else).
+_PAIR_CHALLENGE = b"dpop_hsm: is the published public key this private key's half?"
+
+
+def _mismatch(described: str) -> KeyMismatchError:
+    return KeyMismatchError(
+        f"key {described}: its signature does not verify with the public key found by its "
+        "CKA_ID/label (a public object of another key pair?); refusing to publish that key"
+    )
+
+
+def _prove_pair(
+    module: Module, key: Any, public: PublicKey, info: AlgorithmInfo, plan: _Plan
+) -> None:
+    """Sign the challenge with ``key`` and verify it with ``public``; KeyMismatchError if not."""
+    payload = plan.digest(_PAIR_CHALLENGE) if plan.digest is not None else _PAIR_CHALLENGE
+    with module.gate.call():
+        signature = key.sign(payload, mechanism=plan.mechanism, mechanism_param=plan.param)
+        described = describe(key)
+    try:
+        verify_signature(public, info.name, signature, _PAIR_CHALLENGE)
+    except InvalidSignature:
+        raise _mismatch(described) from None
 
 
 class _Retry(Exception):  # noqa: N818 - internal control flow, never escapes
@@ -267,10 +296,20 @@ class Pkcs11Signer:
                 self._fast_sign = (
                     module.raw_signer(int(plan.mechanism), out_size) if out_size else None
                 )
+                self._public = pub
             with module.gate.call():
                 self._always_auth = bool(read(key, Attribute.ALWAYS_AUTHENTICATE))
                 label = read(key, Attribute.LABEL)
                 key_id = read(key, Attribute.ID)
+            # The public key is read from a separate object found by CKA_ID or label: prove it
+            # belongs to this private key before publishing it (and after every reconnect: the
+            # private key may have been replaced under the same name). A key that wants the
+            # PIN per signature (PIV 9c, maybe touch) is proven on its first real signature.
+            if self._always_auth:
+                self._unproven = True
+            else:
+                _prove_pair(module, key, pub, algorithm(self._alg), self._plan)
+                self._unproven = False
         except BaseException:
             module.close_session(session)
             raise
@@ -444,6 +483,8 @@ class Pkcs11Signer:
             # Release: back to the pool unless the pool moved on (reopen) or was closed.
             if not self._pool.release(entry):
                 self._discard(entry)
+            if self._unproven:  # only context-login keys: see _connect_once
+                self._prove_first_signature(signing_input, signature)
             # Declared format: CKM_ECDSA returns raw r||s (PKCS#11 v2.40 §2.3.1), the JWS form
             # already; only its length is checked here, on the hot path.
             if plan.coord_size and len(signature) != 2 * plan.coord_size:
@@ -453,6 +494,13 @@ class Pkcs11Signer:
                 )
             return signature
         raise DeviceError("sign: the token failed twice")  # pragma: no cover - loop returns
+
+    def _prove_first_signature(self, signing_input: bytes, signature: bytes) -> None:
+        try:
+            verify_signature(self._public, self._alg, signature, signing_input)
+        except InvalidSignature:
+            raise _mismatch(f"on {self._token.label!r}") from None
+        self._unproven = False
 
     def _context_pin(self) -> str:
         # Context-specific login (PKCS#11 v2.40 §5.6 CKU_CONTEXT_SPECIFIC): ask the source each
