@@ -29,6 +29,8 @@ __all__ = [
     "OAuthError",
     "PinError",
     "PinLockedError",
+    "Pkcs11ModuleError",
+    "Pkcs11ModuleNotFoundError",
     "ProtocolError",
     "RedirectError",
     "ReplayError",
@@ -39,6 +41,7 @@ __all__ = [
     "TokenNotPresentError",
     "TokenResponseError",
     "TokenTypeError",
+    "TpmUnreachableError",
     "TransportError",
     "UnauthorizedError",
     "UnsupportedKeyError",
@@ -108,6 +111,31 @@ class MissingDependencyError(ConfigurationError):
         )
         self.module = module
         self.extra = extra
+
+
+class Pkcs11ModuleError(ConfigurationError):
+    """A PKCS#11 module file cannot be used: not loadable, not a PKCS#11 module, or it refused
+    to initialize (a SoftHSM2 without a readable ``SOFTHSM2_CONF``, say)."""
+
+    code = "pkcs11_module_error"
+
+    def diagnostics(self) -> str:
+        return (
+            f"{self.message} (is it the PKCS#11 module of your device, built for this machine, "
+            "and is the module's own configuration in place?)"
+        )
+
+
+class Pkcs11ModuleNotFoundError(Pkcs11ModuleError):
+    """No PKCS#11 module file where the reference (``module-path``/``module-name``) says."""
+
+    code = "pkcs11_module_not_found"
+
+    def diagnostics(self) -> str:
+        return (
+            f"{self.message} (install the module's package, check the name or path, or add its "
+            "directory to DPOP_HSM_PKCS11_MODULE_DIRS)"
+        )
 
 
 class InsecureEndpointError(ConfigurationError):
@@ -180,6 +208,19 @@ class TokenNotPresentError(SignerError):
     def diagnostics(self) -> str:
         return (
             f"{self.message} (is the device plugged in, pcscd running, the slot/token label right?)"
+        )
+
+
+class TpmUnreachableError(TokenNotPresentError):
+    """No TPM answers at the TCTI: no device node, resource manager or simulator there."""
+
+    code = "tpm_unreachable"
+
+    def diagnostics(self) -> str:
+        return (
+            f"{self.message} (for device: TCTIs, is /dev/tpmrm0 there and readable by you; for "
+            "tabrmd:, is tpm2-abrmd running; for swtpm:/mssim:, is the simulator started on that "
+            "host and port? Set the TCTI in the reference or $TPM2TOOLS_TCTI)"
         )
 
 

@@ -136,12 +136,12 @@ def admin_main() -> None:
 
 
 def softhsm_module() -> str | None:
-    from dpop_hsm.errors import TokenNotPresentError
+    from dpop_hsm.errors import Pkcs11ModuleNotFoundError
     from dpop_hsm.signers.pkcs11.locate import resolve_module_name
 
     try:
         return resolve_module_name("softhsm2")
-    except TokenNotPresentError:
+    except Pkcs11ModuleNotFoundError:
         return None
 
 

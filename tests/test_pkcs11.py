@@ -335,18 +335,44 @@ def test_other_signers_survive_a_module_reinit(es256: Any) -> None:
     _sign_ok(es256)
 
 
-def test_missing_token_and_module(softhsm: SoftHsm) -> None:
+def test_missing_token(softhsm: SoftHsm) -> None:
     from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 
     with pytest.raises(TokenNotPresentError) as info:
         Pkcs11Signer(softhsm.uri("absent-token", object="x"), secret=softhsm.pin)
-    assert "'dpop'" in str(info.value)  # lists the tokens that are present
-    with pytest.raises(TokenNotPresentError):
-        Pkcs11Signer(
-            "pkcs11:token=dpop?module-path=/nonexistent/libnone.so", allow_module_path=True
-        )
-    with pytest.raises(TokenNotPresentError):
-        Pkcs11Signer("pkcs11:token=dpop?module-name=no-such-pkcs11-module")
+    message = str(info.value)
+    assert "no token matches token='absent-token' (tokens present: " in message
+    assert "'dpop' (serial " in message  # lists the initialized tokens that are present
+    assert "'' (serial" not in message  # not SoftHSM2's free, uninitialized slot
+    assert "token token" not in message
+    assert "pcscd" in info.value.diagnostics()  # the hint fits here: a token is missing
+
+
+def test_missing_module_is_not_a_missing_token(tmp_path: Path) -> None:
+    # A module that is not there is a setup problem with its own code and hint, naming what
+    # was tried; never token_not_present with advice about pcscd.
+    from dpop_hsm.errors import Pkcs11ModuleError, Pkcs11ModuleNotFoundError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    missing = tmp_path / "libnone.so"
+    for uri, names in (
+        (f"pkcs11:token=dpop?module-path={missing}", [str(missing)]),
+        ("pkcs11:token=dpop?module-name=no-such-p11", ["no-such-p11.so", "libno-such-p11.so"]),
+    ):
+        with pytest.raises(Pkcs11ModuleNotFoundError) as info:
+            Pkcs11Signer(uri, allow_module_path=True)
+        assert info.value.code == "pkcs11_module_not_found"
+        assert not isinstance(info.value, TokenNotPresentError)
+        for name in names:
+            assert name in str(info.value)
+        assert "pcscd" not in info.value.diagnostics()
+    # A file that is there but is no PKCS#11 module: the loader's own reason.
+    not_a_module = tmp_path / "libjunk.so"
+    not_a_module.write_bytes(b"junk")
+    with pytest.raises(Pkcs11ModuleError) as bad:
+        Pkcs11Signer(f"pkcs11:token=dpop?module-path={not_a_module}", allow_module_path=True)
+    assert bad.value.code == "pkcs11_module_error"
+    assert str(not_a_module) in str(bad.value)
 
 
 def test_untrusted_module_path_is_refused_on_every_entry_point(
@@ -705,6 +731,8 @@ def test_public_object_of_another_pair_is_refused(softhsm: SoftHsm, es256: Any) 
     from dpop_hsm.errors import KeyMismatchError
     from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 
+    _sign_ok(es256)  # the edits below use es256's login
+
     # The hostile token: the private key "mismatch" (id 77) sits beside a public object with
     # its id and label that holds ANOTHER pair's public key ("donor", id 78).
     Pkcs11Signer.generate(softhsm.uri(object="mismatch", id=b"\x77"), secret=softhsm.pin).close()
@@ -767,6 +795,7 @@ def test_key_with_a_pin_per_signature_is_proven_on_its_first_signature(
 
     # A PIV-9c-like key (a PIN per signature) is not signed with at load — that would ask for
     # the PIN (and a touch) just to open it — so its first signature is the proof.
+    _sign_ok(es256)  # es256's login (re-made if an earlier test closed all sessions) is ours
     token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
     with token.open(rw=True) as session:  # logged in through es256's login
         session.generate_keypair(

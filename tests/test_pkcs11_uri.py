@@ -13,11 +13,17 @@ import pytest
 
 from dpop_hsm.errors import (
     KeyReferenceError,
+    Pkcs11ModuleError,
+    Pkcs11ModuleNotFoundError,
     SecretSourceError,
-    TokenNotPresentError,
     UntrustedModuleError,
 )
-from dpop_hsm.signers.pkcs11.locate import MODULES_ENV, check_module_path
+from dpop_hsm.signers.pkcs11.locate import (
+    MODULES_ENV,
+    check_module_path,
+    module_file_names,
+    require_supported_platform,
+)
 from dpop_hsm.signers.pkcs11_uri import (
     PIN_ENV,
     Pkcs11Uri,
@@ -176,7 +182,7 @@ def test_module_path_wins_and_must_exist(tmp_path: Path) -> None:
     lib.write_bytes(b"")
     u = Pkcs11Uri(module_path=str(lib), module_name="other")
     assert u.module(allow_module_path=True) == str(lib)
-    with pytest.raises(TokenNotPresentError):
+    with pytest.raises(Pkcs11ModuleNotFoundError):
         Pkcs11Uri(module_path=str(tmp_path / "none.so")).module(allow_module_path=True)
 
 
@@ -228,7 +234,7 @@ def test_module_path_in_a_trusted_dir_or_registered_with_p11kit(
     # The distribution's SoftHSM2, as resolve_module_name finds it, loads without an opt-in.
     try:
         softhsm = resolve_module_name("softhsm2")
-    except TokenNotPresentError:
+    except Pkcs11ModuleNotFoundError:
         return
     assert check_module_path(softhsm) == softhsm
 
@@ -303,7 +309,7 @@ def test_module_name_lookup_in_search_dirs(tmp_path: Path, monkeypatch: pytest.M
     for name in ("acme-p11", "libacme-p11", "libacme-p11.so"):
         assert resolve_module_name(name) == str(lib)
     assert Pkcs11Uri(module_name="acme-p11").module() == str(lib)
-    with pytest.raises(TokenNotPresentError) as info:
+    with pytest.raises(Pkcs11ModuleNotFoundError) as info:
         resolve_module_name("no-such-module-xyz")
     assert "no-such-module-xyz" in str(info.value)
     with pytest.raises(KeyReferenceError):
@@ -353,3 +359,82 @@ def test_id_must_be_bytes() -> None:
 def test_constructor_checks_slot_id_range_like_the_parser(slot_id: int) -> None:
     with pytest.raises(KeyReferenceError):
         Pkcs11Uri(slot_id=slot_id)
+
+
+# --- platforms ----------------------------------------------------------------------------
+
+
+def test_module_file_names_per_platform() -> None:
+    assert module_file_names("softhsm2", "linux") == [
+        "softhsm2.so",
+        "softhsm2",
+        "libsofthsm2.so",
+        "libsofthsm2",
+    ]
+    # macOS: Yubico ships libykcs11.dylib; OpenSC and Homebrew's SoftHSM2 use .so there too.
+    assert module_file_names("ykcs11", "darwin")[:3] == ["ykcs11.dylib", "ykcs11.so", "ykcs11"]
+    assert "libykcs11.dylib" in module_file_names("ykcs11", "darwin")
+    assert module_file_names("opensc-pkcs11.so", "darwin")[0] == "opensc-pkcs11.so"
+
+
+def test_search_dirs_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DPOP_HSM_PKCS11_MODULE_DIRS", raising=False)
+    mac = {str(d) for d in module_search_dirs("darwin")}
+    for d in ("/opt/homebrew/lib", "/opt/homebrew/lib/softhsm", "/usr/local/lib/pkcs11"):
+        assert d in mac
+    assert "/Library/OpenSC/lib" in mac
+    assert "/usr/lib/x86_64-linux-gnu" not in mac
+    assert module_search_dirs("win32") == []
+
+
+def test_windows_is_refused_plainly() -> None:
+    # Windows Cryptoki packs structures to 1 byte; the ctypes layer does not: say so up front.
+    for platform in ("win32", "cygwin"):
+        with pytest.raises(Pkcs11ModuleError, match="Linux and macOS"):
+            require_supported_platform(platform)
+        with pytest.raises(Pkcs11ModuleError, match="Linux and macOS"):
+            resolve_module_name("softhsm2", platform)
+    require_supported_platform("linux")
+    require_supported_platform("darwin")
+
+
+# --- typos that get their own message -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        # '&' where '?' was meant: the query attribute would otherwise end up in the label
+        ("pkcs11:token=x;object=y&module-name=z", "'&module-name=' in its path"),
+        ("pkcs11:token=x&pin-source=file:/p?module-name=z", "'&pin-source=' in its path"),
+        # ';' between query attributes
+        ("pkcs11:token=x?module-name=z;pin-source=env:P", "separated by '&'"),
+        ("pkcs11:token=x?module-name=z;object=k", "separated by '&'"),
+        # an attribute on the wrong side of '?'
+        ("pkcs11:token=x;module-name=z", "'module-name' is a query attribute"),
+        ("pkcs11:token=x?module-name=z&object=k", "'object' is a path attribute"),
+        ("pkcs11:token=x?object=k", "'object' is a path attribute"),
+        # an authority, as in other URI schemes
+        ("pkcs11://token=x;object=k", "no authority"),
+        # capitals
+        ("pkcs11:Token=x", "lower-case: 'token'"),
+        ("pkcs11:token=x?Module-Name=z", "lower-case: 'module-name'"),
+    ],
+)
+def test_common_typos_are_named(text: str, says: str) -> None:
+    with pytest.raises(KeyReferenceError) as info:
+        Pkcs11Uri.parse(text)
+    assert says in str(info.value)
+
+
+def test_escaped_separators_are_values_not_typos() -> None:
+    u = Pkcs11Uri.parse("pkcs11:token=x;object=y%26module-name=z?pin-source=file:/a%3Bpin-value=b")
+    assert u.object == "y&module-name=z"
+    assert u.pin_source == "file:/a;pin-value=b"
+    assert Pkcs11Uri.parse(str(u)) == u  # and they print escaped again
+
+
+def test_describe_token_wording() -> None:
+    assert Pkcs11Uri(token="dpop").describe_token() == "token='dpop'"
+    assert Pkcs11Uri(token="t", serial="42").describe_token() == "token='t', serial='42'"
+    assert Pkcs11Uri().describe_token() == "any token"

@@ -21,12 +21,13 @@ and the TPM's ``r`` and ``s`` (TPM2B buffers, possibly short) become raw ``r||s`
 :func:`dpop_hsm.ecdsa.rs_to_raw` (RFC 7518 §3.4).
 
 Faults: a TPM that stops answering mid-call (swtpm restarted, tpm2-abrmd bounced) is reconnected
-once and the call retried once; a TPM that cannot be reached is :class:`TokenNotPresentError`;
-a missing handle is :class:`KeyNotFoundError`; a rejected auth value is :class:`PinError` and is
-never retried — every failure counts toward the TPM's dictionary-attack (DA) lockout, after which
-the TPM answers :class:`PinLockedError` until its recovery time has passed (or
-``tpm2_dictionarylockout --clear-lockout`` with the lockout auth). Keys we create are
-DA-protected (no ``noDA`` attribute): a guessable auth value is exactly what DA protects.
+once and the call retried once; a TPM that cannot be reached is :class:`TpmUnreachableError` (a
+:class:`TokenNotPresentError` that names the TCTI); a missing handle is :class:`KeyNotFoundError`;
+a rejected auth value is :class:`PinError` and is never retried — every failure counts toward
+the TPM's dictionary-attack (DA) lockout, after which the TPM answers :class:`PinLockedError`
+until its recovery time has passed (or ``tpm2_dictionarylockout --clear-lockout`` with the
+lockout auth). Keys we create are DA-protected (no ``noDA`` attribute): a guessable auth value
+is exactly what DA protects.
 
 The TSS prints warnings to stderr on its own (e.g. a failed connect). Unless ``TSS2_LOG`` is
 set, :mod:`.tpm_tss` sets it to ``all+NONE`` before tpm2-pytss is imported; the TSS reads it at its
@@ -92,7 +93,7 @@ class TpmSigner:
     signer (a TPM executes one command at a time anyway). Use as a context manager or call
     :meth:`close`. The reference's ``tcti`` may name only a device or socket TCTI unless
     ``allow_module_path=True`` (see :mod:`.tpm_ref`). Raises :class:`UntrustedModuleError`,
-    :class:`TokenNotPresentError`, :class:`KeyNotFoundError`, :class:`PinError`,
+    :class:`TpmUnreachableError`, :class:`KeyNotFoundError`, :class:`PinError`,
     :class:`UnsupportedKeyError`, :class:`DeviceError`.
     """
 

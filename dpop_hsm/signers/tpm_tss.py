@@ -25,7 +25,7 @@ from ..errors import (
     PinError,
     PinLockedError,
     SignerError,
-    TokenNotPresentError,
+    TpmUnreachableError,
     UnsupportedKeyError,
 )
 from ..jwk import Curve, jwk_from_public_key
@@ -207,7 +207,7 @@ def map_error(e: TSS2_Exception, *, what: str, tcti: str) -> SignerError:
     """A TSS return code → our typed error. ``str(e)`` is the TSS's decoding of the code only."""
     rc = int(e.rc)
     if is_link_error(e):
-        return TokenNotPresentError(f"{what}: no TPM answers at TCTI {tcti!r} ({e})")
+        return TpmUnreachableError(f"{what}: no TPM answers at TCTI {tcti!r} ({e})")
     if rc & _LAYER_MASK == 0:  # the TPM itself answered
         base = int(e.error)
         if base in (int(TPM2_RC.AUTH_FAIL), int(TPM2_RC.BAD_AUTH)):

@@ -37,7 +37,12 @@ from typing import Any
 import pkcs11
 from pkcs11.exceptions import PKCS11Error
 
-from ...errors import DeviceError, TokenNotPresentError, UnsupportedKeyError
+from ...errors import (
+    DeviceError,
+    Pkcs11ModuleError,
+    Pkcs11ModuleNotFoundError,
+    UnsupportedKeyError,
+)
 from .ckr import (
     CKR_CRYPTOKI_ALREADY_INITIALIZED,
     CKR_CRYPTOKI_NOT_INITIALIZED,
@@ -47,6 +52,7 @@ from .ckr import (
     error_for_exception,
     error_for_rv,
 )
+from .locate import require_supported_platform
 
 __all__ = [
     "FORKS",
@@ -240,6 +246,11 @@ class _Gate:
             self._reopened.set()
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
 class Module:
     """A PKCS#11 module loaded into this process, re-initialized with OS locking if allowed."""
 
@@ -253,15 +264,17 @@ class Module:
         try:
             self.lib: Any = pkcs11.lib(path)
         except PKCS11Error as e:
-            raise TokenNotPresentError(
-                f"PKCS#11 module {path!r} could not be loaded or initialized ({type(e).__name__})"
+            # python-pkcs11 says why (the loader's dlerror: not a shared object, no
+            # C_GetFunctionList, a C_Initialize failure); its text names the file only.
+            raise Pkcs11ModuleError(
+                f"PKCS#11 module {path!r} could not be loaded or initialized: {_first_line(e)}"
             ) from e
         try:
             self._cdll = ctypes.CDLL(path)
             table = ctypes.POINTER(_FunctionList)()
             rv = self._cdll.C_GetFunctionList(ctypes.byref(table))
         except (OSError, AttributeError) as e:
-            raise TokenNotPresentError(f"PKCS#11 module {path!r} has no C_GetFunctionList") from e
+            raise Pkcs11ModuleError(f"PKCS#11 module {path!r} has no C_GetFunctionList") from e
         if rv != CKR_OK:
             raise DeviceError(f"PKCS#11 module {path!r}: C_GetFunctionList failed (0x{rv:x})")
         self._fl = table.contents
@@ -410,8 +423,9 @@ def load_module(path: str) -> Module:
     with _LOCK:
         module = _MODULES.get(key)
         if module is None:
+            require_supported_platform()
             if not os.path.isfile(key):
-                raise TokenNotPresentError(f"PKCS#11 module {path!r} does not exist")
+                raise Pkcs11ModuleNotFoundError(f"PKCS#11 module file {path!r} does not exist")
             module = Module(path)
             _MODULES[key] = module
         elif module.pid != os.getpid():

@@ -14,24 +14,34 @@ operator decides which modules are trusted, the reference only chooses among the
   the URI its user typed). Anything else is :class:`~dpop_hsm.errors.UntrustedModuleError`,
   raised before the file is opened.
 
-This module imports nothing from python-pkcs11.
+Linux and macOS are supported (module names and directories of both are known); Windows is
+refused plainly, see :func:`require_supported_platform`. This module imports nothing from
+python-pkcs11.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
-from ...errors import KeyReferenceError, TokenNotPresentError, UntrustedModuleError
+from ...errors import (
+    KeyReferenceError,
+    Pkcs11ModuleError,
+    Pkcs11ModuleNotFoundError,
+    UntrustedModuleError,
+)
 
 __all__ = [
     "MODULES_ENV",
     "MODULE_DIRS_ENV",
     "check_module_path",
+    "module_file_names",
     "module_search_dirs",
+    "require_supported_platform",
     "resolve_module_name",
 ]
 
@@ -40,20 +50,75 @@ MODULES_ENV = "DPOP_HSM_PKCS11_MODULES"
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 
 
-def module_search_dirs() -> list[Path]:
-    """Where ``module-name`` is looked up: our env override, p11-kit's and distro dirs."""
+def _kind(platform: str | None) -> str:
+    """ "linux" (and other Unix systems with the same layout), "darwin", or "windows"."""
+    name = sys.platform if platform is None else platform
+    if name.startswith(("win", "cygwin", "msys")):
+        return "windows"
+    return "darwin" if name == "darwin" else "linux"
+
+
+def require_supported_platform(platform: str | None = None) -> None:
+    """Refuse plainly where the backend cannot work, before any module is opened.
+
+    Windows Cryptoki headers pack every structure to one byte (``#pragma pack(1)`` in
+    ``pkcs11.h``); the ctypes layer of this backend (:mod:`.cryptoki`) uses the natural
+    alignment of Linux and macOS, so on Windows it would read the function list wrong.
+    """
+    if _kind(platform) == "windows":
+        raise Pkcs11ModuleError(
+            "the PKCS#11 backend supports Linux and macOS; on Windows, Cryptoki structures are "
+            "packed to 1 byte, which its ctypes layer does not implement (use a TPM or a key "
+            "file there)"
+        )
+
+
+# Module file names per platform: Linux ".so"; macOS ".dylib" (Yubico's libykcs11), and
+# ".so", which OpenSC and Homebrew's SoftHSM2 use there too.
+_SUFFIXES = {"linux": (".so",), "darwin": (".dylib", ".so"), "windows": (".dll",)}
+
+
+def module_search_dirs(platform: str | None = None) -> list[Path]:
+    """The trusted module directories, in lookup order: ``$DPOP_HSM_PKCS11_MODULE_DIRS``,
+    then where the platform's packages install PKCS#11 modules.
+
+    Linux: ``/usr/lib``, ``/usr/lib64``, ``/usr/local/lib``, ``/usr/local/lib64``, ``/lib``,
+    each also under the multiarch triplet, with their ``pkcs11/`` and ``softhsm/``
+    subdirectories (Debian, Fedora, Arch, Alpine layouts). macOS: Homebrew
+    (``/opt/homebrew/lib``, ``/usr/local/lib``) with the same subdirectories, and the OpenSC
+    installer's ``/Library/OpenSC/lib``. Windows: none (see
+    :func:`require_supported_platform`).
+    """
     dirs: list[Path] = []
     extra = os.environ.get(MODULE_DIRS_ENV)
     if extra:
         dirs += [Path(d) for d in extra.split(os.pathsep) if d]
-    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
-    libdirs = ["/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/local/lib64", "/lib"]
+    kind = _kind(platform)
+    if kind == "linux":
+        multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+        libdirs = ["/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/local/lib64", "/lib"]
+    elif kind == "darwin":
+        multiarch, libdirs = "", ["/opt/homebrew/lib", "/usr/local/lib"]
+    else:
+        multiarch, libdirs = "", []
     for base in libdirs:
         roots = [Path(base, multiarch), Path(base)] if multiarch else [Path(base)]
         for root in roots:
             dirs += [root / "pkcs11", root / "softhsm", root]
+    if kind == "darwin":
+        dirs.append(Path("/Library/OpenSC/lib"))
     seen: set[Path] = set()
     return [d for d in dirs if not (d in seen or seen.add(d))]  # type: ignore[func-returns-value]
+
+
+def module_file_names(name: str, platform: str | None = None) -> list[str]:
+    """The file names ``module-name`` may have: as given, with ``lib``, with the suffixes."""
+    suffixes = _SUFFIXES[_kind(platform)]
+    stems = [name] if name.startswith("lib") else [name, "lib" + name]
+    names: list[str] = []
+    for stem in stems:
+        names += [stem] if stem.endswith(suffixes) else [stem + s for s in suffixes] + [stem]
+    return names
 
 
 def _normal(path: str) -> str:
@@ -112,36 +177,47 @@ def _registered_module(reg: Path) -> Path | None:
     return None
 
 
+_P11KIT_CONFIG_DIRS = (
+    Path("/etc/pkcs11/modules"),
+    Path("/usr/share/p11-kit/modules"),
+    Path("/opt/homebrew/etc/pkcs11/modules"),  # macOS, Homebrew
+    Path("/opt/homebrew/share/p11-kit/modules"),
+    Path("/usr/local/etc/pkcs11/modules"),
+    Path("/usr/local/share/p11-kit/modules"),
+)
+
+
 def _p11kit_module_files() -> Iterable[Path]:
     # p11-kit registration files: <config dirs>/<name>.module with a "module:" line.
-    for conf in (Path("/etc/pkcs11/modules"), Path("/usr/share/p11-kit/modules")):
+    for conf in _P11KIT_CONFIG_DIRS:
         if conf.is_dir():
             yield from sorted(conf.glob("*.module"))
 
 
-def resolve_module_name(name: str) -> str:
+def resolve_module_name(name: str, platform: str | None = None) -> str:
     """Find ``module-name`` (e.g. ``softhsm2``, ``libykcs11``, ``ykcs11.so``) on disk.
 
-    RFC 7512 §2.3 leaves the lookup to the consumer: we try ``name``, ``lib<name>`` with and
-    without ``.so`` in :func:`module_search_dirs`, then p11-kit ``.module`` registrations.
+    RFC 7512 §2.3 leaves the lookup to the consumer: we try the names of
+    :func:`module_file_names` in :func:`module_search_dirs`, then p11-kit ``.module``
+    registrations. Raises KeyReferenceError for a name with a path in it,
+    Pkcs11ModuleNotFoundError naming every file name and directory tried.
     """
     if not _MODULE_NAME.fullmatch(name) or ".." in name:
         raise KeyReferenceError(
             f"pkcs11 URI attribute 'module-name' {name[:60]!r}: a bare module name "
             "(letters, digits, '.', '_', '+', '-'; no path, no '..'); use module-path= for a file"
         )
-    stems = [name] if name.startswith("lib") else [name, "lib" + name]
-    candidates = []
-    for stem in stems:
-        candidates += [stem] if stem.endswith(".so") else [stem + ".so", stem]
-    dirs = module_search_dirs()
+    require_supported_platform(platform)
+    candidates = module_file_names(name, platform)
+    dirs = module_search_dirs(platform)
     for d in dirs:
         for cand in candidates:
             p = d / cand
             if p.is_file():
                 return str(p)
+    stems = {name, name.removeprefix("lib"), *(name.removesuffix(s) for s in _SUFFIXES["darwin"])}
     for reg in _p11kit_module_files():
-        if reg.stem not in (name, name.removeprefix("lib"), name.removesuffix(".so")):
+        if reg.stem not in stems:
             continue
         target = _registered_module(reg)
         if target is None:
@@ -152,6 +228,8 @@ def resolve_module_name(name: str) -> str:
                     return str(d / target)
         elif target.is_file():
             return str(target)
-    raise TokenNotPresentError(
-        f"PKCS#11 module {name!r} not found in {', '.join(str(d) for d in dirs if d.is_dir())}"
+    present = [str(d) for d in dirs if d.is_dir()]
+    raise Pkcs11ModuleNotFoundError(
+        f"PKCS#11 module-name {name!r} not found: tried {', '.join(candidates)} in "
+        f"{', '.join(present) or 'no existing directory'} and p11-kit's registrations"
     )

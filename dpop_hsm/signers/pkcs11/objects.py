@@ -17,6 +17,7 @@ from asn1crypto import core as asn1
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11e
+from pkcs11.constants import TokenFlag
 
 from ...errors import AmbiguousKeyError, KeyNotFoundError, TokenNotPresentError, UnsupportedKeyError
 from ...jwk import MIN_RSA_BITS, Curve, PublicKey, curve_for_name, curve_for_oid
@@ -90,6 +91,8 @@ def find_token(module: Module, uri: Pkcs11Uri, what: str) -> Any:
                 token = slot.get_token()
         except p11e.PKCS11Error:
             continue
+        if not token.flags & TokenFlag.TOKEN_INITIALIZED:
+            continue  # SoftHSM2's free slot, an empty tpm2-pkcs11 store: no keys to find
         serial = token.serial.decode("ascii", "replace").strip()
         seen.append(f"{token.label!r} (serial {serial})")
         if (

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
-from ...errors import KeyReferenceError, SecretSourceError, TokenNotPresentError
+from ...errors import KeyReferenceError, Pkcs11ModuleNotFoundError, SecretSourceError
 from ...secret_sources import SecretSource, read_secret_source, resolve_secret
 from .locate import (
     MODULE_DIRS_ENV,
@@ -71,7 +71,7 @@ _VENDOR_NAME = re.compile(r"x-[A-Za-z0-9_.~-]+\Z")  # RFC 7512 §2.3 pk11-v-attr
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _LIBRARY_VERSION = re.compile(r"[0-9]+(\.[0-9]+)?\Z")
 # RFC 7512 §2.3 pk11-p-special / pk11-q-special: printed unescaped; everything else is %XX.
-_PATH_SAFE = ":[]@!$'()*+,=&-._~"
+_PATH_SAFE = ":[]@!$'()*+,=-._~"  # '&' is escaped: it would read as a typo for '?'
 _QUERY_SAFE = ":[]@!$'()*+,=/?|-._~"
 
 
@@ -90,6 +90,39 @@ def _text(raw: str, name: str) -> str:
         return _pct_decode(raw, name).decode("utf-8")
     except UnicodeDecodeError:
         raise KeyReferenceError(f"pkcs11 URI attribute {name!r}: not UTF-8") from None
+
+
+# A known attribute name right after the wrong separator: "…;object=k&module-name=x" (an '&'
+# in the path, where '?' was meant) or "…?module-name=x;pin-source=…" (a ';' in the query).
+_QUERY_AFTER_AMP = re.compile("&(" + "|".join(map(re.escape, _QUERY_ATTRS)) + ")=")
+_ATTR_AFTER_SEMI = re.compile(";(" + "|".join(map(re.escape, (*_QUERY_ATTRS, *_PATH_ATTRS))) + ")=")
+
+
+def _check_separators(path: str, query: str) -> None:
+    """Name the common separator typos instead of failing later on a strange value.
+
+    RFC 7512 §2.3: path attributes are separated by ';', the query starts at '?' and its
+    attributes are separated by '&'. A literal '&' or ';' in a value is written %26 or %3B.
+    """
+    amp = _QUERY_AFTER_AMP.search(path)
+    if amp:
+        raise KeyReferenceError(
+            f"pkcs11 URI has '&{amp.group(1)}=' in its path: query attributes start after '?' "
+            f"(pkcs11:…?{amp.group(1)}=…); write a literal '&' in a value as %26"
+        )
+    semi = _ATTR_AFTER_SEMI.search(query)
+    if semi:
+        raise KeyReferenceError(
+            f"pkcs11 URI has ';{semi.group(1)}=' in its query: query attributes are separated by "
+            "'&' (and path attributes go before '?'); write a literal ';' in a value as %3B"
+        )
+
+
+def _case_hint(name: str) -> str:
+    lowered = name.lower()
+    if lowered != name and (lowered in _PATH_ATTRS or lowered in _QUERY_ATTRS):
+        return f"; attribute names are lower-case: {lowered!r}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -151,7 +184,13 @@ class Pkcs11Uri:
             raise KeyReferenceError("not a pkcs11: URI")
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in rest) or "#" in rest:
             raise KeyReferenceError("pkcs11 URI contains control characters or a fragment")
+        if rest.startswith("//"):
+            raise KeyReferenceError(
+                "pkcs11 URI has '//' after 'pkcs11:': RFC 7512 URIs have no authority; "
+                "write pkcs11:token=…;object=…"
+            )
         path, _, query = rest.partition("?")
+        _check_separators(path, query)
         values: dict[str, object] = {}
         vendor_path: list[tuple[str, str]] = []
         vendor_query: list[tuple[str, str]] = []
@@ -168,10 +207,15 @@ class Pkcs11Uri:
                 values[_PATH_ATTRS[name]] = cls._path_value(name, raw)
             elif _VENDOR_NAME.match(name):
                 vendor_path.append((name, _text(raw, name)))
+            elif name in _QUERY_ATTRS:
+                raise KeyReferenceError(
+                    f"pkcs11 URI: {name!r} is a query attribute: put it after '?' "
+                    f"(pkcs11:…?{name}=…), not between the ';'-separated path attributes"
+                )
             else:
                 raise KeyReferenceError(
                     f"pkcs11 URI path attribute {name!r} is not defined by RFC 7512 "
-                    "(vendor attributes start with 'x-')"
+                    f"(vendor attributes start with 'x-'){_case_hint(name)}"
                 )
         qseen: set[str] = set()
         for part in query.split("&") if query else ():
@@ -185,10 +229,15 @@ class Pkcs11Uri:
                 values[_QUERY_ATTRS[name]] = _text(raw, name)
             elif _VENDOR_NAME.match(name):
                 vendor_query.append((name, _text(raw, name)))
+            elif name in _PATH_ATTRS:
+                raise KeyReferenceError(
+                    f"pkcs11 URI: {name!r} is a path attribute: put it before '?', separated "
+                    f"by ';' (pkcs11:…;{name}=…?…)"
+                )
             else:
                 raise KeyReferenceError(
                     f"pkcs11 URI query attribute {name!r} is not defined by RFC 7512 "
-                    "(vendor attributes start with 'x-')"
+                    f"(vendor attributes start with 'x-'){_case_hint(name)}"
                 )
         if "pin_source" in values and "pin_value" in values:
             raise KeyReferenceError(
@@ -258,13 +307,16 @@ class Pkcs11Uri:
         environment is the operator's, so its path is trusted).
 
         Raises KeyReferenceError when nothing names a module, UntrustedModuleError for a path
-        that is not allowed, TokenNotPresentError when the module file does not exist.
+        that is not allowed, Pkcs11ModuleNotFoundError (naming what was tried) when there is
+        no such module file.
         """
         if self.module_path:
             check_module_path(self.module_path, allow_module_path=allow_module_path)
             path = Path(self.module_path)
             if not path.is_file():
-                raise TokenNotPresentError(f"PKCS#11 module {self.module_path!r} does not exist")
+                raise Pkcs11ModuleNotFoundError(
+                    f"PKCS#11 module file {self.module_path!r} (module-path=) does not exist"
+                )
             return str(path)
         if self.module_name:
             return resolve_module_name(self.module_name)
@@ -272,8 +324,8 @@ class Pkcs11Uri:
         if env:
             if os.sep in env:
                 if not Path(env).is_file():
-                    raise TokenNotPresentError(
-                        f"PKCS#11 module {env!r} (from {MODULE_ENV}) does not exist"
+                    raise Pkcs11ModuleNotFoundError(
+                        f"PKCS#11 module file {env!r} (from {MODULE_ENV}) does not exist"
                     )
                 return env
             return resolve_module_name(env)
@@ -309,13 +361,14 @@ class Pkcs11Uri:
         return os.environ.get(PIN_ENV)
 
     def describe_token(self) -> str:
-        """A short non-secret description for error messages."""
+        """The token attributes a URI selects by, for messages: ``token='dpop', serial='…'``,
+        or ``any token`` (never the PIN)."""
         bits = [
             f"{n}={getattr(self, a)!r}"
             for n, a in (("token", "token"), ("serial", "serial"), ("slot-id", "slot_id"))
             if getattr(self, a) is not None
         ]
-        return "token " + (", ".join(bits) if bits else "(any)")
+        return ", ".join(bits) if bits else "any token"
 
     def describe_key(self) -> str:
         bits = []
