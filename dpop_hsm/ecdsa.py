@@ -1,4 +1,4 @@
-"""The only place ECDSA signature encodings change (RFC 7518 §3.4; pitfall 1 in our RFC notes).
+"""The only place ECDSA signature encodings change (RFC 7518 §3.4: raw, fixed-length r||s).
 
 JWS wants raw ``r||s``, each integer left-padded to the curve's byte size (32, 48, 66).
 ``cryptography`` returns DER, PKCS#11 ``CKM_ECDSA`` returns raw, TPMs return ``r`` and ``s``;
@@ -18,23 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from .errors import SignatureEncodingError
+from .jwk import CURVES
 
 __all__ = ["CURVE_ORDERS", "der_to_raw", "raw_to_der", "rs_to_raw"]
 
-# Group orders n of the curves JWS names (SEC 2 / FIPS 186-4), keyed by coordinate byte size.
-CURVE_ORDERS: dict[int, int] = {
-    32: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,  # P-256
-    48: int(
-        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
-        16,
-    ),  # P-384
-    66: int(
-        "01FF"
-        + "FFFFFFFF" * 7
-        + "FFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
-        16,
-    ),  # P-521
-}
+# Group orders n of the curves JWS names, keyed by coordinate byte size (the curve table).
+CURVE_ORDERS: dict[int, int] = {c.size: c.order for c in CURVES.values() if c.kty == "EC"}
 
 
 def _order(size: int) -> int:

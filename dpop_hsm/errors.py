@@ -18,7 +18,9 @@ __all__ = [
     "DPoPError",
     "DeviceError",
     "InsecureEndpointError",
+    "InvalidJwkError",
     "InvalidProofError",
+    "KeyMismatchError",
     "KeyNotFoundError",
     "KeyReferenceError",
     "MechanismNotSupportedError",
@@ -27,6 +29,8 @@ __all__ = [
     "OAuthError",
     "PinError",
     "PinLockedError",
+    "Pkcs11ModuleError",
+    "Pkcs11ModuleNotFoundError",
     "ProtocolError",
     "RedirectError",
     "ReplayCacheFullError",
@@ -39,9 +43,11 @@ __all__ = [
     "TokenNotPresentError",
     "TokenResponseError",
     "TokenTypeError",
+    "TpmUnreachableError",
     "TransportError",
     "UnauthorizedError",
     "UnsupportedKeyError",
+    "UntrustedModuleError",
     "UseDPoPNonceError",
     "VerificationError",
 ]
@@ -85,6 +91,17 @@ class KeyReferenceError(ConfigurationError):
     code = "invalid_key_reference"
 
 
+class UntrustedModuleError(KeyReferenceError):
+    """A key reference names code to load that the caller did not allow.
+
+    A PKCS#11 ``module-path`` outside the trusted module directories, or a TPM TCTI other than
+    ``device``, ``tabrmd``, ``mssim`` and ``swtpm`` (``cmd:`` runs a command, a path loads any
+    library): a reference string alone never makes the process run new code.
+    """
+
+    code = "untrusted_module"
+
+
 class MissingDependencyError(ConfigurationError, ImportError):
     """An optional backend or adapter is needed but its extra is not installed or unusable.
 
@@ -110,6 +127,31 @@ class MissingDependencyError(ConfigurationError, ImportError):
 
     def diagnostics(self) -> str:
         return f"{self.message} (from a source checkout: pip install '.[{self.extra}]')"
+
+
+class Pkcs11ModuleError(ConfigurationError):
+    """A PKCS#11 module file cannot be used: not loadable, not a PKCS#11 module, or it refused
+    to initialize (a SoftHSM2 without a readable ``SOFTHSM2_CONF``, say)."""
+
+    code = "pkcs11_module_error"
+
+    def diagnostics(self) -> str:
+        return (
+            f"{self.message} (is it the PKCS#11 module of your device, built for this machine, "
+            "and is the module's own configuration in place?)"
+        )
+
+
+class Pkcs11ModuleNotFoundError(Pkcs11ModuleError):
+    """No PKCS#11 module file where the reference (``module-path``/``module-name``) says."""
+
+    code = "pkcs11_module_not_found"
+
+    def diagnostics(self) -> str:
+        return (
+            f"{self.message} (install the module's package, check the name or path, or add its "
+            "directory to DPOP_HSM_PKCS11_MODULE_DIRS)"
+        )
 
 
 class InsecureEndpointError(ConfigurationError):
@@ -139,6 +181,12 @@ class UnsupportedKeyError(SignerError):
     code = "unsupported_key"
 
 
+class InvalidJwkError(UnsupportedKeyError):
+    """A JWK is malformed: a member is missing, not base64url, of the wrong length, off-curve."""
+
+    code = "invalid_jwk"
+
+
 class SignatureEncodingError(SignerError):
     """A signature is not in the encoding it must be in (strict DER or fixed-length raw)."""
 
@@ -149,6 +197,17 @@ class KeyNotFoundError(SignerError):
     """No key on the device matches the reference."""
 
     code = "key_not_found"
+
+
+class KeyMismatchError(SignerError):
+    """The public key found beside a private key is not its half of the pair.
+
+    A public object with the same CKA_ID or label from another key pair would otherwise be
+    published as the signer's JWK, and every proof would fail verification (or bind tokens to a
+    key someone else holds). Checked by signing and verifying one challenge at load.
+    """
+
+    code = "key_pair_mismatch"
 
 
 class AmbiguousKeyError(SignerError):
@@ -165,6 +224,19 @@ class TokenNotPresentError(SignerError):
     def diagnostics(self) -> str:
         return (
             f"{self.message} (is the device plugged in, pcscd running, the slot/token label right?)"
+        )
+
+
+class TpmUnreachableError(TokenNotPresentError):
+    """No TPM answers at the TCTI: no device node, resource manager or simulator there."""
+
+    code = "tpm_unreachable"
+
+    def diagnostics(self) -> str:
+        return (
+            f"{self.message} (for device: TCTIs, is /dev/tpmrm0 there and readable by you; for "
+            "tabrmd:, is tpm2-abrmd running; for swtpm:/mssim:, is the simulator started on that "
+            "host and port? Set the TCTI in the reference or $TPM2TOOLS_TCTI)"
         )
 
 

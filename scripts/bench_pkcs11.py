@@ -79,8 +79,8 @@ def _worker(uri: str, pin: str, seconds: float) -> Rows:
 
     from dpop_hsm.proof import ProofFactory
     from dpop_hsm.signers.pkcs11 import Pkcs11Signer
-    from dpop_hsm.signers.pkcs11_admin import init_token
-    from dpop_hsm.signers.pkcs11_module import SignBuffer
+    from dpop_hsm.signers.pkcs11.admin import init_token
+    from dpop_hsm.signers.pkcs11.cryptoki import SignBuffer
 
     # Through the PKCS#11 API: no PIN on any command line, even for a throwaway token.
     module_path = uri.split("module-path=", 1)[1]
@@ -176,7 +176,8 @@ def _worker(uri: str, pin: str, seconds: float) -> Rows:
 def bench_pkcs11(seconds: float) -> Rows:
     """Measure for about ``seconds`` on a throwaway SoftHSM2 token; returns (name, value) rows."""
     sys.path.insert(0, str(REPO))
-    from dpop_hsm.signers.pkcs11_uri import Pkcs11Uri, resolve_module_name
+    from dpop_hsm.signers.pkcs11.locate import resolve_module_name
+    from dpop_hsm.signers.pkcs11.uri import Pkcs11Uri
 
     module = resolve_module_name("softhsm2")
     with tempfile.TemporaryDirectory(prefix="dpop-bench-softhsm-") as tmp:

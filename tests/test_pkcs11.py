@@ -1,4 +1,4 @@
-"""Pkcs11Signer on a real SoftHSM2 token: keys, proofs, threads and every fault of issue 3.
+"""Pkcs11Signer on a real SoftHSM2 token: keys, proofs, threads and the faults tokens show.
 
 Signatures are checked with ``cryptography`` (an independent implementation), never with the
 token itself. Faults are caused for real: sessions closed under the signer, the token wiped and
@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -321,16 +321,71 @@ def test_other_signers_survive_a_module_reinit(es256: Any) -> None:
     _sign_ok(es256)
 
 
-def test_missing_token_and_module(softhsm: SoftHsm) -> None:
+def test_missing_token(softhsm: SoftHsm) -> None:
     from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 
     with pytest.raises(TokenNotPresentError) as info:
         Pkcs11Signer(softhsm.uri("absent-token", object="x"), secret=softhsm.pin)
-    assert "'dpop'" in str(info.value)  # lists the tokens that are present
-    with pytest.raises(TokenNotPresentError):
-        Pkcs11Signer("pkcs11:token=dpop?module-path=/nonexistent/libnone.so")
-    with pytest.raises(TokenNotPresentError):
-        Pkcs11Signer("pkcs11:token=dpop?module-name=no-such-pkcs11-module")
+    message = str(info.value)
+    assert "no token matches token='absent-token' (tokens present: " in message
+    assert "'dpop' (serial " in message  # lists the initialized tokens that are present
+    assert "'' (serial" not in message  # not SoftHSM2's free, uninitialized slot
+    assert "token token" not in message
+    assert "pcscd" in info.value.diagnostics()  # the hint fits here: a token is missing
+
+
+def test_missing_module_is_not_a_missing_token(tmp_path: Path) -> None:
+    # A module that is not there is a setup problem with its own code and hint, naming what
+    # was tried; never token_not_present with advice about pcscd.
+    from dpop_hsm.errors import Pkcs11ModuleError, Pkcs11ModuleNotFoundError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    missing = tmp_path / "libnone.so"
+    for uri, names in (
+        (f"pkcs11:token=dpop?module-path={missing}", [str(missing)]),
+        ("pkcs11:token=dpop?module-name=no-such-p11", ["no-such-p11.so", "libno-such-p11.so"]),
+    ):
+        with pytest.raises(Pkcs11ModuleNotFoundError) as info:
+            Pkcs11Signer(uri, allow_module_path=True)
+        assert info.value.code == "pkcs11_module_not_found"
+        assert not isinstance(info.value, TokenNotPresentError)
+        for name in names:
+            assert name in str(info.value)
+        assert "pcscd" not in info.value.diagnostics()
+    # A file that is there but is no PKCS#11 module: the loader's own reason.
+    not_a_module = tmp_path / "libjunk.so"
+    not_a_module.write_bytes(b"junk")
+    with pytest.raises(Pkcs11ModuleError) as bad:
+        Pkcs11Signer(f"pkcs11:token=dpop?module-path={not_a_module}", allow_module_path=True)
+    assert bad.value.code == "pkcs11_module_error"
+    assert str(not_a_module) in str(bad.value)
+
+
+def test_untrusted_module_path_is_refused_on_every_entry_point(
+    softhsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpop_hsm.errors import UntrustedModuleError
+    from dpop_hsm.signers import generate_signer
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    monkeypatch.delenv("DPOP_HSM_PKCS11_MODULES", raising=False)
+    # A copy of the real module outside the trusted directories: the same code, untrusted place.
+    copy = tmp_path / "libsofthsm2-copy.so"
+    shutil.copyfile(softhsm.module, copy)
+    uri = f"pkcs11:token=dpop;object=test-es256?module-path={copy}"
+    attempts: tuple[Callable[[], object], ...] = (
+        lambda: Pkcs11Signer(uri, secret=softhsm.pin),
+        lambda: Pkcs11Signer.generate(uri.replace("test-es256", "x"), secret=softhsm.pin),
+        lambda: load_signer(uri, secret=softhsm.pin),
+        lambda: generate_signer(uri.replace("test-es256", "x"), secret=softhsm.pin),
+    )
+    for attempt in attempts:
+        with pytest.raises(UntrustedModuleError):
+            attempt()
+    assert str(copy) not in Path("/proc/self/maps").read_text()  # never dlopen()ed
+    # The trusted path itself (where resolve_module_name found it) needs no opt-in.
+    with Pkcs11Signer(softhsm.uri(object="test-es256"), secret=softhsm.pin) as trusted:
+        assert "module-path=" + softhsm.module in trusted.uri
 
 
 _YKCS11 = textwrap.dedent(
@@ -568,11 +623,192 @@ def test_pin_locked_maps_to_pin_locked_error() -> None:
     import pkcs11
 
     from dpop_hsm.errors import PinLockedError
-    from dpop_hsm.signers.pkcs11 import _map_error
-    from dpop_hsm.signers.pkcs11_module import CKR_PIN_INCORRECT, CKR_PIN_LOCKED, login_error
+    from dpop_hsm.signers.pkcs11.ckr import (
+        CKR_PIN_INCORRECT,
+        CKR_PIN_LOCKED,
+        error_for_exception,
+        error_for_rv,
+    )
 
-    assert type(login_error(CKR_PIN_LOCKED, "token 't'")) is PinLockedError
-    assert type(login_error(CKR_PIN_INCORRECT, "token 't'")) is PinError
-    assert type(_map_error(pkcs11.exceptions.PinLocked(), "sign")) is PinLockedError
-    assert type(_map_error(pkcs11.exceptions.PinIncorrect(), "sign")) is PinError
-    assert type(_map_error(pkcs11.exceptions.TokenNotPresent(), "sign")) is TokenNotPresentError
+    assert type(error_for_rv(CKR_PIN_LOCKED, "token 't'")) is PinLockedError
+    assert type(error_for_rv(CKR_PIN_INCORRECT, "token 't'")) is PinError
+    assert type(error_for_exception(pkcs11.exceptions.PinLocked(), "sign")) is PinLockedError
+    assert type(error_for_exception(pkcs11.exceptions.PinIncorrect(), "sign")) is PinError
+    assert type(error_for_exception(pkcs11.exceptions.TokenNotPresent(), "sign")) is (
+        TokenNotPresentError
+    )
+
+
+def test_one_ckr_table_for_return_values_and_exceptions() -> None:
+    # The ctypes paths (login, admin, hot path) see CK_RV numbers, python-pkcs11 raises one
+    # class per CKR code: both must land on the same error, with the same words.
+    import pkcs11
+
+    from dpop_hsm.errors import DeviceError
+    from dpop_hsm.signers.pkcs11 import ckr
+
+    for row in ckr._TABLE:
+        assert row.exception is not None
+        cls = getattr(pkcs11.exceptions, row.exception)  # a typo in the table fails here
+        by_exception = ckr.error_for_exception(cls(), "what")
+        assert type(by_exception) is row.error
+        if row.value >= 0:
+            by_rv = ckr.error_for_rv(row.value, "what")
+            assert type(by_rv) is row.error
+            assert str(by_rv) == str(by_exception) == f"what: {row.text} ({row.name})"
+    unknown = ckr.error_for_rv(0x80000123, "what", "C_Sign")
+    assert type(unknown) is DeviceError and "C_Sign" in str(unknown)
+    # Our own errors are never mistaken for python-pkcs11's namesakes (DeviceError).
+    assert not ckr.has_fault(DeviceError("x"), ckr.SESSION)
+    assert ckr.has_fault(pkcs11.exceptions.DeviceError(), ckr.SESSION)
+    assert ckr.has_fault(ckr.SessionLostError("x"), ckr.SESSION)
+
+
+def test_old_import_paths_still_work() -> None:
+    # The backend became a package; the modules it grew out of re-export the same objects.
+    from dpop_hsm.signers import pkcs11 as package
+    from dpop_hsm.signers import pkcs11_admin, pkcs11_module, pkcs11_uri
+    from dpop_hsm.signers.pkcs11 import admin, cryptoki, locate, signer, uri
+
+    assert package.Pkcs11Signer is signer.Pkcs11Signer
+    assert package.load_pkcs11_reference is signer.load_pkcs11_reference
+    assert pkcs11_module.load_module is cryptoki.load_module
+    assert pkcs11_module.Module is cryptoki.Module
+    assert pkcs11_module.SignBuffer is cryptoki.SignBuffer
+    assert pkcs11_admin.init_token is admin.init_token
+    assert pkcs11_admin.token_labels is admin.token_labels
+    assert pkcs11_uri.Pkcs11Uri is uri.Pkcs11Uri
+    assert pkcs11_uri.resolve_module_name is locate.resolve_module_name
+    assert type(pkcs11_module.login_error(pkcs11_module.CKR_PIN_LOCKED, "t")).__name__ == (
+        "PinLockedError"
+    )
+    with pytest.raises(AttributeError):
+        package.NoSuchName  # noqa: B018
+
+
+# --- the published key is the signing key ----------------------------------------------------
+
+
+def _swap_public_object(softhsm: SoftHsm, key_id: bytes, label: str, donor_id: bytes) -> None:
+    """Replace the public object named (id, label) by a copy of another pair's public key."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+    with token.open(rw=True) as session:  # logged in through the module's signers
+        donor = session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=donor_id)
+        params, point = donor[Attribute.EC_PARAMS], donor[Attribute.EC_POINT]
+        session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=key_id).destroy()
+        session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                Attribute.KEY_TYPE: pkcs11.KeyType.EC,
+                Attribute.TOKEN: True,
+                Attribute.ID: key_id,
+                Attribute.LABEL: label,
+                Attribute.EC_PARAMS: params,
+                Attribute.EC_POINT: point,
+                Attribute.VERIFY: True,
+            }
+        )
+
+
+def test_public_object_of_another_pair_is_refused(softhsm: SoftHsm, es256: Any) -> None:
+    from dpop_hsm.errors import KeyMismatchError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    _sign_ok(es256)  # the edits below use es256's login
+
+    # The hostile token: the private key "mismatch" (id 77) sits beside a public object with
+    # its id and label that holds ANOTHER pair's public key ("donor", id 78).
+    Pkcs11Signer.generate(softhsm.uri(object="mismatch", id=b"\x77"), secret=softhsm.pin).close()
+    with Pkcs11Signer.generate(
+        softhsm.uri(object="donor", id=b"\x78"), secret=softhsm.pin
+    ) as donor:
+        donor_jkt = donor.thumbprint
+    _swap_public_object(softhsm, b"\x77", "mismatch", donor_id=b"\x78")
+    for uri in (softhsm.uri(object="mismatch"), softhsm.uri(id=b"\x77")):
+        with pytest.raises(KeyMismatchError) as info:
+            Pkcs11Signer(uri, secret=softhsm.pin)
+        assert info.value.code == "key_pair_mismatch"
+        assert "label='mismatch' id=77" in str(info.value)
+        assert donor_jkt not in str(info.value)
+    with Pkcs11Signer(softhsm.uri(object="donor"), secret=softhsm.pin) as honest:
+        assert honest.thumbprint == donor_jkt  # the donor's own pair still loads
+
+
+def test_private_key_replaced_under_a_live_signer_is_refused(softhsm: SoftHsm) -> None:
+    import pkcs11
+    from asn1crypto import core
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+    from dpop_hsm.errors import KeyMismatchError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    uri = softhsm.uri(object="replaced", id=b"\x79")
+    with Pkcs11Signer.generate(uri, secret=softhsm.pin) as signer:
+        _sign_ok(signer)
+        # Same id and label, same public object, another private key: the thumbprint cannot
+        # tell, only a signature can.
+        token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+        with token.open(rw=True) as session:
+            session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=b"\x79").destroy()
+            session.generate_keypair(
+                KeyType.EC,
+                mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                store=True,
+                public_template={
+                    Attribute.EC_PARAMS: core.ObjectIdentifier("1.2.840.10045.3.1.7").dump(),
+                    Attribute.LABEL: "replaced-new-public",
+                    Attribute.ID: b"\x7a",
+                },
+                private_template={Attribute.LABEL: "replaced", Attribute.ID: b"\x79"},
+            )
+        signer._module.close_all_sessions(signer._token.slot.slot_id)  # force a reconnect
+        with pytest.raises(KeyMismatchError):
+            signer.sign(b"x")
+
+
+def test_key_with_a_pin_per_signature_is_proven_on_its_first_signature(
+    softhsm: SoftHsm, es256: Any
+) -> None:
+    import pkcs11
+    from asn1crypto import core
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    from dpop_hsm.errors import KeyMismatchError
+    from dpop_hsm.signers.pkcs11 import Pkcs11Signer
+
+    # A PIV-9c-like key (a PIN per signature) is not signed with at load — that would ask for
+    # the PIN (and a touch) just to open it — so its first signature is the proof.
+    _sign_ok(es256)  # es256's login (re-made if an earlier test closed all sessions) is ours
+    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+    with token.open(rw=True) as session:  # logged in through es256's login
+        session.generate_keypair(
+            KeyType.EC,
+            mechanism=Mechanism.EC_KEY_PAIR_GEN,
+            store=True,
+            label="always-mismatch",
+            id=b"\x9d",
+            public_template={
+                Attribute.EC_PARAMS: core.ObjectIdentifier("1.2.840.10045.3.1.7").dump()
+            },
+            private_template={Attribute.ALWAYS_AUTHENTICATE: True, Attribute.SIGN: True},
+        )
+    Pkcs11Signer.generate(
+        softhsm.uri(object="always-donor", id=b"\x9e"), secret=softhsm.pin
+    ).close()
+    _swap_public_object(softhsm, b"\x9d", "always-mismatch", donor_id=b"\x9e")
+    asked: list[int] = []
+
+    def pin() -> str:
+        asked.append(1)
+        return softhsm.pin
+
+    with Pkcs11Signer(softhsm.uri(object="always-mismatch"), secret=pin) as signer:
+        assert signer.always_authenticate
+        loaded_with = len(asked)
+        for _ in range(2):  # refused every time, not only the first
+            with pytest.raises(KeyMismatchError):
+                signer.sign(b"x")
+        assert len(asked) == loaded_with + 2  # one context login per attempt, none extra

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dpop_hsm.errors import KeyReferenceError, SecretSourceError, TokenNotPresentError
+from dpop_hsm.errors import (
+    KeyReferenceError,
+    Pkcs11ModuleError,
+    Pkcs11ModuleNotFoundError,
+    SecretSourceError,
+    UntrustedModuleError,
+)
+from dpop_hsm.signers.pkcs11.locate import (
+    MODULES_ENV,
+    check_module_path,
+    module_file_names,
+    require_supported_platform,
+)
 from dpop_hsm.signers.pkcs11_uri import (
     PIN_ENV,
     Pkcs11Uri,
     module_search_dirs,
     resolve_module_name,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_parse_all_standard_attributes() -> None:
@@ -163,9 +181,124 @@ def test_module_path_wins_and_must_exist(tmp_path: Path) -> None:
     lib = tmp_path / "libfake.so"
     lib.write_bytes(b"")
     u = Pkcs11Uri(module_path=str(lib), module_name="other")
+    assert u.module(allow_module_path=True) == str(lib)
+    with pytest.raises(Pkcs11ModuleNotFoundError):
+        Pkcs11Uri(module_path=str(tmp_path / "none.so")).module(allow_module_path=True)
+
+
+# --- which module files a URI may load ----------------------------------------------------
+
+
+def test_module_path_outside_the_trusted_dirs_needs_an_opt_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(MODULES_ENV, raising=False)
+    lib = tmp_path / "libevil.so"
+    lib.write_bytes(b"")
+    u = Pkcs11Uri(module_path=str(lib))
+    with pytest.raises(UntrustedModuleError) as info:
+        u.module()
+    message = str(info.value)
+    for fix in ("module-name=", MODULES_ENV, "allow_module_path=True"):
+        assert fix in message  # the error names every way out
+    assert info.value.code == "untrusted_module"
+    # Lexical tricks do not turn a path into a trusted one.
+    for trick in (f"/usr/lib/../..{lib}", f"/usr/lib/pkcs11/../../..{lib}", "libevil.so"):
+        with pytest.raises(UntrustedModuleError):
+            check_module_path(trick)
+    # The operator's allowlist (absolute paths, ':'-separated), or the caller's opt-in.
+    monkeypatch.setenv(MODULES_ENV, f"relative/ignored.so:{tmp_path}/other.so:{lib}")
     assert u.module() == str(lib)
-    with pytest.raises(TokenNotPresentError):
-        Pkcs11Uri(module_path=str(tmp_path / "none.so")).module()
+    monkeypatch.setenv(MODULES_ENV, f"{tmp_path}/other.so")
+    with pytest.raises(UntrustedModuleError):
+        u.module()
+    assert u.module(allow_module_path=True) == str(lib)
+
+
+def test_module_path_in_a_trusted_dir_or_registered_with_p11kit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(MODULES_ENV, raising=False)
+    trusted = tmp_path / "modules"
+    trusted.mkdir()
+    (trusted / "libacme.so").write_bytes(b"")
+    monkeypatch.setenv("DPOP_HSM_PKCS11_MODULE_DIRS", str(trusted))
+    assert Pkcs11Uri(module_path=str(trusted / "libacme.so")).module() == str(
+        trusted / "libacme.so"
+    )
+    # Only directly inside: a subdirectory of a trusted directory is not trusted.
+    (trusted / "sub").mkdir()
+    (trusted / "sub" / "libacme.so").write_bytes(b"")
+    with pytest.raises(UntrustedModuleError):
+        Pkcs11Uri(module_path=str(trusted / "sub" / "libacme.so")).module()
+    # The distribution's SoftHSM2, as resolve_module_name finds it, loads without an opt-in.
+    try:
+        softhsm = resolve_module_name("softhsm2")
+    except Pkcs11ModuleNotFoundError:
+        return
+    assert check_module_path(softhsm) == softhsm
+
+
+@pytest.mark.parametrize(
+    "name", ["../etc/evil", "a/b", "..", ".", "..libx", "x\\y", "", "lib evil", ".hidden"]
+)
+def test_module_names_never_carry_a_path(name: str) -> None:
+    with pytest.raises(KeyReferenceError, match="module-name"):
+        resolve_module_name(name)
+
+
+_CONSTRUCTOR_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void ran(void) {
+    const char *marker = getenv("DPOP_HSM_TEST_MARKER");
+    if (marker) { FILE *f = fopen(marker, "w"); if (f) { fputs("ran", f); fclose(f); } }
+}
+"""
+
+_LOAD_CHILD = """
+import sys
+from dpop_hsm import load_signer
+from dpop_hsm.errors import DPoPError, UntrustedModuleError
+try:
+    uri = "pkcs11:token=t?module-path=" + sys.argv[1]
+    load_signer(uri, allow_module_path=sys.argv[2] == "allow")
+except UntrustedModuleError:
+    print("refused")
+except DPoPError as e:
+    print("loaded", e.code)
+maps = open("/proc/self/maps").read()
+print("mapped" if sys.argv[1] in maps else "not-mapped")
+"""
+
+
+def test_a_uri_cannot_make_us_run_a_library(tmp_path: Path) -> None:
+    # The hostile input: a shared object whose constructor runs as soon as it is dlopen()ed.
+    # Refused, it never runs and is never mapped; with the caller's opt-in the same URI does
+    # run it (the positive control proving the refusal is what kept it out).
+    pytest.importorskip("pkcs11", reason="python-pkcs11 (the 'pkcs11' extra) is not installed")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the hostile module")
+    source = tmp_path / "evil.c"
+    source.write_text(_CONSTRUCTOR_C, encoding="utf-8")
+    lib = tmp_path / "libevil.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(source)], check=True, timeout=60)
+    marker = tmp_path / "constructor-ran"
+    env = {k: v for k, v in os.environ.items() if k != MODULES_ENV}
+    env.update(PYTHONPATH=str(ROOT), DPOP_HSM_TEST_MARKER=str(marker))
+    refused = subprocess.run(
+        [sys.executable, "-c", _LOAD_CHILD, str(lib), "refuse"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert refused.stdout.split() == ["refused", "not-mapped"], refused.stderr
+    assert not marker.exists()
+    allowed = subprocess.run(
+        [sys.executable, "-c", _LOAD_CHILD, str(lib), "allow"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert allowed.stdout.split()[0] == "loaded", allowed.stderr  # not a PKCS#11 module
+    assert marker.read_text(encoding="utf-8") == "ran"
 
 
 def test_module_name_lookup_in_search_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,7 +309,7 @@ def test_module_name_lookup_in_search_dirs(tmp_path: Path, monkeypatch: pytest.M
     for name in ("acme-p11", "libacme-p11", "libacme-p11.so"):
         assert resolve_module_name(name) == str(lib)
     assert Pkcs11Uri(module_name="acme-p11").module() == str(lib)
-    with pytest.raises(TokenNotPresentError) as info:
+    with pytest.raises(Pkcs11ModuleNotFoundError) as info:
         resolve_module_name("no-such-module-xyz")
     assert "no-such-module-xyz" in str(info.value)
     with pytest.raises(KeyReferenceError):
@@ -226,3 +359,82 @@ def test_id_must_be_bytes() -> None:
 def test_constructor_checks_slot_id_range_like_the_parser(slot_id: int) -> None:
     with pytest.raises(KeyReferenceError):
         Pkcs11Uri(slot_id=slot_id)
+
+
+# --- platforms ----------------------------------------------------------------------------
+
+
+def test_module_file_names_per_platform() -> None:
+    assert module_file_names("softhsm2", "linux") == [
+        "softhsm2.so",
+        "softhsm2",
+        "libsofthsm2.so",
+        "libsofthsm2",
+    ]
+    # macOS: Yubico ships libykcs11.dylib; OpenSC and Homebrew's SoftHSM2 use .so there too.
+    assert module_file_names("ykcs11", "darwin")[:3] == ["ykcs11.dylib", "ykcs11.so", "ykcs11"]
+    assert "libykcs11.dylib" in module_file_names("ykcs11", "darwin")
+    assert module_file_names("opensc-pkcs11.so", "darwin")[0] == "opensc-pkcs11.so"
+
+
+def test_search_dirs_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DPOP_HSM_PKCS11_MODULE_DIRS", raising=False)
+    mac = {str(d) for d in module_search_dirs("darwin")}
+    for d in ("/opt/homebrew/lib", "/opt/homebrew/lib/softhsm", "/usr/local/lib/pkcs11"):
+        assert d in mac
+    assert "/Library/OpenSC/lib" in mac
+    assert "/usr/lib/x86_64-linux-gnu" not in mac
+    assert module_search_dirs("win32") == []
+
+
+def test_windows_is_refused_plainly() -> None:
+    # Windows Cryptoki packs structures to 1 byte; the ctypes layer does not: say so up front.
+    for platform in ("win32", "cygwin"):
+        with pytest.raises(Pkcs11ModuleError, match="Linux and macOS"):
+            require_supported_platform(platform)
+        with pytest.raises(Pkcs11ModuleError, match="Linux and macOS"):
+            resolve_module_name("softhsm2", platform)
+    require_supported_platform("linux")
+    require_supported_platform("darwin")
+
+
+# --- typos that get their own message -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        # '&' where '?' was meant: the query attribute would otherwise end up in the label
+        ("pkcs11:token=x;object=y&module-name=z", "'&module-name=' in its path"),
+        ("pkcs11:token=x&pin-source=file:/p?module-name=z", "'&pin-source=' in its path"),
+        # ';' between query attributes
+        ("pkcs11:token=x?module-name=z;pin-source=env:P", "separated by '&'"),
+        ("pkcs11:token=x?module-name=z;object=k", "separated by '&'"),
+        # an attribute on the wrong side of '?'
+        ("pkcs11:token=x;module-name=z", "'module-name' is a query attribute"),
+        ("pkcs11:token=x?module-name=z&object=k", "'object' is a path attribute"),
+        ("pkcs11:token=x?object=k", "'object' is a path attribute"),
+        # an authority, as in other URI schemes
+        ("pkcs11://token=x;object=k", "no authority"),
+        # capitals
+        ("pkcs11:Token=x", "lower-case: 'token'"),
+        ("pkcs11:token=x?Module-Name=z", "lower-case: 'module-name'"),
+    ],
+)
+def test_common_typos_are_named(text: str, says: str) -> None:
+    with pytest.raises(KeyReferenceError) as info:
+        Pkcs11Uri.parse(text)
+    assert says in str(info.value)
+
+
+def test_escaped_separators_are_values_not_typos() -> None:
+    u = Pkcs11Uri.parse("pkcs11:token=x;object=y%26module-name=z?pin-source=file:/a%3Bpin-value=b")
+    assert u.object == "y&module-name=z"
+    assert u.pin_source == "file:/a;pin-value=b"
+    assert Pkcs11Uri.parse(str(u)) == u  # and they print escaped again
+
+
+def test_describe_token_wording() -> None:
+    assert Pkcs11Uri(token="dpop").describe_token() == "token='dpop'"
+    assert Pkcs11Uri(token="t", serial="42").describe_token() == "token='t', serial='42'"
+    assert Pkcs11Uri().describe_token() == "any token"

@@ -212,16 +212,24 @@ def test_swtpm_restart_mid_run_is_survived(swtpm_private: SwTpm, tmp_path: Path)
             verify_raw(signer.public_jwk, b"back", signer.sign(b"back"))
 
 
-def test_missing_tpm_is_token_not_present(swtpm_private: SwTpm, tmp_path: Path) -> None:
+def test_missing_tpm_is_tpm_unreachable(swtpm_private: SwTpm, tmp_path: Path) -> None:
+    # An unresponsive TPM has its own code and a hint about TCTIs, not the pcscd advice for a
+    # missing token; it stays a TokenNotPresentError for code that catches that.
     tcti = swtpm_private.tcti
     dpop_hsm.TpmSigner.generate(tcti=tcti, blob_path=tmp_path / "k.tss").close()
     swtpm_private.stop()
     for ref in (f"tpm2:handle=0x81000001;tcti={tcti}", f"tpm2:blob={tmp_path}/k.tss;tcti={tcti}"):
-        with pytest.raises(TokenNotPresentError, match=r"127\.0\.0\.1"):
+        with pytest.raises(dpop_hsm.TpmUnreachableError, match=r"127\.0\.0\.1") as info:
             load_signer(ref)
-    with pytest.raises(TokenNotPresentError):
+        assert isinstance(info.value, TokenNotPresentError)
+        assert info.value.code == "tpm_unreachable"
+        assert tcti in str(info.value)
+        assert "pcscd" not in info.value.diagnostics() and "TCTI" in info.value.diagnostics()
+    with pytest.raises(dpop_hsm.TpmUnreachableError):
         dpop_hsm.TpmSigner.generate(tcti=tcti, blob_path=tmp_path / "new.tss")
     assert not (tmp_path / "new.tss").exists()
+    with pytest.raises(dpop_hsm.TpmUnreachableError, match="tpmrm-none"):
+        load_signer("tpm2:handle=0x81000001;tcti=device:/dev/tpmrm-none")
 
 
 def test_missing_handle_is_key_not_found(swtpm: SwTpm) -> None:
@@ -294,7 +302,7 @@ def test_no_tss_noise_on_stderr(swtpm: SwTpm) -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
-    assert out.stdout.strip() == "token_not_present"
+    assert out.stdout.strip() == "tpm_unreachable"  # still a TokenNotPresentError, own code
     assert out.stderr == ""
 
 

@@ -43,6 +43,14 @@ def p11_key(tpm2_pkcs11: Tpm2Pkcs11) -> str:
         check=True,
         capture_output=True,
     )
+    # tpm2-pkcs11 reads its store at C_Initialize: if an earlier test loaded the module into
+    # this process, the key made just now by another process appears after a re-initialization
+    # (signers on the module re-open their sessions on their next call).
+    from dpop_hsm.signers.pkcs11 import cryptoki
+
+    module = cryptoki.loaded_module(str(tpm2_pkcs11.module))
+    if module is not None:
+        module.reinitialize()
     return tpm2_pkcs11.uri(label)
 
 

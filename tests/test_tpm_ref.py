@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from dpop_hsm.errors import KeyReferenceError, SecretSourceError
+from dpop_hsm.errors import KeyReferenceError, SecretSourceError, UntrustedModuleError
 from dpop_hsm.signers.tpm_ref import (
     AUTH_ENV,
     DEFAULT_TCTI,
     PERSISTENT_FIRST,
     PERSISTENT_LAST,
+    SAFE_TCTIS,
     TCTI_ENVS,
     TpmReference,
     default_tcti,
     parse_handle,
     resolve_auth,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -173,8 +179,74 @@ def test_blob_paths_are_percent_decoded_and_round_trip(raw: str, path: str) -> N
 def test_tcti_values_keep_commas_colons_and_equals(tcti: str) -> None:
     ref = TpmReference.parse(f"tpm2:handle=0x81000001;tcti={quote(tcti, safe=':,=/')}")
     assert ref.tcti == tcti
-    assert ref.resolved_tcti() == tcti
+    assert ref.resolved_tcti(allow_module_path=True) == tcti
     assert TpmReference.parse(str(ref)) == ref
+    if tcti.partition(":")[0] in SAFE_TCTIS:
+        assert ref.resolved_tcti() == tcti
+    else:  # cmd: runs a program, a library name or path loads code: the caller must opt in
+        with pytest.raises(UntrustedModuleError, match="allow_module_path"):
+            ref.resolved_tcti()
+
+
+@pytest.mark.parametrize(
+    "tcti",
+    [
+        "cmd:touch /tmp/x",
+        "/tmp/evil.so:conf",
+        "./libtss2-tcti-x.so",
+        "libtpms:state.bin",
+        "pcap:device",
+        ":port=1",
+        "Device:/dev/tpmrm0",
+    ],
+)
+def test_reference_tctis_that_load_code_are_refused(tcti: str) -> None:
+    ref = TpmReference(handle=0x81000001, tcti=tcti)
+    with pytest.raises(UntrustedModuleError) as info:
+        ref.resolved_tcti()
+    assert isinstance(info.value, KeyReferenceError)  # the reference is not usable as given
+    assert info.value.code == "untrusted_module"
+
+
+def test_environment_tcti_is_the_operators(monkeypatch: pytest.MonkeyPatch) -> None:
+    # $TPM2TOOLS_TCTI is set by whoever runs the process, not by a reference string.
+    monkeypatch.setenv("TPM2TOOLS_TCTI", "cmd:tpm2_send")
+    assert TpmReference(handle=0x81000001).resolved_tcti() == "cmd:tpm2_send"
+
+
+_CMD_CHILD = """
+import sys
+from dpop_hsm import load_signer
+from dpop_hsm.errors import UntrustedModuleError, TokenNotPresentError
+ref = "tpm2:handle=0x81000001;tcti=cmd:touch " + sys.argv[1]
+try:
+    load_signer(ref, allow_module_path=sys.argv[2] == "allow")
+except UntrustedModuleError:
+    print("refused")
+except TokenNotPresentError:
+    print("ran")
+"""
+
+
+def test_a_reference_cannot_run_a_command(tmp_path: Path) -> None:
+    # The hostile input: the cmd TCTI runs its configuration as a command line. Refused before
+    # the TSS sees it; with the caller's opt-in the very same reference does run the command
+    # (the positive control that proves the refusal is what kept it from running).
+    pytest.importorskip("tpm2_pytss", reason="tpm2-pytss (the 'tpm' extra) is not installed")
+    marker = tmp_path / "ran-a-command"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TSS2_LOG": "all+NONE"}
+    refused = subprocess.run(
+        [sys.executable, "-c", _CMD_CHILD, str(marker), "refuse"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert refused.stdout.strip() == "refused"
+    assert not marker.exists()
+    allowed = subprocess.run(
+        [sys.executable, "-c", _CMD_CHILD, str(marker), "allow"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert allowed.stdout.strip() == "ran", allowed.stderr
+    assert marker.exists()
 
 
 def test_unescaped_semicolon_in_a_tcti_splits_the_reference() -> None:

@@ -6,6 +6,6 @@ Backends (``software``, ``pkcs11``, ``tpm``) are separate modules imported on fi
 from __future__ import annotations
 
 from .base import Signer
-from .registry import Loader, load_signer, register_scheme
+from .registry import Generator, Loader, generate_signer, load_signer, register_scheme
 
-__all__ = ["Loader", "Signer", "load_signer", "register_scheme"]
+__all__ = ["Generator", "Loader", "Signer", "generate_signer", "load_signer", "register_scheme"]

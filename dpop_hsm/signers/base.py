@@ -24,7 +24,7 @@ class Signer(Protocol):
 
     @property
     def public_jwk(self) -> Mapping[str, str]:
-        """Public members only; EC coordinates at full length (pitfall 11)."""
+        """Public members only; EC coordinates at full length (RFC 7518 §6.2.1.2)."""
         ...
 
     @property

@@ -1,434 +1,71 @@
-"""One loaded PKCS#11 module per process: locking mode, login, re-initialization, fork.
+"""Old import path of :mod:`dpop_hsm.signers.pkcs11.cryptoki` (the loaded module); kept working.
 
-Why this exists: python-pkcs11 calls ``C_Initialize(NULL)``, which tells the module that the
-application will never call it from two threads at once (PKCS#11 v2.40 §5.4, §6.7). SoftHSM2
-then switches its own locking off, and two threads signing — even on separate sessions —
-crash the process. python-pkcs11 has no way to pass ``CK_C_INITIALIZE_ARGS``, and it does not
-tolerate ``CKR_CRYPTOKI_ALREADY_INITIALIZED`` if we initialize first (verified: its
-``lib.__init__`` raises). So right after python-pkcs11 has loaded and initialized the module we
-call ``C_Finalize`` and ``C_Initialize({flags = CKF_OS_LOCKING_OK})`` ourselves, through ctypes
-on the same ``dlopen``'ed library (``dlopen`` returns the same handle, so it is the same module
-state). python-pkcs11's function table stays valid and its ``initialized`` flag stays true.
-If the module refuses OS locking (``CKR_CANT_LOCK``) we fall back to ``C_Initialize(NULL)`` and
-serialize every call into that module with one lock.
-
-Login goes through ctypes too: python-pkcs11's ``Session.close()`` logs the *whole application*
-out when the session was opened with a PIN, which would silently log out every other signer on
-the token. Our sessions are opened without a PIN and one ``C_Login`` is made per signer;
-``CKR_USER_ALREADY_LOGGED_IN`` is success (login state is per application and token,
-PKCS#11 v2.40 §5.6).
-
-Everything here is private to the pkcs11 backend; the module is separate only to keep
-``pkcs11.py`` about keys and signatures.
+The ``CKR_*`` constants and :func:`login_error` now live in :mod:`dpop_hsm.signers.pkcs11.ckr`,
+the one table from PKCS#11 results to our errors.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
-
-from .._optional import requires_extra
-
-with requires_extra("pkcs11"):
-    import pkcs11
-    from pkcs11.exceptions import PKCS11Error
-
-from ..errors import (
-    DeviceError,
-    PinError,
-    PinLockedError,
-    TokenNotPresentError,
-    UnsupportedKeyError,
+from ..errors import SignerError
+from .pkcs11.ckr import (
+    CKR_CANT_LOCK,
+    CKR_CRYPTOKI_ALREADY_INITIALIZED,
+    CKR_CRYPTOKI_NOT_INITIALIZED,
+    CKR_DEVICE_REMOVED,
+    CKR_OK,
+    CKR_PIN_EXPIRED,
+    CKR_PIN_INCORRECT,
+    CKR_PIN_INVALID,
+    CKR_PIN_LEN_RANGE,
+    CKR_PIN_LOCKED,
+    CKR_SESSION_CLOSED,
+    CKR_SESSION_HANDLE_INVALID,
+    CKR_TOKEN_NOT_PRESENT,
+    CKR_USER_ALREADY_LOGGED_IN,
+    CKR_USER_ANOTHER_ALREADY_LOGGED_IN,
+    CKR_USER_PIN_NOT_INITIALIZED,
+    SessionLostError,
+    error_for_rv,
+)
+from .pkcs11.cryptoki import (
+    CKF_OS_LOCKING_OK,
+    CKU_USER,
+    FORKS,
+    SERIALIZE_ENV,
+    Module,
+    SignBuffer,
+    load_module,
 )
 
-__all__ = ["Module", "SignBuffer", "load_module"]
-
-CKF_OS_LOCKING_OK = 0x2
-CKU_USER = 1
-
-CKR_OK = 0x0
-CKR_CANT_LOCK = 0xA
-CKR_PIN_INCORRECT = 0xA0
-CKR_PIN_INVALID = 0xA1
-CKR_PIN_LEN_RANGE = 0xA2
-CKR_PIN_EXPIRED = 0xA3
-CKR_PIN_LOCKED = 0xA4
-CKR_SESSION_CLOSED = 0xB0
-CKR_SESSION_HANDLE_INVALID = 0xB3
-CKR_TOKEN_NOT_PRESENT = 0xE0
-CKR_DEVICE_REMOVED = 0x32
-CKR_USER_ALREADY_LOGGED_IN = 0x100
-CKR_USER_PIN_NOT_INITIALIZED = 0x102
-CKR_USER_ANOTHER_ALREADY_LOGGED_IN = 0x104
-CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
-CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
-
-_RV = ctypes.c_ulong
-_INIT = ctypes.CFUNCTYPE(_RV, ctypes.c_void_p)
-_CLOSE_ALL = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong)
-_LOGIN = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
-# Token administration (pkcs11_admin): C_InitToken, C_InitPIN, C_OpenSession, C_CloseSession,
-# C_Logout — PINs go through memory only, never through a command line.
-_INIT_TOKEN = ctypes.CFUNCTYPE(
-    _RV, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p
-)
-_INIT_PIN = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong)
-_OPEN_SESSION = ctypes.CFUNCTYPE(
-    _RV,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_ulong),
-)
-_SESSION_CALL = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong)
+__all__ = [
+    "CKF_OS_LOCKING_OK",
+    "CKR_CANT_LOCK",
+    "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+    "CKR_CRYPTOKI_NOT_INITIALIZED",
+    "CKR_DEVICE_REMOVED",
+    "CKR_OK",
+    "CKR_PIN_EXPIRED",
+    "CKR_PIN_INCORRECT",
+    "CKR_PIN_INVALID",
+    "CKR_PIN_LEN_RANGE",
+    "CKR_PIN_LOCKED",
+    "CKR_SESSION_CLOSED",
+    "CKR_SESSION_HANDLE_INVALID",
+    "CKR_TOKEN_NOT_PRESENT",
+    "CKR_USER_ALREADY_LOGGED_IN",
+    "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
+    "CKR_USER_PIN_NOT_INITIALIZED",
+    "CKU_USER",
+    "FORKS",
+    "SERIALIZE_ENV",
+    "Module",
+    "SessionLostError",
+    "SignBuffer",
+    "load_module",
+    "login_error",
+]
 
 
-class _Mechanism(ctypes.Structure):
-    # CK_MECHANISM without a parameter (CKM_ECDSA, CKM_EDDSA for Ed25519).
-    _fields_ = (
-        ("mechanism", ctypes.c_ulong),
-        ("pParameter", ctypes.c_void_p),
-        ("ulParameterLen", ctypes.c_ulong),
-    )
-
-
-_SIGN_INIT = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.POINTER(_Mechanism), ctypes.c_ulong)
-_SIGN = ctypes.CFUNCTYPE(
-    _RV,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-    ctypes.POINTER(ctypes.c_ulong),
-)
-
-
-class SignBuffer:
-    """Output space for :meth:`Module.raw_signer`, reused call after call by one owner.
-
-    Allocating the ctypes buffer per signature cost ~4 µs of a ~100 µs SoftHSM2 P-256
-    signature (scripts/bench): right after the module's own work, Python code runs cache-cold.
-    """
-
-    CAPACITY = 132  # the largest fixed-size output: ES512 raw r||s
-    __slots__ = ("length", "length_ref", "out")
-
-    def __init__(self) -> None:
-        self.out = ctypes.create_string_buffer(self.CAPACITY)
-        self.length = ctypes.c_ulong(self.CAPACITY)
-        self.length_ref = ctypes.pointer(self.length)
-
-
-class _InitArgs(ctypes.Structure):
-    # CK_C_INITIALIZE_ARGS (PKCS#11 v2.40 §5.4): no mutex callbacks, OS locking allowed.
-    _fields_ = (
-        ("CreateMutex", ctypes.c_void_p),
-        ("DestroyMutex", ctypes.c_void_p),
-        ("LockMutex", ctypes.c_void_p),
-        ("UnlockMutex", ctypes.c_void_p),
-        ("flags", ctypes.c_ulong),
-        ("pReserved", ctypes.c_void_p),
-    )
-
-
-class _FunctionList(ctypes.Structure):
-    # CK_FUNCTION_LIST up to C_Logout, in the order of PKCS#11 v2.40 §5.15 (pkcs11f.h).
-    _fields_ = (
-        ("major", ctypes.c_ubyte),
-        ("minor", ctypes.c_ubyte),
-        ("C_Initialize", _INIT),
-        ("C_Finalize", _INIT),
-        ("C_GetInfo", ctypes.c_void_p),
-        ("C_GetFunctionList", ctypes.c_void_p),
-        ("C_GetSlotList", ctypes.c_void_p),
-        ("C_GetSlotInfo", ctypes.c_void_p),
-        ("C_GetTokenInfo", ctypes.c_void_p),
-        ("C_GetMechanismList", ctypes.c_void_p),
-        ("C_GetMechanismInfo", ctypes.c_void_p),
-        ("C_InitToken", _INIT_TOKEN),
-        ("C_InitPIN", _INIT_PIN),
-        ("C_SetPIN", ctypes.c_void_p),
-        ("C_OpenSession", _OPEN_SESSION),
-        ("C_CloseSession", _SESSION_CALL),
-        ("C_CloseAllSessions", _CLOSE_ALL),
-        ("C_GetSessionInfo", ctypes.c_void_p),
-        ("C_GetOperationState", ctypes.c_void_p),
-        ("C_SetOperationState", ctypes.c_void_p),
-        ("C_Login", _LOGIN),
-        ("C_Logout", _SESSION_CALL),
-        ("C_CreateObject", ctypes.c_void_p),
-        ("C_CopyObject", ctypes.c_void_p),
-        ("C_DestroyObject", ctypes.c_void_p),
-        ("C_GetObjectSize", ctypes.c_void_p),
-        ("C_GetAttributeValue", ctypes.c_void_p),
-        ("C_SetAttributeValue", ctypes.c_void_p),
-        ("C_FindObjectsInit", ctypes.c_void_p),
-        ("C_FindObjects", ctypes.c_void_p),
-        ("C_FindObjectsFinal", ctypes.c_void_p),
-        ("C_EncryptInit", ctypes.c_void_p),
-        ("C_Encrypt", ctypes.c_void_p),
-        ("C_EncryptUpdate", ctypes.c_void_p),
-        ("C_EncryptFinal", ctypes.c_void_p),
-        ("C_DecryptInit", ctypes.c_void_p),
-        ("C_Decrypt", ctypes.c_void_p),
-        ("C_DecryptUpdate", ctypes.c_void_p),
-        ("C_DecryptFinal", ctypes.c_void_p),
-        ("C_DigestInit", ctypes.c_void_p),
-        ("C_Digest", ctypes.c_void_p),
-        ("C_DigestUpdate", ctypes.c_void_p),
-        ("C_DigestKey", ctypes.c_void_p),
-        ("C_DigestFinal", ctypes.c_void_p),
-        ("C_SignInit", _SIGN_INIT),
-        ("C_Sign", _SIGN),
-    )
-
-
-class _Gate:
-    """Calls into a module enter here; re-initialization waits until no call is inside.
-
-    With OS locking the module runs calls in parallel and the gate only tracks them; without
-    it every call also takes one lock (PKCS#11 v2.40 §6.7.3: a NULL-initialized module must
-    not be entered by two threads at once).
-
-    Hot path, so no Condition: a caller appends to ``_inside`` and then checks ``_closing``;
-    the re-initializer sets ``_closing`` and then waits for ``_inside`` to drain. ``list``
-    append/pop are atomic in CPython, so either the caller sees the flag and backs off, or the
-    re-initializer sees the caller and waits (the classic flag/counter handshake).
-    Never nest ``enter`` calls: a nested enter during a restart would wait for itself.
-    """
-
-    def __init__(self, *, parallel: bool) -> None:
-        self._inside: list[None] = []
-        self._closing = False
-        self._reopened = threading.Event()
-        self._reopened.set()
-        self._serial: threading.RLock | None = None if parallel else threading.RLock()
-
-    def enter(self) -> None:
-        inside = self._inside
-        while True:
-            inside.append(None)
-            if not self._closing:
-                break
-            inside.pop()
-            self._reopened.wait()
-        if self._serial is not None:
-            self._serial.acquire()
-
-    def leave(self) -> None:
-        if self._serial is not None:
-            self._serial.release()
-        self._inside.pop()
-
-    @contextmanager
-    def call(self) -> Iterator[None]:
-        self.enter()
-        try:
-            yield
-        finally:
-            self.leave()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        self._reopened.clear()
-        self._closing = True
-        try:
-            while self._inside:  # rare path (module restart): a short poll is fine
-                time.sleep(0.001)
-            yield
-        finally:
-            self._closing = False
-            self._reopened.set()
-
-
-class Module:
-    """A PKCS#11 module loaded into this process, re-initialized with OS locking if allowed."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.pid = os.getpid()
-        # Bumped whenever the module is finalized and initialized again: every session and
-        # object handle from an older generation is dead (PKCS#11 v2.40 §5.4 C_Finalize).
-        self.generation = 0
-        self._reinit_lock = threading.Lock()
-        try:
-            self.lib: Any = pkcs11.lib(path)
-        except PKCS11Error as e:
-            raise TokenNotPresentError(
-                f"PKCS#11 module {path!r} could not be loaded or initialized ({type(e).__name__})"
-            ) from e
-        try:
-            self._cdll = ctypes.CDLL(path)
-            table = ctypes.POINTER(_FunctionList)()
-            rv = self._cdll.C_GetFunctionList(ctypes.byref(table))
-        except (OSError, AttributeError) as e:
-            raise TokenNotPresentError(f"PKCS#11 module {path!r} has no C_GetFunctionList") from e
-        if rv != CKR_OK:
-            raise DeviceError(f"PKCS#11 module {path!r}: C_GetFunctionList failed (0x{rv:x})")
-        self._fl = table.contents
-        self.serialize = _must_serialize(self.lib.manufacturer_id)
-        self.parallel = self._initialize_with_locking() and not self.serialize
-        self.gate = _Gate(parallel=self.parallel)
-
-    @property
-    def functions(self) -> _FunctionList:
-        """The module's raw function list, for calls python-pkcs11 does not offer (admin)."""
-        return self._fl
-
-    def _initialize_with_locking(self) -> bool:
-        """Finalize python-pkcs11's NULL initialization and initialize with OS locking."""
-        rv = self._fl.C_Finalize(None)
-        if rv not in (CKR_OK, CKR_CRYPTOKI_NOT_INITIALIZED):
-            return False  # cannot re-init: stay as python-pkcs11 left it, serialized
-        args = _InitArgs(flags=CKF_OS_LOCKING_OK)
-        rv = self._fl.C_Initialize(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
-        if rv in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
-            return True
-        rv2 = self._fl.C_Initialize(None)
-        if rv2 not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
-            raise DeviceError(
-                f"PKCS#11 module {self.path!r}: C_Initialize failed (0x{rv:x}, then 0x{rv2:x})"
-            )
-        return False
-
-    def reinitialize(self) -> None:
-        """Finalize and initialize again: the removed-and-reinserted token path.
-
-        Modules such as SoftHSM2 only rescan their slots at ``C_Initialize``. Waits until no
-        call is inside the module; every signer on it re-opens its sessions on its next call.
-        """
-        with self._reinit_lock, self.gate.exclusive():
-            self.generation += 1
-            self.parallel = self._initialize_with_locking() and not self.serialize
-        # The gate's locking mode must match the new initialization.
-        self.gate = _Gate(parallel=self.parallel)
-
-    def after_fork(self) -> None:
-        """In a forked child: the parent's sessions and login are not ours (PKCS#11 §6.7.7)."""
-        self.pid = os.getpid()
-        self._reinit_lock = threading.Lock()
-        self.generation += 1
-        self.parallel = self._initialize_with_locking() and not self.serialize
-        self.gate = _Gate(parallel=self.parallel)
-
-    def login(self, session_handle: int, pin: str, *, what: str) -> None:
-        """``C_Login(CKU_USER)`` on one session; maps PIN failures, never shows the PIN."""
-        data = pin.encode("utf-8")
-        with self.gate.call():
-            rv = self._fl.C_Login(session_handle, CKU_USER, data, len(data))
-        if rv in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
-            return
-        raise login_error(rv, what)
-
-    def raw_signer(
-        self, mechanism: int, out_size: int
-    ) -> Callable[[int, int, bytes, SignBuffer], bytes | None]:
-        """A one-shot ``C_SignInit`` + ``C_Sign`` for a parameterless mechanism.
-
-        The hot path, so python-pkcs11 is bypassed here: its ``sign()`` builds a mechanism
-        object and sizes the output with an extra call on every signature. Here the mechanism
-        struct is built once and the caller passes a preallocated :class:`SignBuffer` (one per
-        pooled session, so no allocation per signature) big enough for the mechanism's fixed
-        output (64/96/132 bytes for ECDSA, 64 for Ed25519): one ``C_Sign`` call. Returns None
-        when the module answers anything but CKR_OK: the caller then signs through
-        python-pkcs11, which raises the mapped exception its fault handling understands. The
-        caller holds the gate and owns the buffer for the call.
-        """
-        if not 0 < out_size <= SignBuffer.CAPACITY:  # the module writes up to out_size bytes
-            raise UnsupportedKeyError(f"no fixed-size signing for {out_size}-byte signatures")
-        mech = _Mechanism(mechanism, None, 0)
-        mech_ref = ctypes.byref(mech)
-        sign_init = self._fl.C_SignInit
-        sign = self._fl.C_Sign
-
-        def sign_once(session: int, key: int, data: bytes, buf: SignBuffer) -> bytes | None:
-            if sign_init(session, mech_ref, key) != CKR_OK:
-                return None
-            length = buf.length
-            length.value = out_size
-            # C_Sign ends the operation on any result but CKR_BUFFER_TOO_SMALL (v2.40 §5.12),
-            # which cannot happen with the mechanism's fixed output size.
-            if sign(session, data, len(data), buf.out, buf.length_ref) != CKR_OK:
-                return None
-            return buf.out.raw[: length.value]
-
-        return sign_once
-
-    def close_all_sessions(self, slot_id: int) -> None:
-        """``C_CloseAllSessions``: also logs the application out of the token."""
-        with self.gate.call():
-            self._fl.C_CloseAllSessions(slot_id)
-
-
-# Modules that accept CKF_OS_LOCKING_OK but still fail when two sessions sign at once:
-# tpm2-pkcs11 1.9 answers CKR_GENERAL_ERROR (one ESYS context behind every session). Matched on
-# the start of CK_INFO.manufacturerID; DPOP_HSM_PKCS11_SERIALIZE=1 serializes any module.
-_SERIAL_MANUFACTURERS = ("tpm2-software",)
-SERIALIZE_ENV = "DPOP_HSM_PKCS11_SERIALIZE"
-
-
-def _must_serialize(manufacturer_id: str) -> bool:
-    if os.environ.get(SERIALIZE_ENV, "") not in ("", "0"):
-        return True
-    return manufacturer_id.strip().startswith(_SERIAL_MANUFACTURERS)
-
-
-def login_error(rv: int, what: str) -> Exception:
-    if rv == CKR_PIN_LOCKED:
-        return PinLockedError(f"{what}: the PIN is locked (CKR_PIN_LOCKED)")
-    if rv in (CKR_PIN_INCORRECT, CKR_PIN_INVALID, CKR_PIN_LEN_RANGE):
-        return PinError(f"{what}: the token rejected the PIN (0x{rv:x})")
-    if rv == CKR_PIN_EXPIRED:
-        return PinError(f"{what}: the PIN has expired; change it with the token's tools")
-    if rv == CKR_USER_PIN_NOT_INITIALIZED:
-        return PinError(f"{what}: the token's user PIN is not initialized")
-    if rv == CKR_USER_ANOTHER_ALREADY_LOGGED_IN:
-        return PinError(f"{what}: the security officer is logged in to this token")
-    if rv in (CKR_TOKEN_NOT_PRESENT, CKR_DEVICE_REMOVED):
-        return TokenNotPresentError(f"{what}: token not present (0x{rv:x})")
-    if rv in (CKR_SESSION_CLOSED, CKR_SESSION_HANDLE_INVALID):
-        return SessionLostError(f"{what}: session closed during login (0x{rv:x})")
-    return DeviceError(f"{what}: C_Login failed (0x{rv:x})")
-
-
-class SessionLostError(DeviceError):
-    """A session vanished under us: the caller re-opens once."""
-
-
-_MODULES: dict[str, Module] = {}
-_LOCK = threading.Lock()
-
-
-def load_module(path: str) -> Module:
-    """The process-wide :class:`Module` for ``path`` (re-initialized in a forked child)."""
-    key = os.path.realpath(path)
-    with _LOCK:
-        module = _MODULES.get(key)
-        if module is None:
-            if not os.path.isfile(key):
-                raise TokenNotPresentError(f"PKCS#11 module {path!r} does not exist")
-            module = Module(path)
-            _MODULES[key] = module
-        elif module.pid != os.getpid():
-            module.after_fork()
-        return module
-
-
-# Bumped in every forked child; signers compare it instead of calling os.getpid() per sign.
-FORKS = [0]
-
-
-def _after_fork_in_child() -> None:
-    # Locks held by other parent threads at fork() time would never be released here.
-    global _LOCK
-    _LOCK = threading.Lock()
-    FORKS[0] += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def login_error(rv: int, what: str) -> SignerError:
+    """The typed error for a failed ``C_Login`` (the one CKR table)."""
+    return error_for_rv(rv, what, "C_Login")

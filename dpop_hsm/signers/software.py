@@ -15,67 +15,29 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ..algorithms import DEFAULT_ALG, EC_CURVE_ALGS, MIN_RSA_BITS, AlgorithmInfo, algorithm
+from ..algorithms import DEFAULT_ALG, MIN_RSA_BITS, AlgorithmInfo, algorithm
 from ..ecdsa import der_to_raw
-from ..errors import KeyReferenceError, SecretSourceError, UnsupportedKeyError
-from ..jose import b64url_decode, b64url_encode, jwk_thumbprint
+from ..errors import InvalidJwkError, KeyReferenceError, SecretSourceError, UnsupportedKeyError
+from ..jose import jwk_thumbprint
+from ..jwk import PrivateKey, curve, curve_of_key, jwk_from_public_key
+from ..jwk import private_key_from_jwk as _private_key_from_jwk
 from ..secret_sources import SecretSource, resolve_secret
 
-__all__ = ["SoftwareSigner", "load_file_reference", "public_jwk_of"]
+__all__ = ["SoftwareSigner", "generate_file_reference", "load_file_reference", "public_jwk_of"]
 
-PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
-_JWK_CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
-    "P-256": ec.SECP256R1,
-    "P-384": ec.SECP384R1,
-    "P-521": ec.SECP521R1,
-}
-_CURVE_JWK_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _MAX_KEY_FILE = 1 << 20
 
-
-def _int_to_b64(value: int, length: int | None = None) -> str:
-    size = length if length is not None else max(1, (value.bit_length() + 7) // 8)
-    return b64url_encode(value.to_bytes(size, "big"))
-
-
-def public_jwk_of(public_key: PublicKey) -> dict[str, str]:
-    """The RFC 7517 public JWK of a ``cryptography`` public key, coordinates at full length."""
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        name = public_key.curve.name
-        if name not in _CURVE_JWK_NAMES:
-            raise UnsupportedKeyError(f"EC curve {name} is not usable for JWS (P-256/384/521 are)")
-        size = (public_key.curve.key_size + 7) // 8
-        numbers = public_key.public_numbers()
-        return {
-            "kty": "EC",
-            "crv": _CURVE_JWK_NAMES[name],
-            "x": _int_to_b64(numbers.x, size),
-            "y": _int_to_b64(numbers.y, size),
-        }
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw)}
-    if isinstance(public_key, rsa.RSAPublicKey):
-        rsa_numbers = public_key.public_numbers()
-        return {"kty": "RSA", "n": _int_to_b64(rsa_numbers.n), "e": _int_to_b64(rsa_numbers.e)}
-    raise UnsupportedKeyError(f"key type {type(public_key).__name__} is not usable for DPoP")
+# The one JWK writer (dpop_hsm.jwk), under the name this module has always exported.
+public_jwk_of = jwk_from_public_key
 
 
 def _default_alg(key: PrivateKey) -> str:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        crv = _CURVE_JWK_NAMES.get(key.curve.name)
-        if crv is None:
-            raise UnsupportedKeyError(
-                f"EC curve {key.curve.name} is not usable for JWS; use P-256, P-384 or P-521"
-            )
-        return EC_CURVE_ALGS[crv]
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return "EdDSA"
+    if isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        return curve_of_key(key).alg
     if isinstance(key, rsa.RSAPrivateKey):
         return "PS256"
     raise UnsupportedKeyError(f"key type {type(key).__name__} is not usable for DPoP")
@@ -83,10 +45,7 @@ def _default_alg(key: PrivateKey) -> str:
 
 def _check_alg_fits(key: PrivateKey, info: AlgorithmInfo) -> None:
     if info.kty == "EC":
-        if (
-            not isinstance(key, ec.EllipticCurvePrivateKey)
-            or _CURVE_JWK_NAMES.get(key.curve.name) != info.crv
-        ):
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or curve_of_key(key).crv != info.crv:
             raise UnsupportedKeyError(f"{info.name} needs an EC {info.crv} key")
     elif info.kty == "OKP":
         if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -112,12 +71,7 @@ def _make_sign(key: PrivateKey, info: AlgorithmInfo) -> Callable[[bytes], bytes]
         return sign_ec
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign
-    pad: padding.AsymmetricPadding
-    if info.pss:
-        # RFC 7518 §3.5: MGF1 with the same hash, salt length = hash length.
-        pad = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-    else:
-        pad = padding.PKCS1v15()
+    pad = info.rsa_padding()  # RFC 7518 §3.5: PSS with MGF1 of the same hash, salt = hash size
     rsa_sign = key.sign
     digest = info.hash_algorithm()
 
@@ -169,7 +123,7 @@ class SoftwareSigner:
         info = algorithm(alg)
         key: PrivateKey
         if info.kty == "EC":
-            key = ec.generate_private_key(_JWK_CURVES[info.crv or "P-256"]())
+            key = ec.generate_private_key(curve(info.crv).ec_curve())
         elif info.kty == "OKP":
             key = ed25519.Ed25519PrivateKey.generate()
         else:
@@ -261,9 +215,7 @@ class SoftwareSigner:
             raise UnsupportedKeyError("JWK holds a public key only; a private key (d) is needed")
         try:
             key = _private_key_from_jwk(jwk)
-        except UnsupportedKeyError:
-            raise
-        except (ValueError, TypeError, KeyError) as e:
+        except InvalidJwkError as e:
             raise KeyReferenceError(f"JWK ({kty}) has missing or malformed members") from e
         return cls(key, alg=alg or (jwk.get("alg") if isinstance(jwk.get("alg"), str) else None))
 
@@ -279,43 +231,6 @@ class SoftwareSigner:
         )
 
 
-def _b64_int(jwk: Mapping[str, Any], name: str) -> int:
-    value = jwk[name]
-    if not isinstance(value, str):
-        raise TypeError(name)
-    return int.from_bytes(b64url_decode(value), "big")
-
-
-def _private_key_from_jwk(jwk: Mapping[str, Any]) -> PrivateKey:
-    kty = jwk.get("kty")
-    if kty == "EC":
-        crv = jwk.get("crv")
-        if crv not in _JWK_CURVES:
-            raise UnsupportedKeyError(f"JWK curve {crv!r} is not supported (P-256, P-384, P-521)")
-        public = ec.EllipticCurvePublicNumbers(
-            _b64_int(jwk, "x"), _b64_int(jwk, "y"), _JWK_CURVES[crv]()
-        )
-        return ec.EllipticCurvePrivateNumbers(_b64_int(jwk, "d"), public).private_key()
-    if kty == "OKP":
-        if jwk.get("crv") != "Ed25519":
-            raise UnsupportedKeyError(f"OKP curve {jwk.get('crv')!r} is not supported (Ed25519)")
-        d = jwk["d"]
-        if not isinstance(d, str):
-            raise TypeError("d")
-        key = ed25519.Ed25519PrivateKey.from_private_bytes(b64url_decode(d))
-        if "x" in jwk and public_jwk_of(key.public_key())["x"] != jwk["x"]:
-            raise ValueError("x does not match d")
-        return key
-    if kty == "RSA":
-        n, e = _b64_int(jwk, "n"), _b64_int(jwk, "e")
-        public_numbers = rsa.RSAPublicNumbers(e, n)
-        p, q, d = _b64_int(jwk, "p"), _b64_int(jwk, "q"), _b64_int(jwk, "d")
-        return rsa.RSAPrivateNumbers(
-            p, q, d, _b64_int(jwk, "dp"), _b64_int(jwk, "dq"), _b64_int(jwk, "qi"), public_numbers
-        ).private_key()
-    raise UnsupportedKeyError(f"JWK kty {kty!r} is not supported (EC, OKP, RSA)")
-
-
 def _reject_public_der(data: bytes, name: str) -> None:
     try:
         serialization.load_der_public_key(data)
@@ -324,8 +239,8 @@ def _reject_public_der(data: bytes, name: str) -> None:
     raise UnsupportedKeyError(f"{name}: holds a public key only; a private key is needed")
 
 
-def load_file_reference(ref: str, secret: SecretSource | None) -> SoftwareSigner:
-    """Registry loader for paths and ``file:`` URIs (``file:key.pem``, ``file:///abs/key.pem``)."""
+def _path_of_reference(ref: str) -> Path:
+    """The path a plain path or ``file:`` URI names (``file:key.pem``, ``file:///abs/key.pem``)."""
     path = ref
     if ref.lower().startswith("file:"):
         parts = urlsplit(ref)
@@ -334,4 +249,44 @@ def load_file_reference(ref: str, secret: SecretSource | None) -> SoftwareSigner
         path = unquote(parts.path)
     if not path:
         raise KeyReferenceError("file reference names no path")
-    return SoftwareSigner.from_file(path, password=secret)
+    return Path(path)
+
+
+def load_file_reference(
+    ref: str, secret: SecretSource | None, *, allow_module_path: bool = False
+) -> SoftwareSigner:
+    """Registry loader for paths and ``file:`` URIs (``file:key.pem``, ``file:///abs/key.pem``).
+
+    ``allow_module_path`` is accepted for the registry's sake: a key file names no code.
+    """
+    return SoftwareSigner.from_file(_path_of_reference(ref), password=secret)
+
+
+def generate_file_reference(
+    ref: str, alg: str | None, secret: SecretSource | None, *, allow_module_path: bool = False
+) -> SoftwareSigner:
+    """Registry generator for paths and ``file:`` URIs: a new PKCS#8 PEM key file.
+
+    The file is created with ``O_EXCL`` and mode 0600: an existing file (or a symlink, even a
+    dangling one) is never overwritten, and nobody else can read the key. ``secret`` (a string
+    or a callable) encrypts the PEM. Raises KeyReferenceError when the file exists or cannot be
+    created; the path, never the password, is in the message.
+    """
+    path = _path_of_reference(ref)
+    if path.exists():
+        raise KeyReferenceError(f"{str(path)!r} exists; refusing to overwrite a key file")
+    password = resolve_secret(secret, what=f"password for the new key file {str(path)!r}")
+    signer = SoftwareSigner.generate(alg or DEFAULT_ALG)
+    pem = signer.private_pem(password)
+    try:
+        # O_EXCL: never clobber a key created meanwhile; 0600: the key is a secret.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise KeyReferenceError(f"cannot create {str(path)!r}: {e.strerror}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+    except OSError as e:
+        path.unlink(missing_ok=True)  # no half-written key file left behind
+        raise KeyReferenceError(f"cannot write {str(path)!r}: {e.strerror}") from e
+    return signer

@@ -21,15 +21,16 @@ and the TPM's ``r`` and ``s`` (TPM2B buffers, possibly short) become raw ``r||s`
 :func:`dpop_hsm.ecdsa.rs_to_raw` (RFC 7518 §3.4).
 
 Faults: a TPM that stops answering mid-call (swtpm restarted, tpm2-abrmd bounced) is reconnected
-once and the call retried once; a TPM that cannot be reached is :class:`TokenNotPresentError`;
-a missing handle is :class:`KeyNotFoundError`; a rejected auth value is :class:`PinError` and is
-never retried — every failure counts toward the TPM's dictionary-attack (DA) lockout, after which
-the TPM answers :class:`PinLockedError` until its recovery time has passed (or
-``tpm2_dictionarylockout --clear-lockout`` with the lockout auth). Keys we create are
-DA-protected (no ``noDA`` attribute): a guessable auth value is exactly what DA protects.
+once and the call retried once; a TPM that cannot be reached is :class:`TpmUnreachableError` (a
+:class:`TokenNotPresentError` that names the TCTI); a missing handle is :class:`KeyNotFoundError`;
+a rejected auth value is :class:`PinError` and is never retried — every failure counts toward
+the TPM's dictionary-attack (DA) lockout, after which the TPM answers :class:`PinLockedError`
+until its recovery time has passed (or ``tpm2_dictionarylockout --clear-lockout`` with the
+lockout auth). Keys we create are DA-protected (no ``noDA`` attribute): a guessable auth value
+is exactly what DA protects.
 
 The TSS prints warnings to stderr on its own (e.g. a failed connect). Unless ``TSS2_LOG`` is
-set, this module sets it to ``all+NONE`` before tpm2-pytss is imported; the TSS reads it at its
+set, :mod:`.tpm_tss` sets it to ``all+NONE`` before tpm2-pytss is imported; the TSS reads it at its
 first log call, so setting it any time before the first TPM command would also work.
 """
 
@@ -39,14 +40,10 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from .._optional import requires_extra
 from ..ecdsa import rs_to_raw
 from ..errors import (
     DeviceError,
@@ -54,235 +51,39 @@ from ..errors import (
     KeyReferenceError,
     MechanismNotSupportedError,
     PinError,
-    PinLockedError,
-    SignerError,
-    TokenNotPresentError,
     UnsupportedKeyError,
 )
 from ..jose import jwk_thumbprint
-from ..secret_sources import SecretSource, resolve_secret
-from .software import public_jwk_of
-from .tpm_ref import TpmReference, default_tcti, parse_handle, resolve_auth
+from ..secret_sources import SecretSource, read_secret_source, resolve_secret
+from .tpm_ref import TpmReference, check_tcti, default_tcti, parse_handle, resolve_auth
+from .tpm_tss import (  # first tpm2-pytss import: tpm_tss sets TSS2_LOG and maps ImportError
+    CURVES,
+    ESYS_TR,
+    TPM2_RC,
+    TPM2_RH,
+    TPM2_ST,
+    TPM2B_AUTH,
+    TPM2B_SENSITIVE_CREATE,
+    TPMS_SENSITIVE_CREATE,
+    TPMT_TK_HASHCHECK,
+    TSS2_Exception,
+    TSSPrivKey,
+    connect,
+    ecc_curve_ids,
+    is_link_error,
+    key_template,
+    map_error,
+    persistent_in_use,
+    primary_template,
+    public_of,
+    read_blob,
+    sig_scheme,
+    write_new_file,
+)
 
-os.environ.setdefault("TSS2_LOG", "all+NONE")  # before the TSS can log anything (see above)
-
-with requires_extra("tpm", "tpm2_pytss"):  # OSError too: the TSS shared libraries are missing
-    from tpm2_pytss import (
-        ESAPI,
-        ESYS_TR,
-        TPM2_ALG,
-        TPM2_CAP,
-        TPM2_ECC,
-        TPM2_RC,
-        TPM2_ST,
-        TPM2B_AUTH,
-        TPM2B_PUBLIC,
-        TPM2B_SENSITIVE_CREATE,
-        TPMA_OBJECT,
-        TPMS_ECC_PARMS,
-        TPMS_SENSITIVE_CREATE,
-        TPMT_ECC_SCHEME,
-        TPMT_KDF_SCHEME,
-        TPMT_PUBLIC,
-        TPMT_SIG_SCHEME,
-        TPMT_SYM_DEF_OBJECT,
-        TPMT_TK_HASHCHECK,
-        TPMU_PUBLIC_PARMS,
-        TPMU_SYM_KEY_BITS,
-        TPMU_SYM_MODE,
-        TSS2_Exception,
-    )
-    from tpm2_pytss.constants import TPM2_RH, TSS2_RC
-    from tpm2_pytss.tsskey import TSSPrivKey
-
-__all__ = ["TpmReference", "TpmSigner", "load_tpm_reference"]
+__all__ = ["TpmReference", "TpmSigner", "generate_tpm_reference", "load_tpm_reference"]
 
 T = TypeVar("T")
-
-_MAX_BLOB = 64 * 1024
-
-
-@dataclass(frozen=True)
-class _Curve:
-    alg: str
-    tpm_curve: int
-    hash_alg: int
-    hash_name: str
-    size: int
-    crypto_curve: Callable[[], ec.EllipticCurve]
-
-
-_CURVES: dict[str, _Curve] = {
-    "ES256": _Curve("ES256", TPM2_ECC.NIST_P256, TPM2_ALG.SHA256, "sha256", 32, ec.SECP256R1),
-    "ES384": _Curve("ES384", TPM2_ECC.NIST_P384, TPM2_ALG.SHA384, "sha384", 48, ec.SECP384R1),
-}
-_BY_TPM_CURVE = {int(c.tpm_curve): c for c in _CURVES.values()}
-
-# The storage primary: TCG "TPM 2.0 Keys for Device Identity and Attestation" / Provisioning
-# Guidance SRK template (ECC NIST P-256, AES-128-CFB, restricted decrypt, empty unique) — the
-# parent the TSS2 key file format means by "parent = TPM2_RH_OWNER". Being a template, not a
-# stored object, it is recreated on demand and flushed after use.
-_PRIMARY_ATTRS = (
-    TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.DECRYPT
-    | TPMA_OBJECT.NODA
-    | TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-)
-# Our signing keys: sign-only, unrestricted (signs external digests), never exportable, made by
-# the TPM's RNG, used with the auth value. DA-protected on purpose (no NODA).
-_KEY_ATTRS = (
-    TPMA_OBJECT.SIGN_ENCRYPT
-    | TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-)
-
-_TCTI_LAYER = int(TSS2_RC.TCTI_RC_LAYER)
-_LAYER_MASK = int(TSS2_RC.RC_LAYER_MASK)
-
-
-def _primary_template() -> Any:
-    return TPM2B_PUBLIC(
-        publicArea=TPMT_PUBLIC(
-            type=TPM2_ALG.ECC,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=_PRIMARY_ATTRS,
-            authPolicy=b"",
-            parameters=TPMU_PUBLIC_PARMS(
-                eccDetail=TPMS_ECC_PARMS(
-                    symmetric=TPMT_SYM_DEF_OBJECT(
-                        algorithm=TPM2_ALG.AES,
-                        keyBits=TPMU_SYM_KEY_BITS(aes=128),
-                        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-                    ),
-                    scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
-                    curveID=TPM2_ECC.NIST_P256,
-                    kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-                )
-            ),
-        )
-    )
-
-
-def _key_template(curve: _Curve) -> Any:
-    scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA)
-    scheme.details.ecdsa.hashAlg = curve.hash_alg  # bind the key to ECDSA with its hash
-    return TPM2B_PUBLIC(
-        publicArea=TPMT_PUBLIC(
-            type=TPM2_ALG.ECC,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=_KEY_ATTRS,
-            authPolicy=b"",
-            parameters=TPMU_PUBLIC_PARMS(
-                eccDetail=TPMS_ECC_PARMS(
-                    symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                    scheme=scheme,
-                    curveID=curve.tpm_curve,
-                    kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-                )
-            ),
-        )
-    )
-
-
-def _sig_scheme(curve: _Curve) -> Any:
-    scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
-    scheme.details.any.hashAlg = curve.hash_alg
-    return scheme
-
-
-def _is_link_error(e: TSS2_Exception) -> bool:
-    """True when the TPM did not answer (connection lost), as opposed to answering 'no'."""
-    return (int(e.rc) & _LAYER_MASK) == _TCTI_LAYER or int(e.rc) == int(TPM2_RC.INITIALIZE)
-
-
-def _map_error(e: TSS2_Exception, *, what: str, tcti: str) -> SignerError:
-    """A TSS return code → our typed error. ``str(e)`` is the TSS's decoding of the code only."""
-    rc = int(e.rc)
-    if _is_link_error(e):
-        return TokenNotPresentError(f"{what}: no TPM answers at TCTI {tcti!r} ({e})")
-    if rc & _LAYER_MASK == 0:  # the TPM itself answered
-        base = int(e.error)
-        if base in (int(TPM2_RC.AUTH_FAIL), int(TPM2_RC.BAD_AUTH)):
-            return PinError(
-                f"{what}: the TPM rejected the auth value (not retried: each failure counts "
-                "toward the TPM's dictionary-attack lockout)"
-            )
-        if base == int(TPM2_RC.LOCKOUT):
-            return PinLockedError(
-                f"{what}: the TPM is in dictionary-attack lockout after too many wrong auth "
-                "values; wait for its recovery time or clear it with the lockout auth"
-            )
-        if base == int(TPM2_RC.HANDLE):
-            return KeyNotFoundError(f"{what}: the TPM has no object at that handle ({e})")
-        if base == int(TPM2_RC.OBJECT_MEMORY):
-            return DeviceError(
-                f"{what}: the TPM is out of object slots — another client left transient objects "
-                "loaded (tpm2_flushcontext -t) or needs a resource manager (tpmrm0, tpm2-abrmd)"
-            )
-        if base in (int(TPM2_RC.CURVE), int(TPM2_RC.SCHEME), int(TPM2_RC.HASH)):
-            return MechanismNotSupportedError(f"{what}: the TPM does not support this ({e})")
-    return DeviceError(f"{what}: TPM error {rc:#x} ({e})")
-
-
-def _connect(tcti: str, what: str) -> Any:
-    try:
-        return ESAPI(tcti)
-    except TSS2_Exception as e:
-        raise _map_error(e, what=what, tcti=tcti) from e
-
-
-def _ecc_curve_ids(esapi: Any) -> set[int]:
-    _, data = esapi.get_capability(TPM2_CAP.ECC_CURVES, 0, 64)
-    curves = data.data.eccCurves  # index by count: tpm2-pytss 3.0 fails iterating empty TPMLs
-    return {int(curves[i]) for i in range(curves.count)}
-
-
-def _public_of(public: Any, *, what: str) -> tuple[_Curve, dict[str, str]]:
-    """Check a key's public area is a DPoP signing key and build its JWK from it."""
-    area = public.publicArea
-    if int(area.type) != int(TPM2_ALG.ECC):
-        raise UnsupportedKeyError(f"{what}: not an ECC key (ES256/ES384 need P-256/P-384)")
-    attrs = int(area.objectAttributes)
-    if not attrs & int(TPMA_OBJECT.SIGN_ENCRYPT) or attrs & int(TPMA_OBJECT.RESTRICTED):
-        raise UnsupportedKeyError(
-            f"{what}: not an unrestricted signing key (needs sign, must not be restricted)"
-        )
-    detail = area.parameters.eccDetail
-    curve = _BY_TPM_CURVE.get(int(detail.curveID))
-    if curve is None:
-        raise UnsupportedKeyError(f"{what}: ECC curve {detail.curveID} is not P-256 or P-384")
-    scheme = int(detail.scheme.scheme)
-    if scheme not in (int(TPM2_ALG.NULL), int(TPM2_ALG.ECDSA)) or (
-        scheme == int(TPM2_ALG.ECDSA) and int(detail.scheme.details.ecdsa.hashAlg) != curve.hash_alg
-    ):
-        raise UnsupportedKeyError(f"{what}: key scheme is not ECDSA with {curve.hash_name}")
-    x = int.from_bytes(bytes(area.unique.ecc.x), "big")
-    y = int.from_bytes(bytes(area.unique.ecc.y), "big")
-    try:
-        point = ec.EllipticCurvePublicNumbers(x, y, curve.crypto_curve()).public_key()
-    except ValueError as e:
-        raise UnsupportedKeyError(f"{what}: public point is not on the curve") from e
-    return curve, public_jwk_of(point)  # coordinates left-padded to full length
-
-
-def _read_blob(path: Path) -> Any:
-    try:
-        if path.stat().st_size > _MAX_BLOB:
-            raise KeyReferenceError(f"TPM key blob {str(path)!r} is larger than 64 KiB")
-        data = path.read_bytes()
-    except OSError as e:
-        raise KeyReferenceError(f"cannot read TPM key blob {str(path)!r}: {e.strerror}") from e
-    try:
-        return TSSPrivKey.from_pem(data)
-    except (ValueError, TypeError, IndexError, TSS2_Exception) as e:
-        raise KeyReferenceError(
-            f"{str(path)!r} is not a TSS2 PRIVATE KEY file (TPM 2.0 key file PEM)"
-        ) from e
 
 
 class TpmSigner:
@@ -290,22 +91,28 @@ class TpmSigner:
 
     Thread-safe: ESAPI contexts are not, so one lock serializes every TPM command of this
     signer (a TPM executes one command at a time anyway). Use as a context manager or call
-    :meth:`close`. Raises :class:`TokenNotPresentError`, :class:`KeyNotFoundError`,
-    :class:`PinError`, :class:`UnsupportedKeyError`, :class:`DeviceError`.
+    :meth:`close`. The reference's ``tcti`` may name only a device or socket TCTI unless
+    ``allow_module_path=True`` (see :mod:`.tpm_ref`). Raises :class:`UntrustedModuleError`,
+    :class:`TpmUnreachableError`, :class:`KeyNotFoundError`, :class:`PinError`,
+    :class:`UnsupportedKeyError`, :class:`DeviceError`.
     """
 
     def __init__(
-        self, reference: str | TpmReference, *, secret: SecretSource | None = None
+        self,
+        reference: str | TpmReference,
+        *,
+        secret: SecretSource | None = None,
+        allow_module_path: bool = False,
     ) -> None:
         ref = reference if isinstance(reference, TpmReference) else TpmReference.parse(reference)
         self._ref = ref
-        self._tcti = ref.resolved_tcti()
+        self._tcti = ref.resolved_tcti(allow_module_path=allow_module_path)
         self._what = f"TPM key at {ref.describe_key()}"
         explicit = secret is not None or ref.auth_source is not None
         auth = resolve_auth(secret, ref.auth_source, what=f"auth value for {self._what}")
         self._blob: Any = None
         if ref.blob is not None:
-            self._blob = _read_blob(ref.blob)
+            self._blob = read_blob(ref.blob)
             if self._blob.empty_auth and not explicit:
                 auth = None  # the key file says "no auth": ignore an ambient $DPOP_HSM_TPM_AUTH
             elif not self._blob.empty_auth and not auth:
@@ -321,14 +128,14 @@ class TpmSigner:
         try:
             with self._lock:
                 public = self._run(self._read_public)
-            curve, jwk = _public_of(public, what=self._what)
+            curve, jwk = public_of(public, what=self._what)
             if ref.alg is not None and ref.alg != curve.alg:
                 raise UnsupportedKeyError(f"{self._what} is a {curve.alg} key, not {ref.alg}")
         except BaseException:
             self.close()
             raise
         self._curve = curve
-        self._scheme = _sig_scheme(curve)
+        self._scheme = sig_scheme(curve)
         self._hash = getattr(hashlib, curve.hash_name)
         self._jwk: Mapping[str, str] = MappingProxyType(jwk)
         self._thumbprint = jwk_thumbprint(self._jwk)
@@ -394,7 +201,7 @@ class TpmSigner:
         if self._closed:
             raise DeviceError(f"{self._what}: the signer is closed")
         if self._esapi is None:
-            esapi = _connect(self._tcti, self._what)
+            esapi = connect(self._tcti, self._what)
             try:
                 if self._ref.handle is not None:
                     key_tr = esapi.tr_from_tpmpublic(self._ref.handle)
@@ -415,14 +222,14 @@ class TpmSigner:
         try:
             return op(self._ensure())
         except TSS2_Exception as e:
-            if not _is_link_error(e):
-                raise _map_error(e, what=self._what, tcti=self._tcti) from e
+            if not is_link_error(e):
+                raise map_error(e, what=self._what, tcti=self._tcti) from e
         self._disconnect()  # swtpm restarted, abrmd bounced, TPM reset: start afresh
         try:
             return op(self._ensure())
         except TSS2_Exception as e:
             self._disconnect()
-            raise _map_error(e, what=self._what, tcti=self._tcti) from e
+            raise map_error(e, what=self._what, tcti=self._tcti) from e
 
     def _read_public(self, esapi: Any) -> Any:
         if self._blob is not None:
@@ -440,14 +247,14 @@ class TpmSigner:
             try:
                 return esapi.context_load(self._saved)
             except TSS2_Exception as e:
-                if _is_link_error(e):
+                if is_link_error(e):
                     raise
                 self._saved = None  # saved contexts die with a TPM reset: reload from the blob
-        primary = esapi.create_primary(None, _primary_template(), ESYS_TR.OWNER)[0]
+        primary = esapi.create_primary(None, primary_template(), ESYS_TR.OWNER)[0]
         try:
             key = esapi.load(primary, self._blob.private, self._blob.public)
         except TSS2_Exception as e:
-            if not _is_link_error(e) and int(e.error) == int(TPM2_RC.INTEGRITY):
+            if not is_link_error(e) and int(e.error) == int(TPM2_RC.INTEGRITY):
                 raise KeyNotFoundError(
                     f"{self._what} was not created by this TPM (or the TPM was cleared since): "
                     "its storage primary key cannot unwrap it"
@@ -482,6 +289,7 @@ class TpmSigner:
         blob_path: str | os.PathLike[str] | None = None,
         alg: str = "ES256",
         auth: SecretSource | None = None,
+        allow_module_path: bool = False,
     ) -> TpmSigner:
         """Create a key in the TPM and return a signer for it.
 
@@ -492,14 +300,15 @@ class TpmSigner:
         sensitiveDataOrigin, userWithAuth, under the standard storage primary of the owner
         hierarchy (whose auth must be empty, the usual setup). ``auth`` is the key's auth value
         (default: empty); only this argument is read — not ``$DPOP_HSM_TPM_AUTH`` — so a key
-        never gets an auth value by accident.
+        never gets an auth value by accident. ``tcti`` is checked like a reference's
+        (:func:`~.tpm_ref.check_tcti`; ``allow_module_path=True`` lifts the check).
         """
         if (handle is None) == (blob_path is None):
             raise KeyReferenceError("TpmSigner.generate needs exactly one of handle or blob_path")
-        curve = _CURVES.get(alg)
+        curve = CURVES.get(alg)
         if curve is None:
             raise UnsupportedKeyError(f"TPM keys support ES256 and ES384, not {alg!r}")
-        tcti_str = tcti or default_tcti()
+        tcti_str = check_tcti(tcti, allow_module_path=allow_module_path) if tcti else default_tcti()
         secret = resolve_secret(auth, what="auth value for the new TPM key") or ""
         if handle is not None:
             handle = parse_handle(str(handle))
@@ -511,14 +320,14 @@ class TpmSigner:
                 raise KeyReferenceError(f"refusing to overwrite existing file {str(path)!r}")
             ref = TpmReference(blob=path, tcti=tcti)
             what = f"new TPM key blob {str(path)!r}"
-        esapi = _connect(tcti_str, what)
+        esapi = connect(tcti_str, what)
         try:
             try:
-                if int(curve.tpm_curve) not in _ecc_curve_ids(esapi):
+                if int(curve.tpm_curve) not in ecc_curve_ids(esapi):
                     raise MechanismNotSupportedError(
                         f"{what}: this TPM does not support the {curve.alg} curve"
                     )
-                if handle is not None and _persistent_in_use(esapi, handle):
+                if handle is not None and persistent_in_use(esapi, handle):
                     raise KeyReferenceError(
                         f"persistent handle {handle:#010x} is already in use; refusing to "
                         f"overwrite it (evict it first: tpm2_evictcontrol -c {handle:#010x})"
@@ -526,11 +335,9 @@ class TpmSigner:
                 sensitive = TPM2B_SENSITIVE_CREATE(
                     TPMS_SENSITIVE_CREATE(userAuth=TPM2B_AUTH(secret.encode("utf-8")))
                 )
-                primary = esapi.create_primary(None, _primary_template(), ESYS_TR.OWNER)[0]
+                primary = esapi.create_primary(None, primary_template(), ESYS_TR.OWNER)[0]
                 try:
-                    private, public, _, _, _ = esapi.create(
-                        primary, sensitive, _key_template(curve)
-                    )
+                    private, public, _, _, _ = esapi.create(primary, sensitive, key_template(curve))
                     if handle is not None:
                         key = esapi.load(primary, private, public)
                         try:
@@ -540,45 +347,62 @@ class TpmSigner:
                 finally:
                     esapi.flush_context(primary)
             except TSS2_Exception as e:
-                raise _map_error(e, what=what, tcti=tcti_str) from e
+                raise map_error(e, what=what, tcti=tcti_str) from e
         finally:
             esapi.close()
         if handle is None:
             pem = TSSPrivKey(private, public, empty_auth=not secret, parent=TPM2_RH.OWNER).to_pem()
-            _write_new_file(path, pem)
-        return cls(ref, secret=secret)
+            write_new_file(path, pem)
+        return cls(ref, secret=secret, allow_module_path=allow_module_path)
 
     @staticmethod
-    def evict(handle: int, *, tcti: str | None = None) -> None:
+    def evict(handle: int, *, tcti: str | None = None, allow_module_path: bool = False) -> None:
         """Delete the persistent key at ``handle`` (TPM2_EvictControl with owner auth)."""
         handle = parse_handle(str(handle))
-        tcti_str = tcti or default_tcti()
+        tcti_str = check_tcti(tcti, allow_module_path=allow_module_path) if tcti else default_tcti()
         what = f"persistent handle {handle:#010x}"
-        esapi = _connect(tcti_str, what)
+        esapi = connect(tcti_str, what)
         try:
             key_tr = esapi.tr_from_tpmpublic(handle)
             esapi.evict_control(ESYS_TR.OWNER, key_tr, handle)
         except TSS2_Exception as e:
-            raise _map_error(e, what=what, tcti=tcti_str) from e
+            raise map_error(e, what=what, tcti=tcti_str) from e
         finally:
             esapi.close()
 
 
-def _persistent_in_use(esapi: Any, handle: int) -> bool:
-    _, data = esapi.get_capability(TPM2_CAP.HANDLES, handle, 1)
-    handles = data.data.handles
-    return handles.count > 0 and int(handles[0]) == handle
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    except OSError as e:
-        raise KeyReferenceError(f"cannot write TPM key blob {str(path)!r}: {e.strerror}") from e
-
-
-def load_tpm_reference(ref: str, secret: SecretSource | None) -> TpmSigner:
+def load_tpm_reference(
+    ref: str, secret: SecretSource | None, *, allow_module_path: bool = False
+) -> TpmSigner:
     """Registry loader for ``tpm2:`` references."""
-    return TpmSigner(ref, secret=secret)
+    return TpmSigner(ref, secret=secret, allow_module_path=allow_module_path)
+
+
+def generate_tpm_reference(
+    ref: str, alg: str | None, secret: SecretSource | None, *, allow_module_path: bool = False
+) -> TpmSigner:
+    """Registry generator for ``tpm2:`` references: :meth:`TpmSigner.generate`.
+
+    ``handle=`` persists the key there, ``blob=`` writes a new key file. The auth value is read
+    from the reference's ``auth-source`` when it names one (so the key opens later with the
+    same reference), else from ``secret``; ``$DPOP_HSM_TPM_AUTH`` is never read here. ``alg``
+    and the reference's ``alg=`` must agree when both are given.
+    """
+    parsed = TpmReference.parse(ref)
+    parsed.resolved_tcti(allow_module_path=allow_module_path)  # refuse before any TSS call
+    if alg is not None and parsed.alg is not None and alg != parsed.alg:
+        raise KeyReferenceError(
+            f"alg {alg} contradicts the reference's alg={parsed.alg}; give one of them"
+        )
+    what = "auth value for the new TPM key"
+    auth: SecretSource | None = (
+        read_secret_source(parsed.auth_source, what=what) if parsed.auth_source else secret
+    )
+    return TpmSigner.generate(
+        tcti=parsed.tcti,
+        handle=parsed.handle,
+        blob_path=parsed.blob,
+        alg=parsed.alg or alg or "ES256",
+        auth=auth,
+        allow_module_path=allow_module_path,
+    )

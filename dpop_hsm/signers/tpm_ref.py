@@ -15,6 +15,10 @@ a path or TCTI string is written ``%3B`` / ``%25``)::
 - ``tcti`` — a tpm2-tools style TCTI string such as ``swtpm:host=127.0.0.1,port=2321``,
   ``device:/dev/tpmrm0`` or ``tabrmd:bus_type=session``. Default: ``$TPM2TOOLS_TCTI``, then
   ``$TCTI``, then ``$TSS2_TCTI``, then ``device:/dev/tpmrm0`` (the kernel resource manager).
+  The TSS loads the TCTI named before the ``:`` as a library, and some TCTIs run commands
+  (``cmd:``), so a reference may only name ``device``, ``tabrmd``, ``mssim`` or ``swtpm``
+  unless the caller passes ``allow_module_path=True``; the environment's TCTI is the
+  operator's and is not restricted.
 - ``auth-source`` — where the key's auth value (its "password") comes from. Resolution order:
   the ``secret`` given in code → ``auth-source`` → ``$DPOP_HSM_TPM_AUTH`` → empty auth.
   ``$DPOP_HSM_PIN`` is deliberately *not* read: it usually holds a PKCS#11 PIN, and offering a
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from ..errors import KeyReferenceError
+from ..errors import KeyReferenceError, UntrustedModuleError
 from ..secret_sources import SecretSource, read_secret_source, resolve_secret
 
 __all__ = [
@@ -41,8 +45,10 @@ __all__ = [
     "DEFAULT_TCTI",
     "PERSISTENT_FIRST",
     "PERSISTENT_LAST",
+    "SAFE_TCTIS",
     "TCTI_ENVS",
     "TpmReference",
+    "check_tcti",
     "default_tcti",
 ]
 
@@ -67,6 +73,28 @@ def default_tcti(environ: Mapping[str, str] | None = None) -> str:
         if value:
             return value
     return DEFAULT_TCTI
+
+
+# TCTIs that only open a device or a socket (TSS2 TCTI specification; tpm2-tss tctildr loads
+# "libtss2-tcti-<name>.so.0"). Others run programs (cmd), load emulators (libtpms) or are
+# library paths: code chosen by whoever wrote the reference.
+SAFE_TCTIS = frozenset({"device", "tabrmd", "mssim", "swtpm"})
+
+
+def check_tcti(tcti: str, *, allow_module_path: bool = False) -> str:
+    """Return a reference's ``tcti`` if it only names a device or socket TCTI, else raise.
+
+    Raises UntrustedModuleError before anything is loaded; ``allow_module_path=True`` is the
+    caller vouching for the reference (the CLI, for a reference its user typed).
+    """
+    name = tcti.partition(":")[0]
+    if allow_module_path or name in SAFE_TCTIS:
+        return tcti
+    raise UntrustedModuleError(
+        f"tpm2 reference TCTI {name[:60]!r} is not one of {', '.join(sorted(SAFE_TCTIS))}: the "
+        "TSS would load (or, for cmd:, run) what it names; set the TCTI in $TPM2TOOLS_TCTI, or "
+        "pass allow_module_path=True if you trust the reference"
+    )
 
 
 def parse_handle(text: str) -> int:
@@ -166,9 +194,12 @@ class TpmReference:
     def __str__(self) -> str:
         return self.to_string()
 
-    def resolved_tcti(self) -> str:
-        """This reference's TCTI, else the environment's, else the kernel resource manager."""
-        return self.tcti or default_tcti()
+    def resolved_tcti(self, *, allow_module_path: bool = False) -> str:
+        """This reference's TCTI (checked by :func:`check_tcti`), else the environment's, else
+        the kernel resource manager. Raises UntrustedModuleError."""
+        if self.tcti is not None:
+            return check_tcti(self.tcti, allow_module_path=allow_module_path)
+        return default_tcti()
 
     def describe_key(self) -> str:
         """A short non-secret description for error messages."""

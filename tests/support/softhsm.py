@@ -5,7 +5,7 @@
 sees tokens that exist when it is initialized. PINs are random per run.
 
 Tokens are initialized and keys imported in a child process (``children.softhsm_admin``) through
-``dpop_hsm.signers.pkcs11_admin``, with the PINs on its stdin: no PIN is ever an argument
+``dpop_hsm.signers.pkcs11.admin``, with the PINs on its stdin: no PIN is ever an argument
 (``softhsm2-util --pin`` would show it in ``ps``), and a token re-created under a live signer
 is created outside the test process, as a re-inserted token would be.
 """
@@ -46,7 +46,7 @@ class SoftHsm:
 
     def uri(self, token: str = "dpop", **attrs: Any) -> str:
         """A pkcs11: URI on one of the run's tokens (no PIN inside)."""
-        from dpop_hsm.signers.pkcs11_uri import Pkcs11Uri
+        from dpop_hsm.signers.pkcs11.uri import Pkcs11Uri
 
         return str(Pkcs11Uri(token=token, module_path=self.module).replace(**attrs))
 
@@ -90,12 +90,12 @@ class SoftHsm:
 
 
 def softhsm_module() -> str | None:
-    from dpop_hsm.errors import TokenNotPresentError
-    from dpop_hsm.signers.pkcs11_uri import resolve_module_name
+    from dpop_hsm.errors import Pkcs11ModuleNotFoundError
+    from dpop_hsm.signers.pkcs11.locate import resolve_module_name
 
     try:
         return resolve_module_name("softhsm2")
-    except TokenNotPresentError:
+    except Pkcs11ModuleNotFoundError:
         return None
 
 
