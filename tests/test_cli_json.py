@@ -116,11 +116,12 @@ def test_configuration_error() -> None:
 def test_hardware_error_with_an_accurate_hint(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-module.so"
     result = run_cli("jwk", "--json", "--key", f"pkcs11:token=t?module-path={missing}")
-    assert result.returncode == EXIT_CODES["hardware"]
+    assert result.returncode == EXIT_CODES["configuration"]  # the reference names no module
     error = json_error(result)
-    assert error["code"] == "token_not_present"
+    assert error["code"] == "pkcs11_module_not_found"
     # Not the smart-card advice (pcscd, plugged in): the module file is what is missing.
-    assert "pcscd" not in error["hint"] and "module-path" in error["hint"]
+    text = error["message"] + (error["hint"] or "")
+    assert "pcscd" not in text and "no-such-module.so" in text
 
 
 def test_server_errors(served: dict[str, Any], pem_key: str) -> None:
@@ -142,9 +143,9 @@ def test_server_errors(served: dict[str, Any], pem_key: str) -> None:
 
 def test_errors_stay_one_line_of_text_without_json(tmp_path: Path) -> None:
     result = run_cli("jwk", "--key", f"pkcs11:token=t?module-path={tmp_path / 'x.so'}")
-    assert result.returncode == EXIT_CODES["hardware"]
+    assert result.returncode == EXIT_CODES["configuration"]
     assert result.stdout == ""
-    assert result.stderr.startswith("dpop-hsm: error [token_not_present]: ")
+    assert result.stderr.startswith("dpop-hsm: error [pkcs11_module_not_found]: ")
     assert result.stderr.count("\n") == 1
 
 

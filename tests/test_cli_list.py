@@ -129,8 +129,8 @@ def test_missing_module_is_listed_with_an_accurate_hint(tmp_path: Path) -> None:
     result = run_cli("list", "--module-path", str(tmp_path / "nothing.so"), "--no-tpm", "--json")
     assert result.returncode == 0, result.stderr
     (module,) = one_json(result)["pkcs11"]["modules"]
-    assert module["error"]["code"] == "token_not_present"
-    assert "pcscd" not in module["error"]["hint"]
+    assert module["error"]["code"] == "pkcs11_module_not_found"
+    assert "pcscd" not in (module["error"]["hint"] or "") + module["error"]["message"]
 
 
 # --- TPM --------------------------------------------------------------------------------------

@@ -221,7 +221,10 @@ def load_key(args: argparse.Namespace) -> Signer:
     from ..signers import load_signer
 
     ref = require_key(args)
-    return load_signer(ref, secret=key_secret(args))
+    # The user gave this reference (flag, environment or their config file): a module-path in
+    # it may be loaded. The library's default refuses, so a reference that reaches a program
+    # from elsewhere (a request, a database) never makes it load code.
+    return load_signer(ref, secret=key_secret(args), allow_module_path=True)
 
 
 def key_info(signer: Signer, ref: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -28,24 +27,26 @@ from .common import (
 from .settings import KEY_SETTINGS
 
 if TYPE_CHECKING:
+    from ..secret_sources import SecretSource
     from ..signers.base import Signer
 
 __all__ = ["cmd_jwk", "cmd_keygen", "cmd_proof", "cmd_thumbprint", "cmd_verify", "register"]
 
 
 def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
-    ref = require_key(args)
-    signer: Signer
-    # Dispatch on the reference's scheme; the signer registry is the one place that will
-    # map a scheme to its backend's key generation.
-    if ref.startswith("pkcs11:"):
-        from ..signers.pkcs11 import Pkcs11Signer
+    from ..signers.registry import generate_signer
 
-        signer = Pkcs11Signer.generate(ref, alg=args.alg, secret=key_secret(args))
-    elif ref.startswith("tpm2:"):
-        signer = _keygen_tpm(ref, args)
+    ref = require_key(args)
+    # The registry maps the reference's scheme to its backend's key generation (a token or
+    # TPM key, or a new 0600 key file); the user typed the reference, so a module-path in it
+    # may be loaded (allow_module_path).
+    secret: SecretSource | None
+    if args.pin_source:
+        what = "PIN" if ref.startswith("pkcs11:") else "key password or TPM auth value"
+        secret = secret_from_options(args.pin_source, env=None, what=what)
     else:
-        signer = _keygen_file(ref, args)
+        secret = key_secret(args) if ref.startswith("pkcs11:") else None
+    signer: Signer = generate_signer(ref, alg=args.alg, secret=secret, allow_module_path=True)
     info = key_info(signer, ref)
     close_signer(signer)
     out.emit(
@@ -54,48 +55,6 @@ def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
         f"jwk:  {json.dumps(info['jwk'])}",
     )
     return EXIT_OK
-
-
-def _keygen_tpm(ref: str, args: argparse.Namespace) -> Signer:
-    from ..signers.tpm import TpmSigner
-    from ..signers.tpm_ref import TpmReference
-
-    parsed = TpmReference.parse(ref)
-    auth = None
-    if parsed.auth_source:
-        auth = secret_from_options(parsed.auth_source, env=None, what="TPM key auth value")
-    elif args.pin_source:
-        auth = secret_from_options(args.pin_source, env=None, what="TPM key auth value")
-    return TpmSigner.generate(
-        tcti=parsed.tcti,
-        handle=parsed.handle,
-        blob_path=parsed.blob,
-        alg=parsed.alg or args.alg,
-        auth=auth,
-    )
-
-
-def _keygen_file(ref: str, args: argparse.Namespace) -> Signer:
-    from pathlib import Path
-
-    from ..signers.software import SoftwareSigner
-
-    path = Path(ref[5:] if ref.startswith("file:") else ref)
-    if path.exists():
-        raise ConfigurationError(f"{str(path)!r} exists; refusing to overwrite a key file")
-    password = None
-    if args.pin_source:
-        password = secret_from_options(args.pin_source, env=None, what="key password")
-    signer = SoftwareSigner.generate(args.alg or "ES256")
-    pem = signer.private_pem(password if isinstance(password, str) else None)
-    try:
-        # O_EXCL: never clobber a key created meanwhile; 0600: the key is a secret.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise ConfigurationError(f"cannot create {str(path)!r}: {e.strerror}") from e
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    return signer
 
 
 def cmd_jwk(args: argparse.Namespace, out: Output) -> int:
@@ -202,7 +161,11 @@ def register(sub: Any) -> None:
     """Add the key subcommands to the main parser's subparsers."""
     p = sub.add_parser("keygen", help="create a key in a token/TPM or a key file")
     add_key_options(p)
-    p.add_argument("--alg", default="ES256", help="ES256 (default), ES384, ES512, EdDSA, PS256")
+    p.add_argument(
+        "--alg",
+        default=None,
+        help="ES256 (default; a tpm2: reference's alg= decides there), ES384, ES512, EdDSA, PS256",
+    )
     p.set_defaults(func=cmd_keygen, settings=KEY_SETTINGS)
 
     p = sub.add_parser("jwk", help="print the public JWK")

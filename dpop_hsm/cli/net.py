@@ -66,7 +66,7 @@ def make_token_client(args: argparse.Namespace, signer: Signer) -> TokenClient:
             )
     assertion_signer = None
     if args.assertion_key:
-        assertion_signer = load_signer(args.assertion_key)
+        assertion_signer = load_signer(args.assertion_key, allow_module_path=True)
     return TokenClient(
         signer,
         token_endpoint=args.token_endpoint,
@@ -179,7 +179,7 @@ def demo_clients(jwt_client_key: str | None) -> list[ClientRegistration]:
     if jwt_client_key:
         from ..signers import load_signer
 
-        key = load_signer(jwt_client_key)
+        key = load_signer(jwt_client_key, allow_module_path=True)
         clients.append(ClientRegistration("m2m.dpop.jwt", "private_key_jwt", jwk=key.public_jwk))
         close_signer(key)
     return clients
