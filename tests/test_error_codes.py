@@ -34,6 +34,12 @@ CODES = {
     "ListenError": "cannot_listen",  # CLI: serve
     "AddressInUseError": "address_in_use",  # CLI: serve on a busy port
     "SignerError": "signer_error",
+    "InvalidJwkError": "invalid_jwk",
+    "UntrustedModuleError": "untrusted_module",
+    "KeyMismatchError": "key_pair_mismatch",
+    "Pkcs11ModuleError": "pkcs11_module_error",
+    "Pkcs11ModuleNotFoundError": "pkcs11_module_not_found",
+    "TpmUnreachableError": "tpm_unreachable",
     "UnsupportedKeyError": "unsupported_key",
     "SignatureEncodingError": "signature_encoding",
     "KeyNotFoundError": "key_not_found",
