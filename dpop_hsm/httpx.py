@@ -1,25 +1,30 @@
 """DPoP for httpx: one generator flow for ``httpx.Client`` and ``httpx.AsyncClient``.
 
-``DPoPAuth._flow`` is the protocol: ask for a token, stamp ``Authorization: DPoP`` plus a fresh
-proof, send, feed the response's ``DPoP-Nonce`` to the store, and re-stamp and re-send at most
-once — on ``use_dpop_nonce`` (RFC 9449 §9) or, after one forced renewal, on ``invalid_token``.
-It yields requests and a "need a token" marker. The two drivers only add I/O and locking:
+``DPoPAuth._flow`` drives :mod:`dpop_hsm.resource_flow` (every decision lives there): ask for a
+token, have the request stamped, send, classify the response, and re-stamp and re-send at most
+once. It yields three kinds of operation — "need a token", "sign this", "send this request" —
+and the two drivers only add I/O and locking:
 
-* ``sync_auth_flow`` runs the flow inline and fetches tokens under the token client's
-  thread-level single flight;
-* ``async_auth_flow`` advances the flow in a worker thread (``anyio.to_thread``), because every
-  step may sign and a YubiKey or TPM takes 10-100+ ms; asyncio tasks of one loop queue on a
+* ``sync_auth_flow`` runs everything inline; tokens come from the token client's thread-level
+  single flight;
+* ``async_auth_flow`` runs the flow on the event loop and only moves work that may block off
+  it: a signature goes to the signer's own bounded pool unless the signer says it never blocks
+  (:mod:`dpop_hsm.offload`; software keys sign inline), and waiting for a renewal that another
+  thread runs goes to a worker thread. asyncio tasks of one loop queue for a renewal on a
   per-loop lock, and the renewal slot itself is shared with threads, so N tasks and M threads
   cause one token request.
 
-Token requests are yielded through the same client (its transport, TLS, proxies, mocks).
+Token requests are yielded through the same client (its transport, TLS, proxies, mocks) and
+kept out of the API response's ``history`` (one of them holds the access token).
 httpx raises its own exceptions for transport failures of any yielded request (the Auth API gives
 no hook to translate them), so an unreachable AS surfaces as ``httpx.ConnectError`` here.
 
-Redirects: httpx follows them *inside* one yielded request, re-sending the old ``DPoP`` header
-(pitfall 14). :meth:`DPoPAuth.attach` installs a request event hook that re-signs same-origin
-hops and strips (or refuses) cross-origin ones. Without it, a followed redirect raises
-:class:`RedirectError` after the fact instead of passing silently.
+Redirects: httpx follows them *inside* one yielded request and copies the old ``DPoP`` header to
+the new URL. :meth:`DPoPAuth.attach` installs a request event hook that re-signs same-origin
+hops and strips (or refuses) cross-origin ones. On a client that was not attached, a ``trace``
+extension on every stamped request strips our credentials from any hop whose URL is not the
+one the proof names before its headers are written, so nothing leaks, and the flow then raises
+:class:`RedirectError` saying to call ``attach()``.
 """
 
 from __future__ import annotations
@@ -28,30 +33,29 @@ import asyncio
 import json
 import weakref
 from collections.abc import AsyncGenerator, Callable, Generator
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-import anyio
-import anyio.to_thread
-import httpx
+from ._optional import require_extra
 
-from .challenges import find_challenge
-from .errors import (
-    ConfigurationError,
-    DPoPError,
-    NonceError,
-    RedirectError,
-    TokenResponseError,
-    UnauthorizedError,
-)
-from .htu import origin_of
-from .jose import b64url_decode, split_compact
-from .logs import log_request, log_response
-from .token import MAX_TOKEN_RESPONSE, Renewal, Token, TokenClient, require_https
-from .token_http import HttpRequest, HttpResponse, header_values
+require_extra("httpx", "httpx")
+require_extra("anyio", "httpx")
+
+import anyio  # noqa: E402
+import anyio.to_thread  # noqa: E402
+import httpx  # noqa: E402
+
+from .errors import DPoPError, RedirectError, TokenResponseError  # noqa: E402
+from .htu import normalize_htu, origin_of  # noqa: E402
+from .jose import b64url_decode, split_compact  # noqa: E402
+from .logs import log_request, log_response  # noqa: E402
+from .offload import SigningOffload  # noqa: E402
+from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp  # noqa: E402
+from .sansio import HttpRequest, HttpResponse  # noqa: E402
+from .token import MAX_TOKEN_RESPONSE, Renewal, Token, TokenClient  # noqa: E402
 
 __all__ = ["DPoPAuth"]
 
-RedirectPolicy = Literal["strip", "refuse"]
 _EXT = "dpop_hsm"
 _SENT = "dpop_hsm_sent_proof"
 _TOKEN_REQUEST = "dpop_hsm_token_request"  # noqa: S105 - an extension name
@@ -63,7 +67,18 @@ class _NeedToken:
 
 
 _NEED_TOKEN = _NeedToken()
-_Op = httpx.Request | _NeedToken
+
+
+@dataclass(frozen=True)
+class _Sign:
+    """Flow marker: the driver must answer with ``flow.stamp(method, url, token)``."""
+
+    method: str
+    url: str
+    token: Token
+
+
+_Op = httpx.Request | _NeedToken | _Sign
 
 
 def _to_httpx(request: HttpRequest, timeout: tuple[float, float]) -> httpx.Request:
@@ -159,6 +174,59 @@ def _proof_target(proof: str) -> tuple[str, str] | None:
     return (htm, htu) if isinstance(htm, str) and isinstance(htu, str) else None
 
 
+def _hop_guard(proof: str, htu: str, inner: Any, is_async: bool) -> Callable[..., Any]:
+    """An httpcore ``trace`` callback that keeps ``proof`` (and its token) off any other URL.
+
+    httpcore calls it right before it writes a request's headers, for every redirect hop too
+    (httpx copies extensions to the hop). A hop whose URL is not the proof's ``htu`` loses the
+    ``DPoP`` header and a ``DPoP`` ``Authorization`` in place, before anything is sent.
+    A ``trace`` the caller set is kept and still called.
+    """
+    ours = proof.encode("ascii")
+
+    def strip(info: dict[str, Any]) -> None:
+        req = info.get("request")
+        headers = getattr(req, "headers", None)
+        url = getattr(req, "url", None)
+        if not isinstance(headers, list) or url is None:
+            return
+        if not any(k.lower() == b"dpop" and v == ours for k, v in headers):
+            return
+        try:
+            target = normalize_htu(bytes(url).decode("ascii", "replace"))
+        except DPoPError:
+            target = ""
+        if target == htu:
+            return
+        headers[:] = [
+            (k, v)
+            for k, v in headers
+            if k.lower() != b"dpop"
+            and not (k.lower() == b"authorization" and v[:5].lower() == b"dpop ")
+        ]
+
+    if is_async:
+
+        async def atrace(event: str, info: dict[str, Any]) -> None:
+            if event.endswith("send_request_headers.started"):
+                strip(info)
+            if inner is not None:
+                await inner(event, info)
+
+        guard: Callable[..., Any] = atrace
+    else:
+
+        def trace(event: str, info: dict[str, Any]) -> None:
+            if event.endswith("send_request_headers.started"):
+                strip(info)
+            if inner is not None:
+                inner(event, info)
+
+        guard = trace
+    guard.dpop_hsm_inner = inner  # type: ignore[attr-defined]
+    return guard
+
+
 class DPoPAuth(httpx.Auth):
     """httpx auth presenting a DPoP-bound token with a fresh proof on every request.
 
@@ -177,92 +245,80 @@ class DPoPAuth(httpx.Auth):
         raise_on_rejection: bool = True,
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
-        if cross_origin_redirects not in ("strip", "refuse"):
-            raise ConfigurationError("cross_origin_redirects must be 'strip' or 'refuse'")
+        self.flow = ResourceFlow(
+            token_client,
+            raise_on_rejection=raise_on_rejection,
+            cross_origin_redirects=cross_origin_redirects,
+        )
         self.token_client = token_client
-        self.raise_on_rejection = raise_on_rejection
-        self.cross_origin_redirects: RedirectPolicy = cross_origin_redirects
+        self._offload = SigningOffload(token_client.signer)
         self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
         self._other_lock: anyio.Lock | None = None
+
+    @property
+    def raise_on_rejection(self) -> bool:
+        return self.flow.raise_on_rejection
+
+    @property
+    def cross_origin_redirects(self) -> RedirectPolicy:
+        return self.flow.cross_origin_redirects
 
     def __repr__(self) -> str:
         return f"DPoPAuth({self.token_client!r})"
 
     # --- the one flow ---------------------------------------------------------------------
 
-    def _stamp(self, request: httpx.Request, token_type: str, access_token: str) -> str | None:
-        url = str(request.url)
-        nonce = self.token_client.nonces.get(url)
-        request.headers["Authorization"] = f"{token_type} {access_token}"
-        request.headers["DPoP"] = self.token_client.proofs.create(
-            request.method, url, access_token=access_token, nonce=nonce
-        )
+    def _apply(self, request: httpx.Request, stamp: Stamp, *, is_async: bool) -> None:
+        request.headers["Authorization"] = stamp.authorization
+        request.headers["DPoP"] = stamp.proof
+        ext = dict(request.extensions)
+        inner = ext.get("trace")
+        inner = getattr(inner, "dpop_hsm_inner", inner)  # never nest our own guards
+        ext["trace"] = _hop_guard(stamp.proof, normalize_htu(stamp.url), inner, is_async)
+        ext[_STAMP] = stamp
+        request.extensions = ext
         _log_sent(request)
-        return nonce
 
-    def _observe(self, response: httpx.Response) -> str | None:
-        _log_received(response)
-        return self.token_client.nonces.observe(
-            str(response.request.url), response.headers.multi_items()
-        )
-
-    def _flow(self, request: httpx.Request) -> Generator[_Op, Any, None]:
-        require_https(str(request.url), "resource URL")  # before any token is fetched or sent
+    def _flow(self, request: httpx.Request, is_async: bool) -> Generator[_Op, Any, None]:
+        url = str(request.url)
+        self.flow.check_target(url)  # before any token is fetched or sent
         token: Token = yield _NEED_TOKEN
-        sent_nonce = self._stamp(request, token.token_type, token.access_token)
+        stamp: Stamp = yield _Sign(request.method, url, token)
+        self._apply(request, stamp, is_async=is_async)
         response: httpx.Response = yield request
-        nonce = self._observe(response)
-        self._check_redirects(request, response)
-        if response.status_code not in (401, 403):
-            return
-        challenge = find_challenge(
-            header_values(response.headers.multi_items(), "www-authenticate"), "DPoP"
-        )
-        if challenge is None:
-            return
-        error = challenge.params.get("error")
         replayable = isinstance(request.stream, httpx.ByteStream)
-        retry = False
-        if response.status_code == 401 and error == "use_dpop_nonce":
-            if nonce is None:
-                raise NonceError("use_dpop_nonce without a DPoP-Nonce header (RFC 9449 §9)")
-            if nonce == sent_nonce:
-                raise NonceError("the resource server handed back the nonce it just rejected")
-            retry = replayable
-        elif response.status_code == 401 and error == "invalid_token" and replayable:
-            self.token_client.invalidate(token)
-            token = yield _NEED_TOKEN
-            retry = True
-        if retry:
-            self._stamp(request, token.token_type, token.access_token)
-            response = yield request
-            self._observe(response)
+        retried = False
+        while True:
+            _log_received(response)
+            fresh = self.flow.observe(str(response.request.url), response.headers.multi_items())
             self._check_redirects(request, response)
-            challenge = find_challenge(
-                header_values(response.headers.multi_items(), "www-authenticate"), "DPoP"
+            decision = self.flow.classify(
+                response.status_code,
+                response.headers.multi_items(),
+                stamp=stamp,
+                fresh_nonce=fresh,
+                retried=retried,
+                replayable=replayable,
             )
-            if challenge is None or response.status_code not in (401, 403):
+            if decision.action is Action.PASS:
+                _hide_token_traffic(response)
                 return
-            error = challenge.params.get("error")
-            if error == "use_dpop_nonce":
-                raise NonceError("the resource server rejected our nonce again (RFC 9449 §9)")
-        if self.raise_on_rejection and error:
-            why = "" if replayable else " (body not replayable, no retry)"
-            raise UnauthorizedError(
-                f"resource server rejected the request{why}",
-                error=error,
-                error_description=challenge.params.get("error_description"),
-                status=response.status_code,
-            )
+            if decision.action is Action.RENEW:
+                self.flow.invalidate(stamp.token)
+                token = yield _NEED_TOKEN
+            retried = True
+            stamp = yield _Sign(request.method, url, token)
+            self._apply(request, stamp, is_async=is_async)
+            response = yield request
 
     def _check_redirects(self, request: httpx.Request, response: httpx.Response) -> None:
         final = response.request
         if final is not request and not final.extensions.get(_EXT):
             raise RedirectError(
-                "httpx followed a redirect with a stale DPoP proof; call DPoPAuth.attach(client) "
-                "so redirects are re-signed or stripped"
+                "httpx followed a redirect; the hop was sent without DPoP credentials. Call "
+                "DPoPAuth.attach(client) so same-origin redirects are re-signed"
             )
 
     # --- sync driver ----------------------------------------------------------------------
@@ -273,11 +329,14 @@ class DPoPAuth(httpx.Auth):
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
-        flow = self._flow(request)
+        flow = self._flow(request, False)
         done, op = _advance(flow, None)
         while not done:
+            value: Any
             if isinstance(op, _NeedToken):
-                value: Any = yield from self._sync_token()
+                value = yield from self._sync_token()
+            elif isinstance(op, _Sign):
+                value = self.flow.stamp(op.method, op.url, op.token)
             else:
                 value = yield op
             done, op = _advance(flow, value)
@@ -303,7 +362,7 @@ class DPoPAuth(httpx.Auth):
                 token: Token = step
                 return token
             except DPoPError as e:
-                return _fallback(got, e)
+                return got.fallback(e)
 
     # --- async driver ---------------------------------------------------------------------
 
@@ -322,27 +381,28 @@ class DPoPAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        flow = self._flow(request)
-        run = anyio.to_thread.run_sync
-        done, op = await run(_advance, flow, None)
+        flow = self._flow(request, True)
+        done, op = _advance(flow, None)
         tc = self.token_client
+        offload = self._offload
         while not done:
             value: Any
-            if isinstance(op, _NeedToken):
+            if isinstance(op, _Sign):
+                value = await offload.run(self.flow.stamp, op.method, op.url, op.token)
+            elif isinstance(op, _NeedToken):
                 value = tc.cached_token()
                 if value is None:
                     async with self._async_lock():
-                        cached = tc.cached_token()
-                        got: Token | Renewal = (
-                            cached if cached is not None else await run(tc.acquire)
-                        )
+                        got = tc.try_acquire()
+                        if got is None:  # another thread renews: wait for it off the loop
+                            got = await anyio.to_thread.run_sync(tc.acquire)
                         if isinstance(got, Token):
                             value = got
                         else:
                             with got:
                                 try:
                                     tflow = got.flow()
-                                    t_done, step = await run(_advance, tflow, None)
+                                    t_done, step = await offload.run(_advance, tflow, None)
                                     while not t_done:
                                         sent = _to_httpx(step, tc.timeout)
                                         response = yield sent
@@ -351,18 +411,18 @@ class DPoPAuth(httpx.Auth):
                                         _log_sent(sent)
                                         _log_received(response)
                                         parsed = _from_httpx(response, step.url)
-                                        t_done, step = await run(_advance, tflow, parsed)
+                                        t_done, step = await offload.run(_advance, tflow, parsed)
                                     value = step
                                 except DPoPError as e:
-                                    value = _fallback(got, e)
+                                    value = got.fallback(e)
             else:
                 value = yield op
-            done, op = await run(_advance, flow, value)
+            done, op = _advance(flow, value)
 
     # --- redirects ------------------------------------------------------------------------
 
     def attach(self, client: httpx.Client | httpx.AsyncClient) -> None:
-        """Use this auth on ``client`` and re-sign / strip redirect hops (pitfall 14)."""
+        """Use this auth on ``client`` and re-sign / strip redirect hops (RFC 9449 §4.3)."""
         client.auth = self
         if isinstance(client, httpx.AsyncClient):
             hooks = client.event_hooks
@@ -373,7 +433,7 @@ class DPoPAuth(httpx.Auth):
             hooks["request"] = [*hooks.get("request", []), self.redirect_hook]
             client.event_hooks = hooks
 
-    def _hop_action(self, request: httpx.Request) -> Callable[[], None] | None:
+    def _hop_action(self, request: httpx.Request, is_async: bool) -> Callable[[], None] | None:
         proof = request.headers.get("DPoP")
         ext = request.extensions
         if proof is None or ext.get(_SENT) != proof:
@@ -389,37 +449,47 @@ class DPoPAuth(httpx.Auth):
             raise RedirectError(f"the token endpoint redirected to {origin_of(url)}; not followed")
         target = _proof_target(proof)
         request.extensions = {**ext, _EXT: "redirect"}
-        authz = request.headers.get("Authorization", "")
-        scheme, _, access_token = authz.partition(" ")
+        stamp: Stamp | None = ext.get(_STAMP)
         del request.headers["DPoP"]
-        old_origin = origin_of(target[1]) if target is not None else None
-        if old_origin == origin_of(url) and scheme.lower() in ("dpop", "bearer") and access_token:
-            require_https(url, "redirect target")
-
-            def restamp() -> None:
-                self._stamp(request, scheme, access_token)
-                request.extensions = {**request.extensions, _SENT: request.headers["DPoP"]}
-
-            return restamp
-        if scheme.lower() == "dpop":
+        authz = request.headers.get("Authorization", "")
+        if authz[:5].lower() == "dpop ":
             del request.headers["Authorization"]
-        if self.cross_origin_redirects == "refuse":
-            raise RedirectError(
-                f"refusing to follow a redirect from {old_origin} to {origin_of(url)} with DPoP "
-                "credentials"
-            )
-        return None
+        if target is None or stamp is None or not self.flow.redirect(target[1], url):
+            return None
+        token = stamp.token
+
+        def restamp() -> None:
+            fresh = self.flow.stamp(request.method, url, token)
+            self._apply(request, fresh, is_async=is_async)
+            request.extensions = {**request.extensions, _SENT: fresh.proof, _EXT: "redirect"}
+
+        return restamp
 
     def redirect_hook(self, request: httpx.Request) -> None:
         """httpx request event hook (``Client``): runs before every hop is sent."""
-        action = self._hop_action(request)
+        action = self._hop_action(request, False)
         if action is not None:
             action()
 
     async def _async_redirect_hook(self, request: httpx.Request) -> None:
-        action = self._hop_action(request)
+        action = self._hop_action(request, True)
         if action is not None:
-            await anyio.to_thread.run_sync(action)
+            await self._offload.run(action)
+
+
+_STAMP = "dpop_hsm_stamp"
+
+
+def _hide_token_traffic(response: httpx.Response) -> None:
+    """Keep token-endpoint exchanges out of the API response's ``history``.
+
+    httpx lists every earlier response of an auth flow there; a token response holds the access
+    token (and may hold a refresh token), which the application never needs to see.
+    """
+    if response.history:
+        response.history = [
+            r for r in response.history if not r.request.extensions.get(_TOKEN_REQUEST)
+        ]
 
 
 def _refuse_redirected(response: httpx.Response, sent: httpx.Request) -> None:
@@ -440,13 +510,5 @@ def _refuse_redirected(response: httpx.Response, sent: httpx.Request) -> None:
 
 
 def _fallback(renewal: Renewal, error: DPoPError) -> Token:
-    """A failed renewal keeps the still-valid previous token in use; otherwise re-raise.
-
-    A redirected token endpoint is never papered over: that is an attack or a misconfiguration.
-    """
-    if isinstance(error, RedirectError):
-        raise error
-    previous = renewal.previous
-    if previous is not None and previous.is_valid():
-        return previous
-    raise error
+    """Kept for callers of the old private helper: :meth:`Renewal.fallback` is the rule."""
+    return renewal.fallback(error)

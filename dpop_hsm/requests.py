@@ -5,13 +5,14 @@ proof (``ath``, the origin's nonce) and registers a response hook. The hook feed
 response's ``DPoP-Nonce`` into the store and re-sends AT MOST ONCE, keeping the first response in
 ``history``: for a ``use_dpop_nonce`` challenge with a new proof (RFC 9449 §9), or for
 ``invalid_token`` after one forced token renewal. A body that cannot be replayed (a generator or
-a file) is never re-sent (pitfall 9).
+a file) is never re-sent. Every decision comes from :mod:`dpop_hsm.resource_flow`; this module
+only moves requests and responses.
 
 Token requests go through the same ``requests.Session`` as the API requests when the auth knows
 it: :class:`DPoPSession` passes itself, and ``DPoPAuth(client, session=s)`` does the same for
 your own session; otherwise the token client's own session is used.
 
-Redirects (pitfall 14): requests would re-send the old ``DPoP`` header to the new URL. The hook
+Redirects: requests would re-send the old ``DPoP`` header to the new URL. The hook
 removes our credentials from a request whose response is a redirect, so a plain session follows
 it *unauthenticated*; :class:`DPoPSession` re-signs same-origin hops with a new proof for the
 new method and URL and strips (or, with ``cross_origin_redirects="refuse"``, refuses) hops to
@@ -20,111 +21,28 @@ another origin, so a token never travels to a server it was not meant for.
 
 from __future__ import annotations
 
-import time
-from typing import Any, Literal
+from typing import Any
 
 import requests
-import urllib3
 from requests.auth import AuthBase
 from requests.cookies import extract_cookies_to_jar
 from requests.models import PreparedRequest, Response
 
-from .challenges import find_challenge
-from .errors import ConfigurationError, NonceError, RedirectError, TransportError, UnauthorizedError
-from .htu import origin_of
+from ._requests_sender import MAX_RESPONSE_BODY, response_headers, send_http_request
 from .logs import log_request, log_response
-from .token import Token, TokenClient, require_https
-from .token_http import HttpRequest, HttpResponse, header_values
+from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
+from .token import Token, TokenClient
 
-__all__ = ["DPoPAuth", "DPoPSession", "send_http_request"]
+__all__ = ["MAX_RESPONSE_BODY", "DPoPAuth", "DPoPSession", "response_headers", "send_http_request"]
 
-RedirectPolicy = Literal["strip", "refuse"]
-MAX_RESPONSE_BODY = 1024 * 1024
-_TOKEN_ATTR = "_dpop_hsm_token"  # noqa: S105 - an attribute name
+_STAMP_ATTR = "_dpop_hsm_stamp"
 _RETRIED_ATTR = "_dpop_hsm_retried"
-_NONCE_ATTR = "_dpop_hsm_nonce"
-
-
-def _no_auth(r: PreparedRequest) -> PreparedRequest:
-    """Overrides the session's own auth for token requests (no recursion into DPoPAuth)."""
-    return r
-
-
-def response_headers(response: Response) -> list[tuple[str, str]]:
-    """Every header field, repeats kept (urllib3's raw headers), else the merged view."""
-    raw_headers = getattr(response.raw, "headers", None)
-    iteritems = getattr(raw_headers, "iteritems", None)
-    if callable(iteritems):
-        return [(str(k), str(v)) for k, v in iteritems()]
-    return [(str(k), str(v)) for k, v in response.headers.items()]
 
 
 def _loggable_body(body: Any) -> bytes | str | None:
     if body is None or isinstance(body, bytes | str):
         return body
     return "[streamed body]"
-
-
-def send_http_request(
-    session: requests.Session, request: HttpRequest, *, timeout: tuple[float, float]
-) -> HttpResponse:
-    """Send a sans-IO request through ``session`` (its proxies, TLS, adapters, cookies apply).
-
-    Raises :class:`TransportError` on connection errors and timeouts; never follows redirects.
-    ``timeout`` is (connect, read) per socket operation, as in requests; on top of that the
-    whole exchange must finish within connect + 2 x read seconds, so a server dripping bytes
-    slower than the read timeout cannot hold a token renewal (and its waiters) for hours.
-    """
-    deadline = time.monotonic() + timeout[0] + 2 * timeout[1]
-    try:
-        response = session.request(
-            request.method,
-            request.url,
-            headers=dict(request.headers),
-            data=request.body,
-            auth=_no_auth,
-            timeout=timeout,
-            allow_redirects=False,
-            stream=True,
-        )
-    except requests.exceptions.RequestException as e:
-        origin = origin_of(request.url)
-        raise TransportError(f"cannot reach {origin}: {type(e).__name__}") from e
-    try:
-        body = _read_body(response, deadline, request.url)
-    # urllib3 raises its own ProtocolError (IncompleteRead) when the server drops mid-body.
-    except (
-        requests.exceptions.RequestException,
-        urllib3.exceptions.HTTPError,
-        OSError,
-        ValueError,
-    ) as e:
-        raise TransportError(f"reading the response from {origin_of(request.url)} failed") from e
-    finally:
-        response.close()
-    prepared = response.request
-    log_request(
-        prepared.method or request.method, request.url, prepared.headers.items(), request.body
-    )
-    headers = response_headers(response)
-    log_response(response.status_code, response.reason or "", headers, body, url=request.url)
-    return HttpResponse(response.status_code, tuple(headers), body or b"", request.url)
-
-
-def _read_body(response: Response, deadline: float, url: str) -> bytes:
-    """At most MAX_RESPONSE_BODY + 1 bytes, in whatever pieces arrive, before ``deadline``."""
-    raw = response.raw
-    chunks: list[bytes] = []
-    size = 0
-    while size <= MAX_RESPONSE_BODY:
-        if time.monotonic() > deadline:
-            raise TransportError(f"{origin_of(url)} did not send its response in time")
-        chunk = raw.read1(MAX_RESPONSE_BODY + 1 - size, decode_content=True)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 def _replayable(prep: PreparedRequest) -> bool:
@@ -147,12 +65,21 @@ class DPoPAuth(AuthBase):
         raise_on_rejection: bool = True,
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
-        if cross_origin_redirects not in ("strip", "refuse"):
-            raise ConfigurationError("cross_origin_redirects must be 'strip' or 'refuse'")
+        self.flow = ResourceFlow(
+            token_client,
+            raise_on_rejection=raise_on_rejection,
+            cross_origin_redirects=cross_origin_redirects,
+        )
         self.token_client = token_client
         self.session = session
-        self.raise_on_rejection = raise_on_rejection
-        self.cross_origin_redirects: RedirectPolicy = cross_origin_redirects
+
+    @property
+    def raise_on_rejection(self) -> bool:
+        return self.flow.raise_on_rejection
+
+    @property
+    def cross_origin_redirects(self) -> RedirectPolicy:
+        return self.flow.cross_origin_redirects
 
     def __repr__(self) -> str:
         return f"DPoPAuth({self.token_client!r})"
@@ -174,19 +101,14 @@ class DPoPAuth(AuthBase):
 
     def stamp(self, r: PreparedRequest, token: Token) -> None:
         """Set Authorization and a new proof for ``r``'s current method and URL (RFC 9449 §7)."""
-        url = r.url or ""
-        nonce = self.token_client.nonces.get(url)
-        proof = self.token_client.proofs.create(
-            r.method or "GET", url, access_token=token.access_token, nonce=nonce
-        )
-        r.headers["Authorization"] = f"{token.token_type} {token.access_token}"
-        r.headers["DPoP"] = proof
-        setattr(r, _TOKEN_ATTR, token)
-        setattr(r, _NONCE_ATTR, nonce)
-        log_request(r.method or "GET", url, r.headers.items(), _loggable_body(r.body))
+        stamp = self.flow.stamp(r.method or "GET", r.url or "", token)
+        r.headers["Authorization"] = stamp.authorization
+        r.headers["DPoP"] = stamp.proof
+        setattr(r, _STAMP_ATTR, stamp)
+        log_request(stamp.method, stamp.url, r.headers.items(), _loggable_body(r.body))
 
     def __call__(self, r: PreparedRequest) -> PreparedRequest:
-        require_https(r.url or "", "resource URL")  # before any token is fetched or sent
+        self.flow.check_target(r.url or "")  # before any token is fetched or sent
         self.stamp(r, self.token())
         if self._handle_response not in r.hooks["response"]:
             r.register_hook("response", self._handle_response)  # type: ignore[no-untyped-call]
@@ -200,46 +122,29 @@ class DPoPAuth(AuthBase):
         log_response(
             r.status_code, r.reason or "", headers, None if stream else r.content, url=r.url
         )
-        nonce = self.token_client.nonces.observe(r.url, headers)
+        fresh = self.flow.observe(r.url, headers)
         prep = r.request
         if r.is_redirect:
-            # Pitfall 14: the old proof must never reach the new URL. DPoPSession.rebuild_auth
-            # re-signs same-origin hops; a plain session follows without our credentials.
+            # The old proof must never reach the new URL: DPoPSession.rebuild_auth re-signs
+            # same-origin hops; a plain session follows without our credentials.
             _strip_credentials(prep)
             return r
-        if r.status_code not in (401, 403):
+        stamp: Stamp | None = getattr(prep, _STAMP_ATTR, None)
+        if stamp is None:
             return r
-        challenge = find_challenge(header_values(headers, "www-authenticate"), "DPoP")
-        if challenge is None:
-            return r
-        error = challenge.params.get("error")
-        description = challenge.params.get("error_description")
-        retried = bool(getattr(prep, _RETRIED_ATTR, False))
-        token: Token | None = getattr(prep, _TOKEN_ATTR, None)
-        if token is None:
-            return r
-        if r.status_code == 401 and error == "use_dpop_nonce":
-            if retried:
-                raise NonceError("the resource server rejected our nonce again (RFC 9449 §9)")
-            if nonce is None:
-                raise NonceError("use_dpop_nonce without a DPoP-Nonce header (RFC 9449 §9)")
-            if nonce == getattr(prep, _NONCE_ATTR, None):
-                raise NonceError("the resource server handed back the nonce it just rejected")
-            if _replayable(prep):
-                return self._resend(r, token, kwargs)
-        elif (
-            r.status_code == 401 and error == "invalid_token" and not retried and _replayable(prep)
-        ):
-            self.token_client.invalidate(token)
+        decision = self.flow.classify(
+            r.status_code,
+            headers,
+            stamp=stamp,
+            fresh_nonce=fresh,
+            retried=bool(getattr(prep, _RETRIED_ATTR, False)),
+            replayable=_replayable(prep),
+        )
+        if decision.action is Action.RETRY_NONCE:
+            return self._resend(r, stamp.token, kwargs)
+        if decision.action is Action.RENEW:
+            self.flow.invalidate(stamp.token)
             return self._resend(r, self.token(), kwargs)
-        if self.raise_on_rejection and error:
-            why = "" if _replayable(prep) else " (body not replayable, no retry)"
-            raise UnauthorizedError(
-                f"resource server rejected the request{why}",
-                error=error,
-                error_description=description,
-                status=r.status_code,
-            )
         return r
 
     def _resend(self, r: Response, token: Token, kwargs: dict[str, Any]) -> Response:
@@ -262,26 +167,17 @@ class DPoPAuth(AuthBase):
     def restamp_redirect(self, prepared: PreparedRequest, response: Response) -> None:
         """Credentials for a redirect hop: a new proof on the same origin, none elsewhere."""
         _strip_credentials(prepared)
-        token: Token | None = getattr(response.request, _TOKEN_ATTR, None)
-        if token is None:
+        stamp: Stamp | None = getattr(response.request, _STAMP_ATTR, None)
+        if stamp is None:
             return
-        old, new = response.request.url or "", prepared.url or ""
-        if origin_of(old) == origin_of(new):
-            require_https(new, "redirect target")
-            if not token.is_valid():
-                token = self.token()
+        if self.flow.redirect(response.request.url or "", prepared.url or ""):
+            token = stamp.token if stamp.token.is_valid() else self.token()
             self.stamp(prepared, token)
-            return
-        if self.cross_origin_redirects == "refuse":
-            raise RedirectError(
-                f"refusing to follow a redirect from {origin_of(old)} to {origin_of(new)} "
-                "with DPoP credentials"
-            )
 
 
 def _strip_credentials(prep: PreparedRequest) -> None:
     auth = prep.headers.get("Authorization")
-    if hasattr(prep, _TOKEN_ATTR) or (isinstance(auth, str) and auth[:5].lower() == "dpop "):
+    if hasattr(prep, _STAMP_ATTR) or (isinstance(auth, str) and auth[:5].lower() == "dpop "):
         prep.headers.pop("Authorization", None)
     prep.headers.pop("DPoP", None)
 

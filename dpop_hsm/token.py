@@ -1,13 +1,12 @@
-"""DPoP-bound access tokens via client_credentials (RFC 6749 §4.4, RFC 9449 §5, §6, §8).
+"""DPoP-bound access tokens for one client and one key: cache, renewal, single flight.
 
-A sans-IO core. :meth:`TokenClient.token_request` builds an
-:class:`~dpop_hsm.token_http.HttpRequest` (a fresh DPoP proof, and for ``private_key_jwt`` a
-fresh RFC 7523 client assertion, on every attempt — pitfall 6, §7.3);
-:meth:`TokenClient.parse_response` turns the answer into a :class:`Token` or a typed error;
-:meth:`TokenClient.acquire` hands out a cached token or the one :class:`Renewal`, whose
-:meth:`~Renewal.flow` generator yields requests and receives responses. The requests and httpx
-adapters drive that generator through their own session or client;
-:meth:`TokenClient.get_token` drives it with a plain ``requests`` session.
+:class:`TokenClient` keeps the keyword API users know and builds the values of
+:mod:`dpop_hsm.token_endpoint` from it: a :class:`~dpop_hsm.token_endpoint.Grant`
+(client credentials unless one is given), a :class:`~dpop_hsm.token_endpoint.ClientAuth` and a
+:class:`~dpop_hsm.token_endpoint.TokenEndpoint`. :meth:`TokenClient.acquire` hands out a cached
+token or the one :class:`Renewal`, whose :meth:`~Renewal.flow` generator yields requests and
+receives responses; the requests, httpx and aiohttp adapters drive it through their own session
+or client, and :meth:`TokenClient.get_token` drives it with a private ``requests`` sender.
 
 Renewal policy (documented defaults):
 
@@ -19,49 +18,51 @@ Renewal policy (documented defaults):
   optional). Short on purpose: a resource server's ``invalid_token`` also forces a renewal.
 * Lifetimes are measured from when the request was *sent*, on the monotonic clock, so wall
   clock jumps and network latency never make us use an expired token.
+* A failed renewal while the token is still valid keeps that token (:meth:`Renewal.fallback`)
+  and backs off (1 s, 2 s … 60 s) before contacting the failing AS again.
 
-Single flight (pitfall 8): one renewal at a time per client, however many threads ask; the
-httpx adapter adds a per-event-loop lock so asyncio tasks queue without blocking the loop.
+Single flight: one renewal at a time per client, however many threads ask (a renewal stampede
+at the AS is what many clients get wrong); the async adapters add a per-event-loop lock so
+asyncio tasks queue without blocking the loop.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import math
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, urlencode
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING
 
-from .errors import (
-    ConfigurationError,
-    DPoPError,
-    InsecureEndpointError,
-    NonceError,
-    OAuthError,
-    TokenResponseError,
-    TokenTypeError,
-    TransportError,
-)
-from .htu import is_loopback_host, normalize_htu
-from .jose import b64url_encode, compact_json
-from .nonces import NonceStore, is_nonce_challenge
+from .errors import ConfigurationError, DPoPError, RedirectError, TransportError
+from .htu import require_https
+from .nonces import NonceStore
 from .proof import ProofFactory
-from .secret_sources import SecretSource, resolve_secret
+from .sansio import HttpRequest, HttpResponse, Sender
+from .secret_sources import SecretSource
 from .signers.base import Signer
-from .token_http import HttpRequest, HttpResponse
+from .token_endpoint import (
+    DEFAULT_LIFETIME,
+    MAX_TOKEN_RESPONSE,
+    AuthMethod,
+    ClientAuth,
+    ClientCredentialsGrant,
+    Grant,
+    PrivateKeyJwt,
+    Token,
+    TokenEndpoint,
+    client_auth_for,
+)
 
 if TYPE_CHECKING:
     import requests as _requests
 
 __all__ = [
+    "DEFAULT_LIFETIME",
+    "MAX_TOKEN_RESPONSE",
     "AuthMethod",
     "CacheKey",
     "Renewal",
@@ -74,69 +75,16 @@ __all__ = [
 
 log = logging.getLogger("dpop_hsm.token")
 
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
-_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
-_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 §2.2
-_RESERVED_PARAMS = frozenset(
-    {
-        "grant_type",
-        "client_id",
-        "client_secret",
-        "client_assertion",
-        "client_assertion_type",
-        "scope",
-        "resource",
-    }
-)
-_SECRET_RESPONSE_FIELDS = frozenset({"access_token", "refresh_token", "id_token"})
-MAX_TOKEN_RESPONSE = 1024 * 1024
-DEFAULT_LIFETIME = 300.0
 DEFAULT_TIMEOUT = (10.0, 10.0)
 
 
 @dataclass(frozen=True)
-class Token:
-    """An access token and what we know about it. ``repr`` never shows the token.
-
-    ``expires_at``/``renew_at`` are ``time.monotonic()`` deadlines; ``issued_at`` is wall-clock
-    time for display. ``extra`` holds the response's other, non-secret members.
-    """
-
-    access_token: str = field(repr=False)
-    token_type: str
-    expires_at: float
-    renew_at: float
-    issued_at: float
-    lifetime: float
-    jkt: str
-    scope: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-
-    def expires_in(self, now: float | None = None) -> float:
-        return self.expires_at - (time.monotonic() if now is None else now)
-
-    def is_valid(self, now: float | None = None) -> bool:
-        return self.expires_in(now) > 0
-
-    def needs_renewal(self, now: float | None = None) -> bool:
-        return (time.monotonic() if now is None else now) >= self.renew_at
-
-    @property
-    def is_dpop(self) -> bool:
-        return self.token_type.lower() == "dpop"
-
-    def __repr__(self) -> str:
-        return (
-            f"Token(token_type={self.token_type!r}, access_token='****', "
-            f"expires_in={self.expires_in():.1f}s, scope={self.scope!r}, jkt={self.jkt!r})"
-        )
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True)
 class CacheKey:
-    """RFC 9449 pitfall 12: the key's thumbprint is part of the cache key; no key material."""
+    """What a cached token is filed under: endpoint, client, scope, resource and key.
+
+    The key's RFC 7638 thumbprint is part of the key (a token is useless with another key, RFC 9449
+    §6), and nothing else about the key is: no key material ever reaches a cache.
+    """
 
     token_endpoint: str
     client_id: str
@@ -199,6 +147,20 @@ class Renewal:
         self._done = True
         return token
 
+    def fallback(self, error: DPoPError) -> Token:
+        """The one rule for a failed renewal: keep the still-valid previous token, else raise.
+
+        A redirected token endpoint is never papered over: it is an attack or a
+        misconfiguration (RFC 6749 §3.2 gives the token endpoint no redirects).
+        """
+        if isinstance(error, RedirectError):
+            raise error
+        previous = self.previous
+        if previous is not None and previous.is_valid():
+            log.warning("token renewal failed (%s); the current token stays in use", error.code)
+            return previous
+        raise error
+
     def __enter__(self) -> Renewal:
         return self
 
@@ -228,26 +190,6 @@ def drive_flow(
             return token
 
 
-def _basic_credentials(client_id: str, secret: str) -> str:
-    # RFC 6749 §2.3.1: both parts are form-urlencoded before Base64.
-    pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
-    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
-
-
-def require_https(url: str, what: str) -> str:
-    """``url`` unless it is plain http to a non-loopback host (InsecureEndpointError).
-
-    Tokens and proofs over plain http can be read and replayed by anyone on the path; loopback
-    is allowed for local test servers.
-    """
-    normalize_htu(url)  # raises ConfigurationError on junk
-    if url.lower().startswith("https://"):
-        return url
-    if is_loopback_host(url):
-        return url
-    raise InsecureEndpointError(f"{what} must use https (plain http only for loopback): {url!r}")
-
-
 class TokenClient:
     """Fetches, caches and renews a DPoP-bound access token for one client and one key.
 
@@ -255,7 +197,12 @@ class TokenClient:
     response, :class:`TokenResponseError` for 5xx / unusable bodies, :class:`TokenTypeError`
     when the AS did not issue a DPoP token, :class:`NonceError` when the AS keeps asking for a
     nonce, :class:`TransportError` when the AS cannot be reached, and
-    :class:`InsecureEndpointError` at construction for a non-loopback ``http://`` endpoint.
+    :class:`InsecureEndpointError` / :class:`ConfigurationError` at construction for a
+    non-loopback ``http://`` endpoint or a URL the transports would parse differently.
+
+    ``grant`` and ``client_auth`` take the token-endpoint values directly (a login's
+    authorization-code or refresh grant, say); without them the keyword arguments build a
+    client-credentials grant and the client authentication ``auth_method`` names.
     """
 
     def __init__(
@@ -282,54 +229,42 @@ class TokenClient:
         proof_factory: ProofFactory | None = None,
         cache: TokenCache | None = None,
         session: _requests.Session | None = None,
+        grant: Grant | None = None,
+        client_auth: ClientAuth | None = None,
     ) -> None:
         if not client_id or not isinstance(client_id, str):
             raise ConfigurationError("client_id must be a non-empty string")
         self.token_endpoint = require_https(token_endpoint, "token_endpoint")
         self.client_id = client_id
-        method = auth_method or (
-            "client_secret_basic" if client_secret is not None else "private_key_jwt"
-        )
-        if method not in _AUTH_METHODS:
-            raise ConfigurationError(f"auth_method must be one of {', '.join(_AUTH_METHODS)}")
-        if method in ("client_secret_basic", "client_secret_post") and client_secret is None:
-            raise ConfigurationError(f"auth_method {method} needs client_secret")
-        if method in ("private_key_jwt", "none") and client_secret is not None:
-            raise ConfigurationError(f"auth_method {method} takes no client_secret")
-        self.auth_method: AuthMethod = method
-        self._client_secret = client_secret
         self.proofs = proof_factory or ProofFactory(signer, clock_offset=clock_offset)
         if proof_factory is not None and proof_factory.thumbprint != signer.thumbprint:
             raise ConfigurationError("proof_factory signs with a different key than signer")
         self.signer = signer
-        self._assertion_signer = assertion_signer or signer
-        self._assertion_kid = assertion_kid or self._assertion_signer.thumbprint
         self.audience = audience or token_endpoint
-        if not 1 <= assertion_lifetime <= 3600:
-            raise ConfigurationError("assertion_lifetime must be within 1..3600 seconds")
-        self._assertion_lifetime = assertion_lifetime
-        self._assertion_header = b64url_encode(
-            compact_json(
-                {"alg": self._assertion_signer.alg, "typ": "JWT", "kid": self._assertion_kid}
+        if client_auth is not None:
+            if client_secret is not None or auth_method is not None:
+                raise ConfigurationError("give client_auth, or client_secret/auth_method, not both")
+            self.client_auth = client_auth
+        else:
+            self.client_auth = client_auth_for(
+                auth_method,
+                client_secret=client_secret,
+                assertion_signer=assertion_signer or signer,
+                audience=self.audience,
+                assertion_kid=assertion_kid,
+                assertion_lifetime=assertion_lifetime,
+                clock_offset=clock_offset,
             )
-        )
-        if scope is not None and not isinstance(scope, str):
-            scope = " ".join(scope)
-        self.scope: str | None = scope or None
-        if isinstance(resource, str):
-            resource = (resource,)
-        self.resource: tuple[str, ...] = tuple(resource or ())
-        extra = dict(extra_params or {})
-        clash = _RESERVED_PARAMS.intersection(extra)
-        if clash:
-            raise ConfigurationError(f"extra_params may not set {sorted(clash)}")
-        self._extra_params = extra
-        if renew_before is not None and renew_before < 0:
-            raise ConfigurationError("renew_before must be >= 0")
-        self.renew_before = renew_before
-        if not default_lifetime > 0:
-            raise ConfigurationError("default_lifetime must be positive")
-        self.default_lifetime = default_lifetime
+        if grant is not None:
+            if scope is not None or resource is not None or extra_params is not None:
+                raise ConfigurationError("give grant, or scope/resource/extra_params, not both")
+            self.grant = grant
+        else:
+            self.grant = ClientCredentialsGrant(
+                scope=scope, resource=resource, extra_params=extra_params
+            )
+        self.scope: str | None = self.grant.scope
+        self.resource: tuple[str, ...] = tuple(getattr(self.grant, "resource", ()))
         self.allow_bearer = allow_bearer
         self.timeout: tuple[float, float] = (
             (float(timeout), float(timeout))
@@ -338,6 +273,18 @@ class TokenClient:
         )
         self.clock_offset = clock_offset
         self.nonces = nonce_store if nonce_store is not None else NonceStore()
+        self.endpoint = TokenEndpoint(
+            self.token_endpoint,
+            client_id=client_id,
+            client_auth=self.client_auth,
+            proofs=self.proofs,
+            nonces=self.nonces,
+            allow_bearer=allow_bearer,
+            default_lifetime=default_lifetime,
+            renew_before=renew_before,
+        )
+        self.renew_before = renew_before
+        self.default_lifetime = default_lifetime
         self.cache = cache if cache is not None else TokenCache()
         self.cache_key = CacheKey(
             self.token_endpoint, client_id, self.scope, self.resource, signer.thumbprint
@@ -347,7 +294,15 @@ class TokenClient:
         self._renewing = False
         self._failures = 0  # renewals failed in a row
         self._retry_at = 0.0  # monotonic time before which a valid token is not renewed again
-        self.token_requests = 0  # attempts sent, for diagnostics and tests
+
+    @property
+    def auth_method(self) -> AuthMethod:
+        return self.client_auth.method
+
+    @property
+    def token_requests(self) -> int:
+        """Token requests sent (nonce retries included), for diagnostics and tests."""
+        return self.endpoint.attempts
 
     def __repr__(self) -> str:
         return (
@@ -374,23 +329,35 @@ class TokenClient:
         deadline = time.monotonic() + limit
         with self._cond:
             while True:
-                token = self.cache.get(self.cache_key)
-                now = time.monotonic()
-                if token is not None and not token.needs_renewal(now):
-                    return token
-                if token is not None and now < self._retry_at and token.is_valid(now):
-                    # A renewal failed moments ago: keep using the valid token instead of
-                    # contacting a failing AS again on every request (backoff below).
-                    return token
-                if not self._renewing:
-                    self._renewing = True
-                    return Renewal(self, token if token is not None and token.is_valid() else None)
-                if token is not None and token.is_valid(now):
-                    return token
-                remaining = deadline - now
+                got = self._acquire_locked()
+                if got is not None:
+                    return got
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TransportError("timed out waiting for another token renewal")
                 self._cond.wait(remaining)
+
+    def try_acquire(self) -> Token | Renewal | None:
+        """:meth:`acquire` without waiting: None while another caller renews and no valid
+        token exists (an event loop then waits for it in a worker thread, not on the loop)."""
+        with self._cond:
+            return self._acquire_locked()
+
+    def _acquire_locked(self) -> Token | Renewal | None:
+        token = self.cache.get(self.cache_key)
+        now = time.monotonic()
+        if token is not None and not token.needs_renewal(now):
+            return token
+        if token is not None and now < self._retry_at and token.is_valid(now):
+            # A renewal failed moments ago: keep using the valid token instead of
+            # contacting a failing AS again on every request (backoff below).
+            return token
+        if not self._renewing:
+            self._renewing = True
+            return Renewal(self, token if token is not None and token.is_valid(now) else None)
+        if token is not None and token.is_valid(now):
+            return token
+        return None
 
     def _finish_renewal(self, token: Token | None) -> None:
         with self._cond:
@@ -411,8 +378,8 @@ class TokenClient:
         """Forget the cached token (all, or only ``token``): e.g. after an RS ``invalid_token``."""
         self.cache.discard(self.cache_key, token)
 
-    def get_token(self, send: Callable[[HttpRequest], HttpResponse] | None = None) -> Token:
-        """A valid token, fetched through ``send`` (default: a ``requests`` session) if needed."""
+    def get_token(self, send: Sender | None = None) -> Token:
+        """A valid token, fetched through ``send`` (default: a private ``requests`` sender)."""
         got = self.acquire()
         if isinstance(got, Token):
             return got
@@ -420,16 +387,13 @@ class TokenClient:
         with got:
             try:
                 return drive_flow(got.flow(), sender)
-            except DPoPError:
-                if got.previous is not None and got.previous.is_valid():
-                    log.warning("token renewal failed; the current token stays in use")
-                    return got.previous
-                raise
+            except DPoPError as e:
+                return got.fallback(e)
 
-    def _default_sender(self) -> Callable[[HttpRequest], HttpResponse]:
+    def _default_sender(self) -> Sender:
         import requests
 
-        from .requests import send_http_request
+        from ._requests_sender import send_http_request
 
         if self._session is None:
             self._session = requests.Session()
@@ -445,153 +409,31 @@ class TokenClient:
 
     def token_flow(self) -> Generator[HttpRequest, HttpResponse, Token]:
         """One token fetch: at most one retry, for a nonce challenge (RFC 9449 §8)."""
-        nonce = self.nonces.get(self.token_endpoint)
-        for attempt in (1, 2):
-            request = self.token_request(nonce=nonce)
-            sent_mono, sent_wall = time.monotonic(), time.time()
-            self.token_requests += 1
-            response = yield request
-            fresh = self.nonces.observe(self.token_endpoint, response.headers)
-            if is_nonce_challenge(response.status, response.headers, response.body):
-                if attempt == 2:
-                    raise NonceError("the token endpoint rejected our nonce twice (RFC 9449 §8)")
-                if fresh is None:
-                    raise NonceError("use_dpop_nonce without a DPoP-Nonce header (RFC 9449 §8)")
-                if fresh == nonce:
-                    raise NonceError("the token endpoint handed back the nonce it just rejected")
-                nonce = fresh
-                continue
-            return self.parse_response(response, sent_monotonic=sent_mono, sent_wall=sent_wall)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _client_assertion(self) -> str:
-        """RFC 7523 §3: a new jti and iat for every attempt (pitfall 6)."""
-        now = int(time.time() + self.clock_offset)
-        claims = {
-            "iss": self.client_id,
-            "sub": self.client_id,
-            "aud": self.audience,
-            "jti": b64url_encode(os.urandom(16)),
-            "iat": now,
-            "exp": now + int(self._assertion_lifetime),
-        }
-        signing_input = self._assertion_header + "." + b64url_encode(compact_json(claims))
-        signature = self._assertion_signer.sign(signing_input.encode("ascii"))
-        return signing_input + "." + b64url_encode(signature)
+        response = yield from self.endpoint.token_flow(self.grant)
+        return response.token
 
     def token_request(self, *, nonce: str | None = None) -> HttpRequest:
         """The next token request: a fresh proof (and assertion); signs, so it may block."""
-        pairs: list[tuple[str, str]] = [("grant_type", "client_credentials")]
-        if self.scope:
-            pairs.append(("scope", self.scope))
-        pairs += [("resource", r) for r in self.resource]  # RFC 8707 §2
-        pairs += list(self._extra_params.items())
-        headers: list[tuple[str, str]] = [
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Accept", "application/json"),
-        ]
-        method = self.auth_method
-        if method in ("client_secret_basic", "client_secret_post"):
-            secret = resolve_secret(self._client_secret, what="client_secret")
-            if not secret:
-                raise ConfigurationError("client_secret resolved to an empty value")
-            if method == "client_secret_basic":
-                headers.append(("Authorization", _basic_credentials(self.client_id, secret)))
-            else:
-                pairs += [("client_id", self.client_id), ("client_secret", secret)]
-        elif method == "private_key_jwt":
-            pairs += [
-                ("client_id", self.client_id),
-                ("client_assertion_type", _ASSERTION_TYPE),
-                ("client_assertion", self._client_assertion()),
-            ]
-        else:
-            pairs.append(("client_id", self.client_id))
-        # RFC 9449 §5: every token request carries a proof; made last, right before sending.
-        headers.append(("DPoP", self.proofs.create("POST", self.token_endpoint, nonce=nonce)))
-        body = urlencode(pairs).encode("ascii")
-        return HttpRequest("POST", self.token_endpoint, tuple(headers), body)
+        pairs = [("grant_type", self.grant.grant_type), *self.grant.parameters()]
+        stamp = self.client_auth.prepare(self.client_id)
+        request, _ = self.endpoint.form_request(
+            self.token_endpoint, pairs, stamp, nonce=nonce, secrets=self.grant.secrets()
+        )
+        return request
 
     def parse_response(
         self, response: HttpResponse, *, sent_monotonic: float, sent_wall: float
     ) -> Token:
         """A :class:`Token` from a token endpoint response, or the typed error it amounts to."""
-        status = response.status
-        if len(response.body) > MAX_TOKEN_RESPONSE:
-            raise TokenResponseError(f"token response larger than {MAX_TOKEN_RESPONSE} bytes")
-        parsed: Any = None
-        try:
-            parsed = json.loads(response.body) if response.body else None
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            parsed = None
-        if status >= 500:
-            raise TokenResponseError(f"token endpoint failed with HTTP {status}")
-        if 300 <= status < 400:
-            raise TokenResponseError(f"token endpoint answered with a redirect (HTTP {status})")
-        if status != 200:
-            if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-                description = parsed.get("error_description")
-                raise OAuthError(
-                    "token request rejected",
-                    error=parsed["error"],
-                    error_description=description if isinstance(description, str) else None,
-                    status=status,
-                )
-            raise TokenResponseError(f"token endpoint answered HTTP {status} without an error")
-        if not isinstance(parsed, dict):
-            raise TokenResponseError("token response is not a JSON object (RFC 6749 §5.1)")
-        access_token = parsed.get("access_token")
-        if not isinstance(access_token, str) or not access_token:
-            raise TokenResponseError("token response has no access_token string")
-        if not access_token.isascii() or not access_token.isprintable() or " " in access_token:
-            raise TokenResponseError("access_token has characters a header cannot carry")
-        token_type = parsed.get("token_type")
-        if not isinstance(token_type, str) or not token_type:
-            raise TokenResponseError("token response has no token_type")
-        # RFC 6749 §5.1 / RFC 9449 §5: case-insensitive; anything but DPoP is a downgrade.
-        if token_type.lower() != "dpop" and not (
-            self.allow_bearer and token_type.lower() == "bearer"
-        ):
-            raise TokenTypeError(
-                f"token_type is {token_type[:20]!r}, not DPoP; refusing a silent downgrade"
-            )
-        lifetime = self._lifetime(parsed.get("expires_in"))
-        renew_before = (
-            self.renew_before if self.renew_before is not None else min(60.0, lifetime / 10)
-        )
-        renew_before = min(renew_before, lifetime)
-        scope = parsed.get("scope")
-        extra = {
-            k: v
-            for k, v in parsed.items()
-            if k not in _SECRET_RESPONSE_FIELDS and isinstance(k, str)
-        }
-        return Token(
-            access_token=access_token,
-            token_type=token_type,
-            expires_at=sent_monotonic + lifetime,
-            renew_at=sent_monotonic + lifetime - renew_before,
-            issued_at=sent_wall,
-            lifetime=lifetime,
-            jkt=self.signer.thumbprint,
-            scope=scope if isinstance(scope, str) else self.scope,
-            extra=MappingProxyType(extra),
-        )
+        return self.endpoint.parse_response(
+            response, sent_monotonic=sent_monotonic, sent_wall=sent_wall, scope=self.scope
+        ).token
 
-    def _lifetime(self, value: Any) -> float:
-        if value is None:
-            return self.default_lifetime
-        if isinstance(value, str):  # seen in the wild: "3600"; ASCII digits only, bounded
-            text = value.strip()
-            if not (0 < len(text) <= 12 and text.isascii() and text.isdigit()):
-                raise TokenResponseError("expires_in is not a number")
-            value = int(text)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TokenResponseError("expires_in is not a number")
-        try:
-            seconds = float(value)
-        except OverflowError as e:  # JSON integers beyond the float range
-            raise TokenResponseError("expires_in is absurdly large") from e
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise TokenResponseError("expires_in must be a positive number of seconds")
-        return seconds
+    def _client_assertion(self) -> str:
+        """A fresh RFC 7523 assertion (tests use it to replay one at the local AS)."""
+        auth = self.client_auth
+        if not isinstance(auth, PrivateKeyJwt):
+            auth = PrivateKeyJwt(
+                self.signer, audience=self.audience, clock_offset=self.clock_offset
+            )
+        return auth.assertion(self.client_id)

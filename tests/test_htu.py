@@ -39,18 +39,61 @@ from dpop_hsm.htu import comparable_htu, is_loopback_host, normalize_htu, origin
             "https://as.example/a%2Fb/%7euser/%e2%82%ac",
             "https://as.example/a%2Fb/%7euser/%e2%82%ac",
         ),
-        ("https://as.example/a b", "https://as.example/a b"),
-        # userinfo dropped
-        ("https://user:pw@as.example:8443/t", "https://as.example:8443/t"),
-        ("https://user@as.example/t", "https://as.example/t"),
+        # dot segments removed (RFC 3986 §5.2.4), as urllib3 and httpx do before sending
+        ("https://as.example/a/./b/../c", "https://as.example/a/c"),
+        ("https://as.example/a/..", "https://as.example/"),
+        ("https://as.example/../../x", "https://as.example/x"),
+        ("https://as.example/a/.", "https://as.example/a/"),
+        ("https://as.example/a..b/.c", "https://as.example/a..b/.c"),
+        # the query is outside htu, also for the cache: paging does not change the result
+        ("https://as.example/items?page=2", "https://as.example/items"),
     ],
 )
 def test_normalize_htu(url: str, expected: str) -> None:
     assert normalize_htu(url) == expected
 
 
-def test_normalize_htu_never_shows_userinfo() -> None:
-    assert "pw" not in normalize_htu("https://user:pw@as.example/")
+@pytest.mark.parametrize(
+    "url",
+    [
+        # urllib sees host 127.0.0.1, urllib3 sends to evil.example: a parser differential
+        "http://evil.example\\@127.0.0.1:9/token",
+        "http://127.0.0.1\\x/token",
+        "https://as.example/a\\b",
+        # urllib deletes TAB/CR/LF silently; other parsers keep or reject them
+        "https://as.example/a\tb",
+        "https://as.ex\nample/t",
+        "https://as.example/t\r",
+        "https://as.example/a b",
+        " https://as.example/t",
+        "https://as.example/t\x00",
+        "https://as.example/t\x7f",
+        "https://as.example/t?q=a b",
+        # userinfo: credentials never go in our URLs, and "@" disguises the real host
+        "https://user:pw@as.example:8443/t",
+        "https://user@as.example/t",
+        "http://127.0.0.1@as.example.com/token",
+        "http://as.example.com@127.0.0.1/token",
+    ],
+)
+def test_normalize_htu_refuses_parser_differentials(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        normalize_htu(url)
+    assert "pw" not in str(info.value)
+    assert is_loopback_host(url) is False
+
+
+def test_messages_never_show_userinfo_or_secret_query_fields() -> None:
+    from dpop_hsm.htu import require_https
+
+    for url in (
+        "http://user:s3cr3t-pw@as.example.com/token",
+        "http://as.example.com/token?access_token=s3cr3t-pw",
+        "http://[::1/token?access_token=s3cr3t-pw",
+    ):
+        with pytest.raises(ConfigurationError) as info:
+            require_https(url, "token_endpoint")
+        assert "s3cr3t-pw" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -83,6 +126,10 @@ def test_normalize_htu_rejects_non_strings() -> None:
         ("https://as.example/a%2fb", "https://as.example/a%2Fb"),  # hex case
         ("HTTPS://AS.EXAMPLE:443/x?q", "https://as.example/x"),
         ("https://as.example/%41", "https://as.example/A"),
+        # dot segments, also percent-encoded ones (RFC 3986 §6.2.2.2 then §6.2.2.3)
+        ("https://as.example/a/../b", "https://as.example/b"),
+        ("https://as.example/a/%2E%2E/b", "https://as.example/b"),
+        ("https://as.example/a/%2e/b", "https://as.example/a/b"),
     ],
 )
 def test_comparable_htu_equal(a: str, b: str) -> None:
@@ -116,7 +163,8 @@ def test_origin_of() -> None:
         ("http://127.0.0.1:8080/", True),
         ("http://127.3.4.5/", True),
         ("http://localhost/", True),
-        ("http://api.localhost/", True),
+        ("http://api.localhost/", False),  # *.localhost may be resolved through DNS
+        ("http://localhost./", False),
         ("http://[::1]:80/", True),
         ("http://128.0.0.1/", False),
         ("http://127.0.0.1.evil.example/", False),

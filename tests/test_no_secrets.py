@@ -386,7 +386,6 @@ def test_tpm_signer_shows_no_auth_value(
         "HTTP://AS.EXAMPLE.COM/token",
         "http://127.0.0.1.nip.io/token",
         "http://localhost.example.com/token",
-        "http://127.0.0.1@as.example.com/token",
         "http://10.0.0.1/token",
         "http://[::ffff:10.0.0.1]/token",
         "http://192.168.1.1:8080/token",

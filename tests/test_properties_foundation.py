@@ -466,7 +466,7 @@ def test_htu_functions_only_typed_errors(url: str) -> None:
         ("http://127.8.9.10:81/x", True),
         ("http://[::1]:9/", True),
         ("http://localhost/", True),
-        ("http://api.localhost/", True),
+        ("http://api.localhost/", False),
         ("http://]", False),
         # Regressions (found by this suite): not IP literals, so they would be DNS names.
         ("http://127.999.0.1/", False),

@@ -1,0 +1,178 @@
+"""The resource-server side of DPoP, decided once for every HTTP library (RFC 9449 §7, §9).
+
+Sans-IO. An adapter (requests, httpx, aiohttp) asks this module three things and only does the
+I/O around the answers:
+
+* :meth:`ResourceFlow.stamp` — the ``Authorization: DPoP <token>`` and ``DPoP`` header values
+  for one request: a fresh proof for its method and URL, with ``ath`` and the origin's latest
+  nonce (§7.1, §9). Signs, so it may block on hardware.
+* :meth:`ResourceFlow.classify` — what a response means: pass it on, retry once with the nonce
+  the server just sent (§9), renew the token and resend once (``invalid_token``), or reject.
+  Every response feeds the nonce store first (a server may rotate nonces on any response, §8.2).
+* :meth:`ResourceFlow.redirect` — what a redirect hop gets: a new proof on the same origin,
+  nothing on another origin (or a refusal). HTTP libraries re-send the old headers to the new
+  URL; a proof names one method and URL (§4.3) and a token belongs to one server.
+
+Retry rules (§9, RFC 9110 §15.5.2): at most ONE resend per request, never a loop — a second
+``use_dpop_nonce``, a nonce challenge without a nonce, or the very nonce just rejected is a
+:class:`~dpop_hsm.errors.NonceError`; a body that cannot be replayed (a stream, a generator)
+is never re-sent. A 401 without a ``DPoP`` challenge is not ours to handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal, Protocol
+
+from .challenges import find_challenge
+from .errors import ConfigurationError, NonceError, RedirectError, UnauthorizedError
+from .htu import origin_of, require_https
+from .nonces import NonceStore
+from .proof import ProofFactory
+from .sansio import header_values
+from .token_endpoint import Token
+
+__all__ = ["Action", "Decision", "RedirectPolicy", "ResourceFlow", "Stamp", "TokenSource"]
+
+RedirectPolicy = Literal["strip", "refuse"]
+
+
+class TokenSource(Protocol):
+    """What :class:`ResourceFlow` needs of a token client (``TokenClient`` has all of it)."""
+
+    @property
+    def nonces(self) -> NonceStore: ...
+
+    @property
+    def proofs(self) -> ProofFactory: ...
+
+    def invalidate(self, token: Token | None = None) -> None: ...
+
+
+class Action(Enum):
+    """What the adapter does with a response."""
+
+    PASS = "pass"  # noqa: S105 - hand the response to the application
+    RETRY_NONCE = "retry_nonce"  # re-stamp (new proof, the new nonce) and resend once
+    RENEW = "renew"  # the token was refused: renew it, re-stamp and resend once
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """The credentials put on one request, and what the response must be judged against."""
+
+    authorization: str
+    proof: str
+    token: Token
+    nonce: str | None  # the nonce the proof carries (a challenge handing it back is a loop)
+    url: str
+    method: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    error: str | None = None
+
+
+class ResourceFlow:
+    """The rules of §7 and §9 for one token client, shared by every adapter.
+
+    ``raise_on_rejection``: a final 401/403 with a ``DPoP`` challenge carrying an ``error``
+    raises :class:`UnauthorizedError` instead of being handed back. ``cross_origin_redirects``:
+    ``"strip"`` follows a redirect to another origin without credentials, ``"refuse"`` raises
+    :class:`RedirectError`.
+    """
+
+    def __init__(
+        self,
+        token_client: TokenSource,
+        *,
+        raise_on_rejection: bool,
+        cross_origin_redirects: RedirectPolicy = "strip",
+    ) -> None:
+        if cross_origin_redirects not in ("strip", "refuse"):
+            raise ConfigurationError("cross_origin_redirects must be 'strip' or 'refuse'")
+        self.token_client = token_client
+        self.raise_on_rejection = raise_on_rejection
+        self.cross_origin_redirects: RedirectPolicy = cross_origin_redirects
+
+    @staticmethod
+    def check_target(url: str) -> None:
+        """Refuse a resource URL before any token is fetched or sent (https except loopback)."""
+        require_https(url, "resource URL")
+
+    def stamp(self, method: str, url: str, token: Token) -> Stamp:
+        """A fresh proof for ``method url`` bound to ``token`` (§7.1), with the origin's nonce."""
+        tc = self.token_client
+        nonce = tc.nonces.get(url)
+        proof = tc.proofs.create(method, url, access_token=token.access_token, nonce=nonce)
+        return Stamp(f"{token.token_type} {token.access_token}", proof, token, nonce, url, method)
+
+    def observe(self, url: str, headers: Iterable[tuple[str, str]]) -> str | None:
+        """Feed a response's ``DPoP-Nonce`` into the store (any response, §8.2); return it."""
+        return self.token_client.nonces.observe(url, headers)
+
+    def classify(
+        self,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        *,
+        stamp: Stamp,
+        fresh_nonce: str | None,
+        retried: bool,
+        replayable: bool,
+    ) -> Decision:
+        """Decide what a response to a stamped request means; raise for the errors of §9.
+
+        ``fresh_nonce`` is what :meth:`observe` returned for this response. On
+        :attr:`Action.RENEW` the caller must :meth:`invalidate` and fetch a new token.
+        """
+        if status not in (401, 403):
+            return Decision(Action.PASS)
+        challenge = find_challenge(header_values(headers, "www-authenticate"), "DPoP")
+        if challenge is None:
+            return Decision(Action.PASS)
+        error = challenge.params.get("error")
+        if status == 401 and error == "use_dpop_nonce":
+            if retried:
+                raise NonceError("the resource server rejected our nonce again (RFC 9449 §9)")
+            if fresh_nonce is None:
+                raise NonceError("use_dpop_nonce without a DPoP-Nonce header (RFC 9449 §9)")
+            if fresh_nonce == stamp.nonce:
+                raise NonceError("the resource server handed back the nonce it just rejected")
+            if replayable:
+                return Decision(Action.RETRY_NONCE, error)
+        elif status == 401 and error == "invalid_token" and not retried and replayable:
+            return Decision(Action.RENEW, error)
+        if self.raise_on_rejection and error:
+            why = "" if replayable else " (body not replayable, no retry)"
+            raise UnauthorizedError(
+                f"resource server rejected the request{why}",
+                error=error,
+                error_description=challenge.params.get("error_description"),
+                status=status,
+            )
+        return Decision(Action.PASS, error)
+
+    def invalidate(self, token: Token) -> None:
+        """Drop a token the resource server refused, so the next caller renews it."""
+        self.token_client.invalidate(token)
+
+    def redirect(self, old_url: str, new_url: str) -> bool:
+        """True: re-sign the hop to ``new_url`` (same origin); False: send it without credentials.
+
+        Raises :class:`RedirectError` for a cross-origin hop under the ``"refuse"`` policy, and
+        the https rule's errors for a same-origin hop to a URL we would not send a token to.
+        """
+        if origin_of(old_url) == origin_of(new_url):
+            require_https(new_url, "redirect target")
+            return True
+        if self.cross_origin_redirects == "refuse":
+            raise RedirectError(
+                f"refusing to follow a redirect from {origin_of(old_url)} to "
+                f"{origin_of(new_url)} with DPoP credentials"
+            )
+        return False
