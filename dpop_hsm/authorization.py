@@ -29,8 +29,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigurationError, OAuthError, PushedAuthorizationError
 from .pkce import Pkce, new_pkce
+from .sansio import HttpResponse
 from .strict_json import StrictJsonError, loads_strict
-from .token_http import HttpResponse
+from .token_endpoint import redact
 
 __all__ = [
     "AuthorizationRequest",
@@ -91,11 +92,16 @@ def new_authorization_request(
     scope: str | Sequence[str] | None = None,
     resource: str | Sequence[str] | None = None,
     extra: Sequence[tuple[str, str]] = (),
+    state: str | None = None,
 ) -> AuthorizationRequest:
     """Fresh state and PKCE for one attempt; raises :class:`ConfigurationError` on bad input.
 
     ``extra`` adds parameters such as ``prompt`` or ``login_hint``; it may not set ours.
+    ``state`` may be made beforehand with :func:`new_state` (the redirect listener needs it
+    before the request exists); it must be at least 128 bits of base64url (RFC 6749 §10.10).
     """
+    if state is not None and (len(state) < 22 or not state.isascii() or not state.isprintable()):
+        raise ConfigurationError("state must be an unguessable string (use new_state())")
     if not client_id or not isinstance(client_id, str):
         raise ConfigurationError("client_id must be a non-empty string")
     if scope is not None and not isinstance(scope, str):
@@ -116,7 +122,7 @@ def new_authorization_request(
         client_id=client_id,
         redirect_uri=redirect_uri,
         jkt=jkt,
-        state=new_state(),
+        state=state if state is not None else new_state(),
         pkce=new_pkce(),
         scope=scope or None,
         resource=tuple(resource or ()),
@@ -176,12 +182,13 @@ def pushed_authorization_url(endpoint: str, *, client_id: str, pushed: PushedReq
     return _with_query(endpoint, [("client_id", client_id), ("request_uri", pushed.request_uri)])
 
 
-def parse_par_response(response: HttpResponse) -> PushedRequest:
+def parse_par_response(response: HttpResponse, *, secrets: Sequence[str] = ()) -> PushedRequest:
     """The pushed request's handle, or a typed error (RFC 9126 §2.2, §2.3).
 
     201 with ``request_uri`` and ``expires_in`` (200 is tolerated: some servers send it).
     Raises :class:`OAuthError` for an OAuth error response (the nonce challenge is handled by
-    the flow before this), :class:`PushedAuthorizationError` for anything unusable.
+    the flow before this; server text is redacted of ``secrets``), and
+    :class:`PushedAuthorizationError` for anything unusable.
     """
     if len(response.body) > _MAX_PAR_RESPONSE:
         raise PushedAuthorizationError("the pushed authorization response is too large")
@@ -194,8 +201,10 @@ def parse_par_response(response: HttpResponse) -> PushedRequest:
             description = parsed.get("error_description")
             raise OAuthError(
                 "pushed authorization request rejected",
-                error=parsed["error"],
-                error_description=description if isinstance(description, str) else None,
+                error=redact(parsed["error"], secrets),
+                error_description=redact(description, secrets)
+                if isinstance(description, str)
+                else None,
                 status=response.status,
             )
         raise PushedAuthorizationError(

@@ -35,8 +35,8 @@ from .errors import (
     LoginTimeoutError,
     OAuthError,
 )
+from .sansio import HttpResponse
 from .strict_json import StrictJsonError, loads_strict
-from .token_http import HttpResponse
 
 __all__ = [
     "DEFAULT_INTERVAL",

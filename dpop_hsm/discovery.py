@@ -41,8 +41,8 @@ from .errors import (
     UnsupportedAlgorithmError,
 )
 from .htu import is_loopback_host, normalize_htu
+from .sansio import HttpRequest, HttpResponse
 from .strict_json import StrictJsonError, loads_strict
-from .token_http import HttpRequest, HttpResponse
 
 __all__ = [
     "DEFAULT_CACHE_TTL",

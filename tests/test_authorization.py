@@ -19,7 +19,7 @@ from dpop_hsm.authorization import (
 )
 from dpop_hsm.errors import ConfigurationError, OAuthError, PushedAuthorizationError
 from dpop_hsm.pkce import s256_challenge
-from dpop_hsm.token_http import HttpResponse
+from dpop_hsm.sansio import HttpResponse
 
 JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
 REDIRECT = "http://127.0.0.1:50123/callback"

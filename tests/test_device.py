@@ -21,7 +21,7 @@ from dpop_hsm.errors import (
     LoginTimeoutError,
     OAuthError,
 )
-from dpop_hsm.token_http import HttpResponse
+from dpop_hsm.sansio import HttpResponse
 
 ISSUER = "https://as.example.com"
 

@@ -26,7 +26,7 @@ from dpop_hsm.errors import (
     MetadataError,
     UnsupportedAlgorithmError,
 )
-from dpop_hsm.token_http import HttpRequest, HttpResponse
+from dpop_hsm.sansio import HttpRequest, HttpResponse
 
 ISSUER = "https://as.example.com"
 
