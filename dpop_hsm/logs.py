@@ -1,9 +1,10 @@
-"""The ``dpop_hsm.http`` session log: a DEBUG trace like the seed's, with every secret masked.
+"""The ``dpop_hsm.http`` session log: a DEBUG trace of every exchange, with every secret masked.
 
 Request line, ``Host``, headers and body; status line, headers and body. Values of credential
-headers and credential fields in form and JSON bodies become ``****`` (pitfall 13): the log is
-meant to be pasted into bug reports. Nothing is formatted unless DEBUG is enabled, so the hot
-path pays one ``isEnabledFor`` call.
+headers and credential fields in form and JSON bodies become ``****``, whatever content type
+the server claims, and a text body that names a credential field in some other shape is
+shown by its size only: the log is meant to be pasted into bug reports. Nothing is formatted
+unless DEBUG is enabled, so the hot path pays one ``isEnabledFor`` call.
 """
 
 from __future__ import annotations
@@ -81,17 +82,24 @@ def mask_body(body: bytes | str | None, content_type: str | None) -> str:
     except UnicodeDecodeError:
         return f"[{len(raw)} bytes of binary data]"
     # Anything that looks like JSON is masked as JSON whatever its declared type: some servers
-    # send token responses as text/plain or text/html.
-    if "json" in ctype or text.lstrip()[:1] in ("{", "["):
+    # send token responses as text/plain or text/html, some with a byte-order mark in front.
+    probe = text.lstrip("\ufeff \t\r\n")
+    if "json" in ctype or probe[:1] in ("{", "["):
         try:
-            return json.dumps(_mask_json(json.loads(text)), separators=(",", ":"))[:MAX_LOGGED_BODY]
+            return json.dumps(_mask_json(json.loads(probe)), separators=(",", ":"))[
+                :MAX_LOGGED_BODY
+            ]
         except (ValueError, RecursionError):
             return f"[{len(raw)} bytes, not valid JSON]"
-    if "x-www-form-urlencoded" in ctype:
-        pairs = parse_qsl(text, keep_blank_values=True)
+    pairs = parse_qsl(probe, keep_blank_values=True)
+    if "x-www-form-urlencoded" in ctype or any(k.lower() in SECRET_FIELDS for k, _ in pairs):
         masked = [(k, MASK if k.lower() in SECRET_FIELDS else v) for k, v in pairs]
         return urlencode(masked, safe="*")[:MAX_LOGGED_BODY]
     if ctype.startswith("text/"):
+        lowered = text.lower()
+        if any(name in lowered for name in SECRET_FIELDS if len(name) > 4):
+            # Some shape we cannot mask field by field: never risk printing a credential.
+            return f"[{len(raw)} bytes of text naming a credential field]"
         return text[:MAX_LOGGED_BODY]
     # Unknown types may hold anything (a token echoed back): log the size only.
     return f"[{len(raw)} bytes, {ctype or 'no content type'}]"

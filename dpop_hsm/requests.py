@@ -22,6 +22,7 @@ another origin, so a token never travels to a server it was not meant for.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urljoin
 
 import requests
 from requests.auth import AuthBase
@@ -126,7 +127,12 @@ class DPoPAuth(AuthBase):
         prep = r.request
         if r.is_redirect:
             # The old proof must never reach the new URL: DPoPSession.rebuild_auth re-signs
-            # same-origin hops; a plain session follows without our credentials.
+            # same-origin hops; a plain session follows without our credentials, and under
+            # the "refuse" policy a hop to another origin raises here, before it is sent
+            # (a response hook cannot see allow_redirects, so this applies to every redirect).
+            if self.cross_origin_redirects == "refuse" and hasattr(prep, _STAMP_ATTR):
+                target = urljoin(r.url, r.headers.get("location", ""))
+                self.flow.redirect(r.url, target)
             _strip_credentials(prep)
             return r
         stamp: Stamp | None = getattr(prep, _STAMP_ATTR, None)

@@ -42,7 +42,7 @@ def bench_tpm(seconds: float) -> list[tuple[str, float]]:
     """Rows (label, value) for swtpm: persistent-key and key-file signs/s, proofs/s, ratio."""
     from dpop_hsm.proof import ProofFactory
     from dpop_hsm.signers.tpm import TpmSigner
-    from tests.fixtures_tpm import SwTpm
+    from tests.support.tpm import SwTpm
 
     per = max(seconds / 3, 0.2)
     with tempfile.TemporaryDirectory(prefix="dpop-bench-swtpm-") as tmp:

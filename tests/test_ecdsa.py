@@ -4,6 +4,7 @@ DER encoder (so a bug in ``cryptography``'s encoder and ours cannot cancel out).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,31 +15,20 @@ from hypothesis import strategies as st
 
 from dpop_hsm.ecdsa import CURVE_ORDERS, der_to_raw, raw_to_der, rs_to_raw
 from dpop_hsm.errors import SignatureEncodingError
+from tests.support.verifier import der_sig
 
 VECTORS = Path(__file__).parent / "vectors"
 SIZES = {"P-256": 32, "P-384": 48, "P-521": 66}
-CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
-HASHES = {"P-256": hashes.SHA256, "P-384": hashes.SHA384, "P-521": hashes.SHA512}
-
-
-def der_int(value: int) -> bytes:
-    """Minimal two's-complement DER INTEGER (X.690 §8.3) for non-negative ``value``."""
-    body = value.to_bytes(value.bit_length() // 8 + 1, "big")  # one spare byte keeps the sign
-    while len(body) > 1 and body[0] == 0 and body[1] < 0x80:
-        body = body[1:]
-    return b"\x02" + der_len(len(body)) + body
-
-
-def der_len(length: int) -> bytes:
-    if length < 0x80:
-        return bytes([length])
-    encoded = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(encoded)]) + encoded
-
-
-def der_sig(r: int, s: int) -> bytes:
-    body = der_int(r) + der_int(s)
-    return b"\x30" + der_len(len(body)) + body
+CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
+    "P-256": ec.SECP256R1,
+    "P-384": ec.SECP384R1,
+    "P-521": ec.SECP521R1,
+}
+HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "P-256": hashes.SHA256,
+    "P-384": hashes.SHA384,
+    "P-521": hashes.SHA512,
+}
 
 
 # --- RFC 6979 §A.2.5 -------------------------------------------------------------------------

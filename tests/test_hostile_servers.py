@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -31,8 +29,8 @@ from dpop_hsm.errors import (
     TokenResponseError,
     TransportError,
 )
-from dpop_hsm.jose import b64url_decode
 from dpop_hsm.signers.software import SoftwareSigner
+from tests.support.raw_http import Handler, RawServer, Seen, response
 
 token_mod = pytest.importorskip("dpop_hsm.token", reason="token client not landed")
 TokenClient = token_mod.TokenClient
@@ -44,106 +42,6 @@ TOKEN_JSON = json.dumps(
 ).encode()
 SHORT = (0.5, 0.5)  # (connect, read) seconds for the hang cases
 BOUND = 10.0  # no case may take longer than this (seconds)
-
-
-@dataclass
-class Seen:
-    """One request as the hostile server received it."""
-
-    method: str
-    path: str
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        found = [v for k, v in self.headers if k.lower() == name.lower()]
-        return found[-1] if found else None
-
-    def proof_claims(self) -> dict[str, Any]:
-        proof = self.header("DPoP")
-        assert proof is not None, "request carried no DPoP proof"
-        return dict(json.loads(b64url_decode(proof.split(".")[1])))
-
-
-Handler = Callable[[Seen, socket.socket, int], None]
-
-
-@dataclass
-class RawServer:
-    """A one-thread-per-connection HTTP/1.1 server whose handler writes raw bytes."""
-
-    handler: Handler
-    seen: list[Seen] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    bytes_sent: int = 0
-
-    def __post_init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        buffer = b""
-        try:
-            while not self.stop.is_set():
-                while b"\r\n\r\n" not in buffer:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ", 2)
-                headers = [tuple(x.strip() for x in ln.split(":", 1)) for ln in lines[1:]]
-                length = int(next((v for k, v in headers if k.lower() == "content-length"), 0))
-                while len(buffer) < length:
-                    buffer += conn.recv(65536)
-                body, buffer = buffer[:length], buffer[length:]
-                seen = Seen(method, path, headers, body)  # type: ignore[arg-type]
-                self.seen.append(seen)
-                self.handler(seen, conn, len(self.seen) - 1)
-        except OSError:
-            return
-        finally:
-            conn.close()
-
-    def send(self, conn: socket.socket, data: bytes) -> None:
-        conn.sendall(data)
-        self.bytes_sent += len(data)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-
-
-def response(
-    status: int,
-    body: bytes = b"",
-    headers: list[tuple[str, str]] | None = None,
-    *,
-    content_type: str = "application/json",
-) -> bytes:
-    lines = [f"HTTP/1.1 {status} X"]
-    all_headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-    lines += [f"{k}: {v}" for k, v in all_headers + (headers or [])]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 @pytest.fixture
@@ -809,3 +707,212 @@ def test_httpx_async_nonce_changing_every_time_stops_after_one_retry(
     calls = api_calls(server)
     assert len(calls) == 2
     assert calls[1].proof_claims()["nonce"] == "rs-0"
+
+
+# --- security review regressions (client side) ---------------------------------------------
+
+
+def test_token_endpoint_dripping_header_lines_is_bounded_by_the_total_deadline(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    """Each header line arrives within the read timeout, so only a deadline for the whole
+    exchange, headers included, ends it (the renewal and its waiters are not held hostage)."""
+
+    def handler(seen: Seen, conn: socket.socket, index: int) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for i in range(200):
+            if server.stop.wait(0.2):
+                return
+            conn.sendall(b"X-Drip-%d: y\r\n" % i)
+
+    server = serve(handler)
+    result, elapsed = timed(token_client(signer, server).get_token)
+    assert isinstance(result, TransportError), repr(result)
+    assert elapsed < sum(SHORT) + SHORT[1] + 1.5  # connect + 2 x read, plus scheduling slack
+
+
+def test_a_session_response_hook_reading_the_body_does_not_break_token_parsing(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    server = serve(rs_handler(lambda seen, i: response(200, b'{"ok":true}')))
+    read: list[int] = []
+    with requests.Session() as session:
+        session.hooks["response"].append(lambda r, **kw: read.append(len(r.content)))
+        client = token_client(signer, server)
+        auth = requests_mod.DPoPAuth(client, session=session)
+        assert session.get(server.url + "/api", auth=auth).status_code == 200
+    assert len(TOKEN_JSON) in read  # the hook saw the token body, and parsing still worked
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"\xef\xbb\xbf" + TOKEN_JSON, "byte-order mark"),
+        (TOKEN_JSON.decode().encode("utf-16"), "UTF-16"),
+        (
+            b'{"access_token":"%s","token_type":"Bearer","token_type":"DPoP","expires_in":60}'
+            % ACCESS_TOKEN.encode(),
+            "duplicate members",
+        ),
+        (
+            b'{"access_token":"%s","token_type":"DPoP","expires_in":NaN}' % ACCESS_TOKEN.encode(),
+            "NaN",
+        ),
+    ],
+)
+def test_token_responses_must_be_strict_json(
+    signer: SoftwareSigner,
+    serve: Callable[[Handler], RawServer],
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+    why: str,
+) -> None:
+    """RFC 8259 §8.1 and §4: UTF-8 only, unique member names; the log never shows the token."""
+    server = serve(
+        lambda seen, conn, i: conn.sendall(response(200, body, content_type="text/plain"))
+    )
+    caplog.set_level("DEBUG", logger="dpop_hsm")
+    result, _ = timed(token_client(signer, server).get_token)
+    assert isinstance(result, TokenResponseError), f"{why}: {result!r}"
+    assert ACCESS_TOKEN not in caplog.text
+    assert ACCESS_TOKEN not in str(result)
+
+
+def test_server_text_echoing_our_secrets_is_redacted_from_errors(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    """An AS that echoes the request into error_description must not put the client secret
+    (or the Basic credentials, or a form field) into str(OAuthError)."""
+    from urllib.parse import quote
+
+    from dpop_hsm.errors import OAuthError
+
+    def handler(seen: Seen, conn: socket.socket, index: int) -> None:
+        echo = f"bad request: {seen.header('Authorization')} body={seen.body.decode()}"
+        conn.sendall(
+            response(
+                400, json.dumps({"error": "invalid_client", "error_description": echo}).encode()
+            )
+        )
+
+    server = serve(handler)
+    for method in ("client_secret_basic", "client_secret_post"):
+        result, _ = timed(token_client(signer, server, auth_method=method).get_token)
+        assert isinstance(result, OAuthError), repr(result)
+        text = str(result) + repr(result) + (result.error_description or "")
+        assert CLIENT_SECRET not in text
+        assert quote(CLIENT_SECRET, safe="") not in text
+        import base64
+
+        basic = base64.b64encode(f"client-1:{CLIENT_SECRET}".encode()).decode()
+        assert basic not in text
+        assert "****" in text
+
+
+def test_secret_source_is_resolved_once_per_renewal_even_with_a_nonce_retry(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    def handler(seen: Seen, conn: socket.socket, index: int) -> None:
+        if index == 0:
+            conn.sendall(
+                response(400, b'{"error":"use_dpop_nonce"}', [("DPoP-Nonce", "as-nonce-1")])
+            )
+        else:
+            conn.sendall(response(200, TOKEN_JSON))
+
+    server = serve(handler)
+    prompts: list[int] = []
+
+    def prompt() -> str:
+        prompts.append(1)
+        return CLIENT_SECRET
+
+    client = TokenClient(
+        signer,
+        token_endpoint=server.url + "/token",
+        client_id="client-1",
+        client_secret=prompt,
+        timeout=SHORT,
+    )
+    assert client.get_token().access_token == ACCESS_TOKEN
+    assert len(server.seen) == 2  # the nonce retry happened
+    assert prompts == [1]
+
+
+def test_httpx_unattached_client_never_sends_credentials_across_origins(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    """follow_redirects=True without attach(): the hop to another origin must carry neither
+    the proof nor the token — the misuse cannot leak — and the flow says to call attach()."""
+    elsewhere = serve(lambda seen, conn, i: conn.sendall(response(200, b"{}")))
+    server = serve(
+        rs_handler(lambda seen, i: response(302, headers=[("Location", elsewhere.url + "/x")]))
+    )
+    client = token_client(signer, server)
+    auth = httpx_mod.DPoPAuth(client)
+    with (
+        httpx.Client(timeout=2, follow_redirects=True, auth=auth) as http,
+        pytest.raises(RedirectError, match="attach"),
+    ):
+        http.get(server.url + "/api")
+    (hop,) = elsewhere.seen
+    assert hop.header("DPoP") is None and hop.header("Authorization") is None
+
+
+def test_httpx_unattached_async_client_never_sends_credentials_across_origins(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    import asyncio
+
+    elsewhere = serve(lambda seen, conn, i: conn.sendall(response(200, b"{}")))
+    server = serve(
+        rs_handler(lambda seen, i: response(307, headers=[("Location", elsewhere.url + "/x")]))
+    )
+    client = token_client(signer, server)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(
+            timeout=2, follow_redirects=True, auth=httpx_mod.DPoPAuth(client)
+        ) as http:
+            with pytest.raises(RedirectError):
+                await http.get(server.url + "/api")
+
+    asyncio.run(main())
+    (hop,) = elsewhere.seen
+    assert hop.header("DPoP") is None and hop.header("Authorization") is None
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_httpx_response_history_holds_no_token_traffic(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer], kind: str
+) -> None:
+    """httpx lists auth-flow responses in history; the token response (it holds the access
+    token) must not reach the application that way."""
+    import asyncio
+
+    challenge = ("WWW-Authenticate", 'DPoP error="use_dpop_nonce"')
+
+    def api(seen: Seen, i: int) -> bytes:
+        if i == 0:
+            return response(401, b"", [challenge, ("DPoP-Nonce", "rs-1")])
+        return response(200, b'{"ok":true}')
+
+    server = serve(rs_handler(api))
+    client = token_client(signer, server)
+    if kind == "sync":
+        with httpx.Client(timeout=2) as http:
+            httpx_mod.DPoPAuth(client).attach(http)
+            result = http.get(server.url + "/api")
+    else:
+
+        async def main() -> Any:
+            async with httpx.AsyncClient(timeout=2) as http:
+                httpx_mod.DPoPAuth(client).attach(http)
+                return await http.get(server.url + "/api")
+
+        result = asyncio.run(main())
+    assert result.status_code == 200
+    assert [r.status_code for r in result.history] == [401]  # the nonce challenge, nothing else
+    for earlier in result.history:
+        assert ACCESS_TOKEN.encode() not in earlier.content
+        assert str(earlier.request.url).endswith("/api")

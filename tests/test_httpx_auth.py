@@ -10,19 +10,21 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 
 import pytest
 
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("httpx")
 
-from dpop_hsm.errors import (  # noqa: E402
+import httpx
+
+from dpop_hsm.errors import (
     NonceError,
     RedirectError,
     TokenResponseError,
     TokenTypeError,
     UnauthorizedError,
 )
-from dpop_hsm.httpx import DPoPAuth  # noqa: E402
-from dpop_hsm.signers.base import Signer  # noqa: E402
-from dpop_hsm.testing import LocalDPoPServers  # noqa: E402
-from tests.fixtures_servers import AUTH_METHODS, CLIENT_SECRET, token_client  # noqa: E402
+from dpop_hsm.httpx import DPoPAuth
+from dpop_hsm.signers.base import Signer
+from dpop_hsm.testing import LocalDPoPServers
+from tests.support.servers import AUTH_METHODS, CLIENT_SECRET, token_client
 
 
 def _claims(response: httpx.Response) -> dict[str, str]:

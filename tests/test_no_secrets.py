@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from dpop_hsm.jose import b64url_encode
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.verify import verify_proof
-from tests.test_hostile_servers import RawServer, Seen, response
+from tests.support.raw_http import RawServer, Seen, response
 
 token_mod = pytest.importorskip("dpop_hsm.token", reason="token client not landed")
 requests_mod = pytest.importorskip("dpop_hsm.requests", reason="requests adapter not landed")
@@ -128,6 +128,7 @@ def test_key_loading_errors_show_neither_password_nor_key(
     material = private_material(signer)
     encrypted = signer.private_pem(password=PASSWORD)
     messages = []
+    attempt: Callable[[], object]
     for attempt in (
         lambda: SoftwareSigner.from_bytes(encrypted, password="wrong-" + PASSWORD),
         lambda: SoftwareSigner.from_bytes(encrypted),

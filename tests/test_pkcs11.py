@@ -20,11 +20,10 @@ from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dpop_hsm import load_signer
-from dpop_hsm.ecdsa import raw_to_der
 from dpop_hsm.errors import (
     AmbiguousKeyError,
     KeyNotFoundError,
@@ -37,9 +36,10 @@ from dpop_hsm.errors import (
 )
 from dpop_hsm.jose import b64url_decode
 from dpop_hsm.proof import ProofFactory
-from dpop_hsm.verify import public_key_from_jwk, verify_proof
-from tests.fixtures_softhsm import SoftHsm
-from tests.hardware import unavailable
+from dpop_hsm.verify import verify_proof
+from tests.support.hardware import unavailable
+from tests.support.softhsm import SoftHsm
+from tests.support.verifier import verify_proof_signature, verify_signature
 
 pytestmark = pytest.mark.softhsm
 
@@ -56,15 +56,6 @@ def es256(softhsm: SoftHsm) -> Iterator[Any]:
         softhsm.uri(object="test-es256"), "ES256", secret=softhsm.pin
     ) as signer:
         yield signer
-
-
-def _verify_es256_jws(proof: str, jwk: dict[str, str]) -> None:
-    head, payload, sig = proof.split(".")
-    key = public_key_from_jwk(jwk)
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    raw = b64url_decode(sig)
-    assert len(raw) == 64
-    key.verify(raw_to_der(raw), f"{head}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -140,7 +131,7 @@ def test_ten_thousand_es256_proofs_verify(es256: Any) -> None:
     jwk = dict(es256.public_jwk)
     for i in range(10_000):
         proof = factory.create("POST", HTU, access_token=f"token-{i % 7}")
-        _verify_es256_jws(proof, jwk)
+        verify_proof_signature(proof, jwk)
     # and one through the project's verifier, for the claims
     verified = verify_proof(factory.create("GET", HTU), htm="GET", htu=HTU)
     assert verified.jkt == es256.thumbprint
@@ -214,15 +205,12 @@ def _relabel(softhsm: SoftHsm, key_id: bytes, label: str) -> None:
 _STRESS = textwrap.dedent(
     """
     import json, sys, threading, time
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from dpop_hsm.ecdsa import raw_to_der
     from dpop_hsm.signers.pkcs11 import Pkcs11Signer
-    from dpop_hsm.verify import public_key_from_jwk
+    from tests.support.verifier import signature_verifier
 
     uri, pin, seconds, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     signer = Pkcs11Signer(uri, secret=pin, max_sessions=threads)
-    public = public_key_from_jwk(dict(signer.public_jwk))
+    verify = signature_verifier(dict(signer.public_jwk))
     counts, bad, errors = [0] * threads, [0], []
     deadline = time.monotonic() + seconds
 
@@ -232,7 +220,7 @@ _STRESS = textwrap.dedent(
             while time.monotonic() < deadline:
                 msg = b"%d:%d" % (i, n)
                 try:
-                    public.verify(raw_to_der(signer.sign(msg)), msg, ec.ECDSA(hashes.SHA256()))
+                    verify(signer.sign(msg), msg)
                 except Exception as e:
                     if type(e).__name__ == "InvalidSignature":
                         bad[0] += 1
@@ -278,9 +266,7 @@ def test_sixteen_threads_sign_without_crash(softhsm: SoftHsm, es256: Any, serial
 
 def _sign_ok(signer: Any) -> None:
     msg = b"fault-check"
-    key = public_key_from_jwk(dict(signer.public_jwk))
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    key.verify(raw_to_der(signer.sign(msg)), msg, ec.ECDSA(hashes.SHA256()))
+    verify_signature(signer.public_jwk, msg, signer.sign(msg))
 
 
 def test_session_closed_under_the_signer_is_reopened(es256: Any) -> None:
@@ -570,11 +556,10 @@ def test_closed_signer_refuses(softhsm: SoftHsm, es256: Any) -> None:
 
 def test_signature_is_checked_independently(es256: Any) -> None:
     # A tampered message must fail with cryptography: guards against a verifier that accepts all.
-    key = public_key_from_jwk(dict(es256.public_jwk))
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    sig = raw_to_der(es256.sign(b"message"))
+    sig = es256.sign(b"message")
+    verify_signature(es256.public_jwk, b"message", sig)
     with pytest.raises(InvalidSignature):
-        key.verify(sig, b"messagf", ec.ECDSA(hashes.SHA256()))
+        verify_signature(es256.public_jwk, b"messagf", sig)
 
 
 def test_pin_locked_maps_to_pin_locked_error() -> None:

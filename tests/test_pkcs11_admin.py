@@ -11,16 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from dpop_hsm import load_signer
-from dpop_hsm.ecdsa import raw_to_der
 from dpop_hsm.errors import ConfigurationError, KeyNotFoundError, PinError, TokenNotPresentError
 from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 from dpop_hsm.signers.pkcs11_admin import init_token, token_labels
 from dpop_hsm.signers.pkcs11_module import load_module
-from dpop_hsm.verify import public_key_from_jwk
+from tests.support import children
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,29 +120,6 @@ def test_setup_script_is_idempotent_and_keeps_pins_off_argv(tmp_path: Path) -> N
     assert pin not in first.stdout + first.stderr + second.stdout + second.stderr
 
 
-def _tpm2_child() -> None:
-    """In a child process: init a token on tpm2-pkcs11, make a key, sign, try a wrong PIN.
-
-    A child, because tpm2-pkcs11 reads its store when loaded: loading it in the test process
-    would hide keys that other tests add later with tpm2_ptool.
-    """
-    job = json.loads(sys.stdin.read())
-    module, label, user_pin = job["module"], job["label"], job["user_pin"]
-    init_token(module, label=label, so_pin=job["so_pin"], user_pin=user_pin)
-    uri = f"pkcs11:token={label};object=k?module-path={module}"
-    with Pkcs11Signer.generate(uri, "ES256", secret=user_pin) as signer:
-        sig = signer.sign(b"payload")
-        public = public_key_from_jwk(dict(signer.public_jwk))
-        assert isinstance(public, ec.EllipticCurvePublicKey)
-        public.verify(raw_to_der(sig), b"payload", ec.ECDSA(hashes.SHA256()))
-    try:
-        Pkcs11Signer(uri, secret="not-" + user_pin)
-        wrong = "accepted"
-    except PinError as e:
-        wrong = type(e).__name__ + (": leaks" if user_pin in str(e) else "")
-    print(json.dumps({"labels": token_labels(module), "verified": True, "wrong_pin": wrong}))
-
-
 @pytest.mark.tpm
 def test_init_token_on_tpm2_pkcs11(tpm2_pkcs11: Any) -> None:
     # A second, very different module: tpm2-pkcs11 offers one uninitialized token per store
@@ -158,7 +132,7 @@ def test_init_token_on_tpm2_pkcs11(tpm2_pkcs11: Any) -> None:
         "user_pin": secrets.token_hex(6),
     }
     done = subprocess.run(
-        [sys.executable, "-c", "from tests.test_pkcs11_admin import _tpm2_child; _tpm2_child()"],
+        children.command("tpm2_pkcs11_admin"),
         input=json.dumps(job),
         cwd=ROOT,
         capture_output=True,

@@ -6,66 +6,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from dpop_hsm.errors import ConfigurationError
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
-from tests.test_ecdsa import der_sig
+from tests.support.verifier import b64d, decode_proof, signature_verifier
 
 ALL_ALGS = ["ES256", "ES384", "ES512", "EdDSA", "PS256", "RS256"]
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 
 
-def b64d(text: str) -> bytes:
-    """Test-local base64url decoder (independent of dpop_hsm.jose)."""
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def parts(proof: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
-    h, p, s = proof.split(".")
-    return json.loads(b64d(h)), json.loads(b64d(p)), b64d(s), f"{h}.{p}".encode()
-
-
-_EC = {"P-256": (ec.SECP256R1, hashes.SHA256), "P-384": (ec.SECP384R1, hashes.SHA384),
-       "P-521": (ec.SECP521R1, hashes.SHA512)}  # fmt: skip
-
-
-def independent_verifier(jwk: Mapping[str, str], alg: str) -> Callable[[bytes, bytes], None]:
-    """A verifier built from the JWK with ``cryptography`` only: no dpop_hsm code involved."""
-    if jwk["kty"] == "EC":
-        curve, hash_cls = _EC[jwk["crv"]]
-        size = {"P-256": 32, "P-384": 48, "P-521": 66}[jwk["crv"]]
-        assert len(b64d(jwk["x"])) == len(b64d(jwk["y"])) == size  # full-length coordinates
-        key = ec.EllipticCurvePublicNumbers(
-            int.from_bytes(b64d(jwk["x"]), "big"), int.from_bytes(b64d(jwk["y"]), "big"), curve()
-        ).public_key()
-        scheme = ec.ECDSA(hash_cls())
-
-        def verify_ec(sig: bytes, data: bytes) -> None:
-            assert len(sig) == 2 * size, f"{alg} signature of {len(sig)} bytes"
-            r, s = int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
-            key.verify(der_sig(r, s), data, scheme)
-
-        return verify_ec
-    if jwk["kty"] == "OKP":
-        okp = ed25519.Ed25519PublicKey.from_public_bytes(b64d(jwk["x"]))
-        return lambda sig, data: okp.verify(sig, data)
-    rsa_key = rsa.RSAPublicNumbers(
-        int.from_bytes(b64d(jwk["e"]), "big"), int.from_bytes(b64d(jwk["n"]), "big")
-    ).public_key()
-    pad: padding.AsymmetricPadding = (
-        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-        if alg == "PS256"
-        else padding.PKCS1v15()
-    )
-    return lambda sig, data: rsa_key.verify(sig, data, pad, hashes.SHA256())
+    decoded = decode_proof(proof)
+    return decoded.header, decoded.claims, decoded.signature, decoded.signing_input
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +37,7 @@ def signers() -> dict[str, SoftwareSigner]:
 def test_many_ecdsa_proofs_verify_independently(alg: str, count: int) -> None:
     signer = SoftwareSigner.generate(alg)
     factory = ProofFactory(signer)
-    verify = independent_verifier(signer.public_jwk, alg)
+    verify = signature_verifier(signer.public_jwk, alg)
     size = {"ES256": 32, "ES384": 48, "ES512": 66}[alg]
     short = 0
     jtis = set()
@@ -103,7 +60,7 @@ def test_many_ecdsa_proofs_verify_independently(alg: str, count: int) -> None:
 @pytest.mark.parametrize("alg", ALL_ALGS)
 def test_every_alg_verifies_independently(signers: dict[str, SoftwareSigner], alg: str) -> None:
     signer = signers[alg]
-    verify = independent_verifier(signer.public_jwk, alg)
+    verify = signature_verifier(signer.public_jwk, alg)
     for _ in range(20):
         _, _, sig, signing_input = parts(ProofFactory(signer).create("GET", "https://rs.example/"))
         verify(sig, signing_input)
@@ -221,14 +178,10 @@ def test_bad_htu_is_a_configuration_error(signers: dict[str, SoftwareSigner], ht
 
 class _LeakySigner:
     alg = "ES256"
-    public_jwk: ClassVar[dict[str, str]] = {
-        "kty": "EC",
-        "crv": "P-256",
-        "x": "AA",
-        "y": "AA",
-        "d": "SECRET",
-    }
     thumbprint = "t"
+
+    def __init__(self) -> None:
+        self.public_jwk = {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "d": "SECRET"}
 
     def sign(self, signing_input: bytes) -> bytes:
         raise AssertionError("never called")

@@ -15,7 +15,7 @@ from dpop_hsm.errors import NonceError, RedirectError, UnauthorizedError
 from dpop_hsm.requests import DPoPAuth, DPoPSession
 from dpop_hsm.signers.base import Signer
 from dpop_hsm.testing import LocalDPoPServers
-from tests.fixtures_servers import AUTH_METHODS, CLIENT_SECRET, token_client
+from tests.support.servers import AUTH_METHODS, CLIENT_SECRET, token_client
 
 
 def _claims(response: requests.Response) -> dict[str, str]:

@@ -15,7 +15,7 @@ from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.base import Signer
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import ClientRegistration, Counters, LocalDPoPServers
-from tests.fixtures_servers import CLIENT_SECRET, token_client
+from tests.support.servers import CLIENT_SECRET, token_client
 
 
 @pytest.fixture

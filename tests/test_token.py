@@ -32,7 +32,7 @@ from dpop_hsm.testing import LocalDPoPServers
 from dpop_hsm.token import Token, TokenClient
 from dpop_hsm.token_http import HttpResponse
 from dpop_hsm.verify import verify_proof
-from tests.fixtures_servers import AUTH_METHODS, CLIENT_SECRET, token_client
+from tests.support.servers import AUTH_METHODS, CLIENT_SECRET, token_client
 
 ENDPOINT = "https://as.example.com/token"
 SECRET = "s3cr:et/ü"

@@ -6,7 +6,6 @@ Signatures are checked with ``cryptography`` from the public JWK alone, never wi
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -17,9 +16,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 import dpop_hsm
 from dpop_hsm import (
@@ -34,26 +30,11 @@ from dpop_hsm import (
 from dpop_hsm.jose import b64url_decode, jwk_thumbprint
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers import Signer
-from tests.fixtures_tpm import SwTpm, fresh_handle
+from tests.support.tpm import SwTpm, fresh_handle
+from tests.support.verifier import verify_proof_signature
+from tests.support.verifier import verify_signature as verify_raw
 
 pytestmark = pytest.mark.tpm
-
-_CURVES = {
-    "P-256": (ec.SECP256R1(), hashes.SHA256(), 32),
-    "P-384": (ec.SECP384R1(), hashes.SHA384(), 48),
-}
-
-
-def verify_raw(jwk: dict[str, str] | object, data: bytes, sig: bytes) -> None:
-    """Independent check: JWK → cryptography key, raw r||s → DER, ECDSA verify (raises)."""
-    assert isinstance(jwk, dict) or hasattr(jwk, "__getitem__")
-    crv, digest, size = _CURVES[jwk["crv"]]  # type: ignore[index]
-    x = int.from_bytes(b64url_decode(jwk["x"]), "big")  # type: ignore[index]
-    y = int.from_bytes(b64url_decode(jwk["y"]), "big")  # type: ignore[index]
-    key = ec.EllipticCurvePublicNumbers(x, y, crv).public_key()
-    assert len(sig) == 2 * size
-    r, s = int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
-    key.verify(encode_dss_signature(r, s), data, ec.ECDSA(digest))
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +117,10 @@ def test_2000_es256_proofs_verify_with_cryptography(persistent: dpop_hsm.TpmSign
     seen = set()
     for i in range(2000):
         proof = factory.create("POST", f"https://api.example/r/{i}", access_token="tok")
-        head, payload, sig = proof.split(".")
-        header = json.loads(b64url_decode(head))
-        claims = json.loads(b64url_decode(payload))
+        decoded = verify_proof_signature(proof)
+        header, claims = decoded.header, decoded.claims
         assert header == {"typ": "dpop+jwt", "alg": "ES256", "jwk": dict(persistent.public_jwk)}
         assert claims["htu"] == f"https://api.example/r/{i}"
-        verify_raw(header["jwk"], f"{head}.{payload}".encode(), b64url_decode(sig))
         seen.add(claims["jti"])
     assert len(seen) == 2000
 

@@ -8,32 +8,21 @@ AttributeTypeInvalid, and talks to the TPM through tpm2-abrmd. Signatures are ch
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import threading
 
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 import dpop_hsm
 from dpop_hsm import KeyReferenceError, PinError
 from dpop_hsm.jose import b64url_decode, jwk_thumbprint
 from dpop_hsm.proof import ProofFactory
-from tests.fixtures_tpm import Tpm2Pkcs11
+from tests.support.tpm import Tpm2Pkcs11
+from tests.support.verifier import verify_proof_signature
+from tests.support.verifier import verify_signature as verify_raw
 
 pytestmark = pytest.mark.tpm
-
-
-def verify_raw(jwk: object, data: bytes, sig: bytes) -> None:
-    x = int.from_bytes(b64url_decode(jwk["x"]), "big")  # type: ignore[index]
-    y = int.from_bytes(b64url_decode(jwk["y"]), "big")  # type: ignore[index]
-    key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
-    assert len(sig) == 64
-    r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
-    key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +63,8 @@ def test_proofs_verify(tpm2_pkcs11: Tpm2Pkcs11, p11_key: str) -> None:
     with dpop_hsm.load_signer(p11_key, secret=tpm2_pkcs11.user_pin) as signer:  # type: ignore[attr-defined]
         factory = ProofFactory(signer)
         for i in range(200):
-            head, payload, sig = factory.create("GET", f"https://api.example/{i}").split(".")
-            header = json.loads(b64url_decode(head))
-            verify_raw(header["jwk"], f"{head}.{payload}".encode(), b64url_decode(sig))
+            proof = factory.create("GET", f"https://api.example/{i}")
+            verify_proof_signature(proof, signer.public_jwk)
 
 
 def test_threads(tpm2_pkcs11: Tpm2Pkcs11, p11_key: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.hardware import unavailable
+from tests.support.hardware import unavailable
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 

@@ -3,12 +3,12 @@
 ``dpop_signer`` is parametrized over every registered signer kind. Other backends add theirs
 from their own fixture module, at import time, by naming a fixture that returns a Signer::
 
-    from tests.fixtures_servers import register_dpop_signer
+    from tests.support.servers import register_dpop_signer
     register_dpop_signer("softhsm-es256", "softhsm_es256_signer")
 
 Parametrization happens in ``pytest_generate_tests`` (after every plugin module is imported),
 so registrations from any fixture module count. A fixture that needs absent hardware should
-call ``tests.hardware.unavailable(...)``.
+call ``tests.support.hardware.unavailable(...)``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ``C_Initialize``), and every token the run needs is initialized up front, because SoftHSM2 only
 sees tokens that exist when it is initialized. PINs are random per run.
 
-Tokens are initialized and keys imported in a child process (:func:`admin_main`) through
+Tokens are initialized and keys imported in a child process (``children.softhsm_admin``) through
 ``dpop_hsm.signers.pkcs11_admin``, with the PINs on its stdin: no PIN is ever an argument
 (``softhsm2-util --pin`` would show it in ``ps``), and a token re-created under a live signer
 is created outside the test process, as a re-inserted token would be.
@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,10 @@ from typing import Any
 
 import pytest
 
-from tests.hardware import unavailable
+from tests.support import children
+from tests.support.hardware import unavailable
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Tokens of one run: "dpop" for signing tests, "fault" for the re-initialization test (it is
 # wiped and re-created under a live signer), "spare" for tests that must not share a login.
@@ -62,10 +62,10 @@ class SoftHsm:
         )
 
     def admin(self, request: dict[str, Any]) -> None:
-        """Run :func:`admin_main` in a child process; PINs travel on its stdin only."""
+        """Run ``children.softhsm_admin`` in a child process; PINs travel on its stdin only."""
         secrets_in = {"module": self.module, "pin": self.pin, "so_pin": self.so_pin}
         done = subprocess.run(
-            [sys.executable, "-c", "from tests.fixtures_softhsm import admin_main; admin_main()"],
+            children.command("softhsm_admin"),
             input=json.dumps({**secrets_in, **request}),
             env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
             cwd=ROOT,
@@ -87,52 +87,6 @@ class SoftHsm:
 
     def delete_token(self, label: str) -> None:
         self.util("--delete-token", "--token", label)
-
-
-def admin_main() -> None:
-    """Child-process entry: initialize tokens / import a key as JSON on stdin asks."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from pkcs11 import Attribute
-    from pkcs11.util.ec import decode_ec_private_key, decode_ec_public_key
-
-    from dpop_hsm.signers.pkcs11_admin import init_token
-    from dpop_hsm.signers.pkcs11_module import load_module
-
-    request = json.loads(sys.stdin.read())
-    module = request["module"]
-    for label in request.get("init", ()):
-        init_token(module, label=label, so_pin=request["so_pin"], user_pin=request["pin"])
-    job = request.get("import")
-    if job is None:
-        return
-    key = serialization.load_pem_private_key(Path(job["pem"]).read_bytes(), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    private = decode_ec_private_key(
-        key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    public = decode_ec_public_key(
-        key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    common = {
-        Attribute.TOKEN: True,
-        Attribute.LABEL: job["label"],
-        Attribute.ID: bytes.fromhex(job["id"]),
-    }
-    private.update(common)
-    private.update({Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.SIGN: True})
-    public.update(common)
-    public[Attribute.VERIFY] = True
-    token = load_module(module).lib.get_token(token_label=job["token"])
-    with token.open(rw=True, user_pin=request["pin"]) as session:
-        session.create_object(private)
-        session.create_object(public)
 
 
 def softhsm_module() -> str | None:
@@ -199,8 +153,8 @@ def softhsm_es256_signer(softhsm: SoftHsm) -> Iterator[Any]:
 def pytest_configure(config: pytest.Config) -> None:
     # Every test parametrized over ``dpop_signer`` (token client, transports, local servers)
     # also runs with the SoftHSM2 key: the same contract, a real PKCS#11 token behind it.
-    # Imported here, not at module top: conftest registers tests.fixtures_servers as a plugin
+    # Imported here, not at module top: conftest registers tests.support.servers as a plugin
     # after this module, and importing it earlier would defeat pytest's assertion rewriting.
-    from tests.fixtures_servers import register_dpop_signer
+    from tests.support.servers import register_dpop_signer
 
     register_dpop_signer("softhsm-es256", "softhsm_es256_signer")

@@ -1,0 +1,237 @@
+"""DPoP for aiohttp (≥ 3.12): :class:`DPoPMiddleware`, a client middleware.
+
+``aiohttp.ClientSession(middlewares=(DPoPMiddleware(token_client),))`` stamps every request
+with ``Authorization: DPoP <token>`` and a fresh proof and handles the resource server's
+answers through :mod:`dpop_hsm.resource_flow` (one nonce retry, one renewal on
+``invalid_token``, never a loop). Everything runs on the event loop except what may block: a
+signature of a signer that may block goes to the signer's own bounded pool
+(:mod:`dpop_hsm.offload`), and waiting for a renewal another thread runs goes to a worker.
+
+Token requests go through the same session (its connector, TLS, proxies and cookies) with
+``middlewares=()``, never follow redirects, are bounded in size and time
+(``TokenClient.timeout``), and appear in the masked ``dpop_hsm.http`` session log.
+
+Redirects: aiohttp rebuilds each hop from the caller's original headers and runs the middleware
+again, so a hop never carries the old proof. The middleware remembers, per task, where the
+previous response pointed: a hop to the same origin gets a new proof; a hop to another origin
+goes out without credentials (``cross_origin_redirects="strip"``) or raises
+:class:`~dpop_hsm.errors.RedirectError` (``"refuse"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import weakref
+from collections.abc import Generator
+from typing import Any, TypeVar
+
+from ._optional import require_extra
+
+require_extra("aiohttp", "aiohttp")
+
+import aiohttp  # noqa: E402
+from aiohttp import payload as aiohttp_payload  # noqa: E402
+from yarl import URL  # noqa: E402
+
+from .errors import DPoPError, TokenResponseError, TransportError  # noqa: E402
+from .htu import origin_of  # noqa: E402
+from .logs import log_request, log_response  # noqa: E402
+from .offload import SigningOffload  # noqa: E402
+from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp  # noqa: E402
+from .sansio import HttpRequest, HttpResponse  # noqa: E402
+from .token import MAX_TOKEN_RESPONSE, Token, TokenClient  # noqa: E402
+
+__all__ = ["DPoPMiddleware"]
+
+T = TypeVar("T")
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Per task: (origin the last response came from, URL its Location points to).
+_pending_hop: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "dpop_hsm_aiohttp_pending_hop", default=None
+)
+
+
+def _advance(gen: Generator[T, Any, Any], value: Any) -> tuple[bool, Any]:
+    try:
+        return False, gen.send(value)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def _headers(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+    """Every header field as sent, repeats kept (two ``DPoP-Nonce`` fields stay two)."""
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+
+
+def _replayable(request: aiohttp.ClientRequest) -> bool:
+    """In-memory bodies can be sent again; streams and generators cannot."""
+    body = request.body
+    return body == b"" or isinstance(body, aiohttp_payload.BytesPayload)
+
+
+def _loggable_body(request: aiohttp.ClientRequest) -> bytes | str | None:
+    body = request.body
+    if body == b"":
+        return None
+    if isinstance(body, aiohttp_payload.BytesPayload):
+        value = body._value
+        return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else None
+    return "[streamed body]"
+
+
+class DPoPMiddleware:
+    """aiohttp client middleware presenting a DPoP-bound token with a fresh proof per request.
+
+    ``raise_on_rejection``: a final 401/403 with a ``DPoP`` challenge carrying an ``error``
+    raises :class:`~dpop_hsm.errors.UnauthorizedError` instead of returning the response
+    (default: return it, like every other status). A repeated nonce challenge always raises
+    :class:`~dpop_hsm.errors.NonceError`.
+    """
+
+    def __init__(
+        self,
+        token_client: TokenClient,
+        *,
+        raise_on_rejection: bool = False,
+        cross_origin_redirects: RedirectPolicy = "strip",
+    ) -> None:
+        self.flow = ResourceFlow(
+            token_client,
+            raise_on_rejection=raise_on_rejection,
+            cross_origin_redirects=cross_origin_redirects,
+        )
+        self.token_client = token_client
+        self._offload = SigningOffload(token_client.signer)
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"DPoPMiddleware({self.token_client!r})"
+
+    # --- the middleware -------------------------------------------------------------------
+
+    async def __call__(
+        self,
+        request: aiohttp.ClientRequest,
+        handler: aiohttp.ClientHandlerType,
+    ) -> aiohttp.ClientResponse:
+        url = str(request.url)
+        pending = _pending_hop.get()
+        _pending_hop.set(None)
+        if pending is not None and pending[1] == url and not self.flow.redirect(pending[0], url):
+            return await handler(request)  # a cross-origin hop: no credentials at all
+        self.flow.check_target(url)  # before any token is fetched or sent
+        token = await self._token(request.session)
+        stamp = await self._stamp(request, token)
+        replayable = _replayable(request)
+        retried = False
+        while True:
+            response = await handler(request)
+            headers = _headers(response)
+            log_response(response.status, response.reason or "", headers, None, url=url)
+            fresh = self.flow.observe(url, headers)
+            decision = self.flow.classify(
+                response.status,
+                headers,
+                stamp=stamp,
+                fresh_nonce=fresh,
+                retried=retried,
+                replayable=replayable,
+            )
+            if decision.action is Action.PASS:
+                self._remember_redirect(response, url)
+                return response
+            response.release()
+            if decision.action is Action.RENEW:
+                self.flow.invalidate(stamp.token)
+                token = await self._token(request.session)
+            retried = True
+            stamp = await self._stamp(request, token)
+
+    def _remember_redirect(self, response: aiohttp.ClientResponse, url: str) -> None:
+        location = response.headers.get("Location")
+        if response.status in _REDIRECT_STATUSES and location:
+            try:
+                target = str(response.url.join(URL(location)))
+            except ValueError:
+                return
+            _pending_hop.set((origin_of(url), target))
+
+    async def _stamp(self, request: aiohttp.ClientRequest, token: Token) -> Stamp:
+        stamp = await self._offload.run(self.flow.stamp, request.method, str(request.url), token)
+        request.headers["Authorization"] = stamp.authorization
+        request.headers["DPoP"] = stamp.proof
+        log_request(stamp.method, stamp.url, request.headers.items(), _loggable_body(request))
+        return stamp
+
+    # --- tokens ---------------------------------------------------------------------------
+
+    def _lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks.setdefault(loop, asyncio.Lock())
+        return lock
+
+    async def _token(self, session: aiohttp.ClientSession) -> Token:
+        """A valid token: cached, or one renewal per loop (and per client, across threads)."""
+        tc = self.token_client
+        cached = tc.cached_token()
+        if cached is not None:
+            return cached
+        async with self._lock():
+            got = tc.try_acquire()
+            if got is None:  # another thread renews: wait for it off the loop
+                got = await asyncio.get_running_loop().run_in_executor(None, tc.acquire)
+            if isinstance(got, Token):
+                return got
+            with got:
+                try:
+                    flow = got.flow()
+                    done, step = await self._offload.run(_advance, flow, None)
+                    while not done:
+                        answer = await self._send_token_request(session, step)
+                        done, step = await self._offload.run(_advance, flow, answer)
+                    token: Token = step
+                    return token
+                except DPoPError as e:
+                    return got.fallback(e)
+
+    async def _send_token_request(
+        self, session: aiohttp.ClientSession, request: HttpRequest
+    ) -> HttpResponse:
+        """One token request through ``session``: no middlewares, no redirects, bounded."""
+        connect, read = self.token_client.timeout
+        timeout = aiohttp.ClientTimeout(total=connect + 2 * read, connect=connect, sock_read=read)
+        origin = origin_of(request.url)
+        log_request(request.method, request.url, request.headers, request.body)
+        try:
+            async with session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=list(request.headers),
+                allow_redirects=False,
+                middlewares=(),
+                timeout=timeout,
+                auto_decompress=True,
+            ) as response:
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := await response.content.read(65536):
+                    size += len(chunk)
+                    if size > MAX_TOKEN_RESPONSE:
+                        raise TokenResponseError(
+                            f"token response larger than {MAX_TOKEN_RESPONSE} bytes"
+                        )
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+                headers = tuple(_headers(response))
+                status = response.status
+                reason = response.reason or ""
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise TransportError(f"cannot reach {origin}: {type(e).__name__}") from e
+        log_response(status, reason, headers, body, url=request.url)
+        return HttpResponse(status, headers, body, request.url)

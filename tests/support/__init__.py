@@ -1,0 +1,13 @@
+"""Helpers shared by the test modules; a test module imports these, never another test module.
+
+- ``hardware``: skip-or-fail for an absent backend (fail in CI, skip on a developer machine).
+- ``softhsm``: pytest plugin, the run's throwaway SoftHSM2 tokens.
+- ``tpm``: pytest plugin, swtpm instances and a tpm2-pkcs11 store over tpm2-abrmd.
+- ``servers``: pytest plugin, the local AS/RS (``dpop_hsm.testing``) and the signer matrix.
+- ``children``: entry points run in a child process, their job as JSON on stdin.
+- ``verifier``: the independent proof verifier (``cryptography`` only, no ``dpop_hsm`` code).
+- ``raw_http``: a raw-socket HTTP server for hostile-server tests.
+- ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
+
+The plugins are registered in ``tests/conftest.py``.
+"""
