@@ -354,13 +354,8 @@ def test_confidential_profile_needs_its_secret(signer: SoftwareSigner, store: Pr
     assert isinstance(client.client_auth, SecretBasic)
     server = Server(ok())
     client.get_token(server)
-    assert (
-        server.sent[0]
-        .header(
-            "Authorization",
-        )
-        .startswith("Basic ")
-    )  # type: ignore[union-attr]
+    authorization = server.sent[0].header("Authorization")
+    assert authorization is not None and authorization.startswith("Basic ")
 
 
 def test_bearer_profile_token(signer: SoftwareSigner) -> None:
