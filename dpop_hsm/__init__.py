@@ -2,6 +2,13 @@
 
 Importing the package loads no hardware backend and no httpx: names are resolved on first use
 (PEP 562), so ``dpop-hsm --help`` stays fast and a missing extra only matters when it is used.
+
+``Pkcs11Signer`` and ``TpmSigner`` are importable from here (``from dpop_hsm import
+Pkcs11Signer``) but are deliberately not in ``__all__``: ``from dpop_hsm import *`` and
+``pydoc dpop_hsm`` then work with no extras installed and never load python-pkcs11 or
+tpm2-pytss. Without its extra, importing one of them raises :class:`MissingDependencyError`
+(also an ``ImportError``) naming the ``pip install`` that fixes it. ``load_signer`` reaches
+both backends by key reference.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ if TYPE_CHECKING:
     from .proof import ProofFactory
     from .requests import DPoPAuth, DPoPSession
     from .signers import Signer, load_signer, register_scheme
-    from .signers.pkcs11 import Pkcs11Signer
+    from .signers.pkcs11 import Pkcs11Signer as Pkcs11Signer  # public, not in __all__
     from .signers.software import SoftwareSigner
-    from .signers.tpm import TpmSigner
+    from .signers.tpm import TpmSigner as TpmSigner  # public, not in __all__
     from .token import Token, TokenClient
     from .verify import ReplayCache, VerifiedProof, verify_proof
 
@@ -46,17 +53,17 @@ _LAZY: dict[str, str] = {
     "raw_to_der": "dpop_hsm.ecdsa",
 }
 
+# Everything here imports with the core dependencies only (see the module docstring for the
+# two backend classes, which are resolved by __getattr__ but left out of star-imports).
 __all__ = [
     "DPoPAuth",
     "DPoPSession",
-    "Pkcs11Signer",
     "ProofFactory",
     "ReplayCache",
     "Signer",
     "SoftwareSigner",
     "Token",
     "TokenClient",
-    "TpmSigner",
     "VerifiedProof",
     "__version__",
     "der_to_raw",
@@ -70,6 +77,8 @@ __all__ += _error_names
 
 
 def __getattr__(name: str) -> Any:
+    """PEP 562: import a public name's module on first use; a backend whose extra is missing
+    raises MissingDependencyError here (not AttributeError, so the pip command is shown)."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dpop_hsm' has no attribute {name!r}")

@@ -26,21 +26,20 @@ import weakref
 from collections.abc import Generator
 from typing import Any, TypeVar
 
-from ._optional import require_extra
+from ._optional import requires_extra
 
-require_extra("aiohttp", "aiohttp")
+with requires_extra("aiohttp"):
+    import aiohttp
+    from aiohttp import payload as aiohttp_payload
+    from yarl import URL
 
-import aiohttp  # noqa: E402
-from aiohttp import payload as aiohttp_payload  # noqa: E402
-from yarl import URL  # noqa: E402
-
-from .errors import DPoPError, TokenResponseError, TransportError  # noqa: E402
-from .htu import origin_of  # noqa: E402
-from .logs import log_request, log_response  # noqa: E402
-from .offload import SigningOffload  # noqa: E402
-from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp  # noqa: E402
-from .sansio import HttpRequest, HttpResponse  # noqa: E402
-from .token import MAX_TOKEN_RESPONSE, Token, TokenClient  # noqa: E402
+from .errors import DPoPError, TokenResponseError, TransportError
+from .htu import origin_of
+from .logs import log_request, log_response
+from .offload import SigningOffload
+from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
+from .sansio import HttpRequest, HttpResponse
+from .token import MAX_TOKEN_RESPONSE, Token, TokenClient
 
 __all__ = ["DPoPMiddleware"]
 

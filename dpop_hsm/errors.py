@@ -83,17 +83,31 @@ class KeyReferenceError(ConfigurationError):
     code = "invalid_key_reference"
 
 
-class MissingDependencyError(ConfigurationError):
-    """An optional backend is needed but its extra is not installed."""
+class MissingDependencyError(ConfigurationError, ImportError):
+    """An optional backend or adapter is needed but its extra is not installed or unusable.
+
+    It is also an :class:`ImportError`, so the usual guard for optional features,
+    ``try: import dpop_hsm.httpx`` / ``except ImportError:``, keeps working. ``module`` is the
+    third-party module that failed, ``extra`` the ``dpop_hsm[extra]`` that provides it, and
+    ``detail`` (when the module is installed but cannot be loaded: too old, or a shared library
+    such as the TSS 2.0 ``libtss2-esys`` is missing) the import system's own explanation.
+    """
 
     code = "missing_dependency"
 
-    def __init__(self, module: str, extra: str) -> None:
-        super().__init__(
-            f"the Python module {module!r} is not installed: pip install 'dpop_hsm[{extra}]'"
-        )
+    def __init__(self, module: str, extra: str, *, detail: str | None = None) -> None:
+        command = f"pip install 'dpop_hsm[{extra}]'"
+        if detail is None:
+            problem = "is not installed"
+        else:
+            problem = f"cannot be loaded ({_printable(detail)})"
+        super().__init__(f"the Python module {module!r} {problem}: {command}")
         self.module = module
         self.extra = extra
+        self.name = module  # ImportError's attribute: the module that could not be imported
+
+    def diagnostics(self) -> str:
+        return f"{self.message} (from a source checkout: pip install '.[{self.extra}]')"
 
 
 class InsecureEndpointError(ConfigurationError):

@@ -36,23 +36,21 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._optional import require_extra
+from ._optional import requires_extra
 
-require_extra("httpx", "httpx")
-require_extra("anyio", "httpx")
+with requires_extra("httpx"):
+    import anyio
+    import anyio.to_thread
+    import httpx
 
-import anyio  # noqa: E402
-import anyio.to_thread  # noqa: E402
-import httpx  # noqa: E402
-
-from .errors import DPoPError, RedirectError, TokenResponseError  # noqa: E402
-from .htu import normalize_htu, origin_of  # noqa: E402
-from .jose import b64url_decode, split_compact  # noqa: E402
-from .logs import log_request, log_response  # noqa: E402
-from .offload import SigningOffload  # noqa: E402
-from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp  # noqa: E402
-from .sansio import HttpRequest, HttpResponse  # noqa: E402
-from .token import MAX_TOKEN_RESPONSE, Renewal, Token, TokenClient  # noqa: E402
+from .errors import DPoPError, RedirectError, TokenResponseError
+from .htu import normalize_htu, origin_of
+from .jose import b64url_decode, split_compact
+from .logs import log_request, log_response
+from .offload import SigningOffload
+from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
+from .sansio import HttpRequest, HttpResponse
+from .token import MAX_TOKEN_RESPONSE, Renewal, Token, TokenClient
 
 __all__ = ["DPoPAuth"]
 
@@ -230,9 +228,10 @@ def _hop_guard(proof: str, htu: str, inner: Any, is_async: bool) -> Callable[...
 class DPoPAuth(httpx.Auth):
     """httpx auth presenting a DPoP-bound token with a fresh proof on every request.
 
-    ``raise_on_rejection``: a final 401/403 with a ``DPoP`` challenge carrying an ``error``
-    raises :class:`UnauthorizedError` (default) instead of returning the response. A repeated
-    nonce challenge always raises :class:`NonceError`.
+    A resource server's final 401/403 is returned like any other response (``raise_for_status()``
+    works as usual) after at most one retry; ``raise_on_rejection=True`` raises
+    :class:`UnauthorizedError` instead when its ``DPoP`` challenge carries an ``error``. A
+    repeated nonce challenge always raises :class:`NonceError`.
     """
 
     requires_request_body = False  # streams stay streams; they are just never re-sent
@@ -242,7 +241,7 @@ class DPoPAuth(httpx.Auth):
         self,
         token_client: TokenClient,
         *,
-        raise_on_rejection: bool = True,
+        raise_on_rejection: bool = False,
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
         self.flow = ResourceFlow(

@@ -53,9 +53,10 @@ def _replayable(prep: PreparedRequest) -> bool:
 class DPoPAuth(AuthBase):
     """``requests`` auth that presents a DPoP-bound token with a fresh proof per request.
 
-    ``raise_on_rejection``: when the resource server still refuses after any allowed retry with
-    a ``DPoP`` challenge carrying an ``error``, raise :class:`UnauthorizedError` (default) instead
-    of returning the 401. A repeated nonce challenge always raises :class:`NonceError`.
+    A resource server's final 401/403 is returned like any other response (``raise_for_status()``
+    works as usual) after at most one retry; ``raise_on_rejection=True`` raises
+    :class:`UnauthorizedError` instead when its ``DPoP`` challenge carries an ``error``. A
+    repeated nonce challenge always raises :class:`NonceError`.
     """
 
     def __init__(
@@ -63,7 +64,7 @@ class DPoPAuth(AuthBase):
         token_client: TokenClient,
         *,
         session: requests.Session | None = None,
-        raise_on_rejection: bool = True,
+        raise_on_rejection: bool = False,
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
         self.flow = ResourceFlow(
@@ -198,7 +199,7 @@ class DPoPSession(requests.Session):
         self,
         token_client: TokenClient,
         *,
-        raise_on_rejection: bool = True,
+        raise_on_rejection: bool = False,
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
         super().__init__()

@@ -38,9 +38,9 @@ from fuzz.targets import TARGETS  # noqa: E402  (the runner fixes sys.path first
 
 try:
     import atheris  # noqa: F401
-except ImportError as e:  # pragma: no cover - atheris is in the dev extra on Linux
+except ImportError as e:  # pragma: no cover - atheris is in the dev dependency group on Linux
     pytest.skip(
-        f"atheris cannot be imported ({e}); fuzzing needs Linux + the dev extra",
+        f"atheris cannot be imported ({e}); fuzzing needs Linux + the dev dependency group",
         allow_module_level=True,
     )
 

@@ -230,7 +230,9 @@ def test_as_unreachable_raises_httpx_transport_error(dpop_signer: Signer) -> Non
 
 def test_rs_rejections_are_typed(servers: LocalDPoPServers, dpop_signer: Signer) -> None:
     servers.rs_behavior = "always_nonce"
-    with httpx.Client(auth=DPoPAuth(token_client(servers, dpop_signer))) as client:
+    with httpx.Client(
+        auth=DPoPAuth(token_client(servers, dpop_signer), raise_on_rejection=True)
+    ) as client:
         with pytest.raises(NonceError):
             client.get(servers.api_url)
         servers.rs_behavior = "normal"
@@ -247,14 +249,16 @@ def test_streamed_body_is_never_resent(servers: LocalDPoPServers, dpop_signer: S
     async def abody() -> AsyncIterator[bytes]:
         yield b"abc"
 
-    with httpx.Client(auth=DPoPAuth(token_client(servers, dpop_signer))) as client:
+    with httpx.Client(
+        auth=DPoPAuth(token_client(servers, dpop_signer), raise_on_rejection=True)
+    ) as client:
         with pytest.raises(UnauthorizedError, match="not replayable"):
             client.post(servers.api_url, content=body())
         assert servers.counters.api_requests == 1
         assert client.post(servers.api_url, content=body()).status_code == 200
 
     async def main() -> None:
-        auth = DPoPAuth(token_client(servers, dpop_signer))
+        auth = DPoPAuth(token_client(servers, dpop_signer), raise_on_rejection=True)
         async with httpx.AsyncClient(auth=auth) as client:
             servers.rs_nonces.rotate()
             servers.rs_nonces.rotate()  # the known nonce is now stale

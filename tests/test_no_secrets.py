@@ -211,6 +211,7 @@ def test_every_error_class_renders_bounded_printable_text(name: str) -> None:
         "status": 400,
         "module": "pkcs11",
         "extra": "pkcs11",
+        "detail": hostile,
         "error": hostile,
         "error_description": hostile,
     }
@@ -264,7 +265,7 @@ def test_requests_flow_debug_logs_hold_no_secret(
         auth_method=auth_method,  # type: ignore[arg-type]
         timeout=(2, 2),
     )
-    with requests_mod.DPoPSession(client) as session:
+    with requests_mod.DPoPSession(client, raise_on_rejection=True) as session:
         assert session.get(server.url + "/api?q=1").status_code == 200
         with pytest.raises(errors.UnauthorizedError) as info:
             session.get(server.url + "/denied")
@@ -287,7 +288,7 @@ def test_httpx_flow_debug_logs_hold_no_secret(
         auth_method="client_secret_post",
     )
     with httpx.Client(timeout=2) as http:
-        httpx_mod.DPoPAuth(client).attach(http)
+        httpx_mod.DPoPAuth(client, raise_on_rejection=True).attach(http)
         assert http.get(server.url + "/api").status_code == 200
         with pytest.raises(errors.UnauthorizedError):
             http.get(server.url + "/denied")

@@ -106,7 +106,7 @@ def test_invalid_token_renews_once_and_resends(
 
 def test_rs_rejection_is_a_typed_error(servers: LocalDPoPServers, dpop_signer: Signer) -> None:
     servers.required_scope = "admin"
-    with DPoPSession(token_client(servers, dpop_signer)) as session:
+    with DPoPSession(token_client(servers, dpop_signer), raise_on_rejection=True) as session:
         with pytest.raises(UnauthorizedError) as info:
             session.get(servers.api_url)
         assert info.value.error == "insufficient_scope" and info.value.status == 403
@@ -114,9 +114,12 @@ def test_rs_rejection_is_a_typed_error(servers: LocalDPoPServers, dpop_signer: S
         with pytest.raises(UnauthorizedError) as info:
             session.get(servers.api_url)
         assert info.value.error == "invalid_token"
-    lenient = DPoPSession(token_client(servers, dpop_signer), raise_on_rejection=False)
-    with lenient:
-        assert lenient.get(servers.api_url).status_code == 401
+    # The default: the final 401 comes back like any response (raise_for_status() works).
+    with DPoPSession(token_client(servers, dpop_signer)) as lenient:
+        response = lenient.get(servers.api_url)
+        assert response.status_code == 401
+        with pytest.raises(requests.HTTPError):
+            response.raise_for_status()
 
 
 def test_endless_rs_nonce_challenges_stop(servers: LocalDPoPServers, dpop_signer: Signer) -> None:
@@ -131,7 +134,7 @@ def test_streamed_body_is_never_resent(servers: LocalDPoPServers, dpop_signer: S
         yield b"chunk-1"
         yield b"chunk-2"
 
-    with DPoPSession(token_client(servers, dpop_signer)) as session:
+    with DPoPSession(token_client(servers, dpop_signer), raise_on_rejection=True) as session:
         with pytest.raises(UnauthorizedError) as info:
             session.post(servers.api_url, data=body())  # first RS contact: nonce challenge
         assert "not replayable" in str(info.value)

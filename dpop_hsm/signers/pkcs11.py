@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
 
+from .._optional import requires_extra
 from ..algorithms import DEFAULT_ALG, EC_CURVE_ALGS, MIN_RSA_BITS, AlgorithmInfo, algorithm
 from ..errors import (
     AmbiguousKeyError,
@@ -34,7 +35,6 @@ from ..errors import (
     KeyNotFoundError,
     KeyReferenceError,
     MechanismNotSupportedError,
-    MissingDependencyError,
     PinError,
     PinLockedError,
     SignatureEncodingError,
@@ -46,14 +46,12 @@ from ..jose import jwk_thumbprint
 from ..secret_sources import SecretSource, resolve_secret
 from .pkcs11_uri import Pkcs11Uri
 
-try:
+with requires_extra("pkcs11"):
     from asn1crypto import core as asn1
     from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
     from pkcs11 import exceptions as p11e
     from pkcs11.constants import DEFAULT as P11_DEFAULT
     from pkcs11.mechanisms import MGF
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise MissingDependencyError("pkcs11", "pkcs11") from e
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 

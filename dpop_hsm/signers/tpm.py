@@ -46,13 +46,13 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .._optional import requires_extra
 from ..ecdsa import rs_to_raw
 from ..errors import (
     DeviceError,
     KeyNotFoundError,
     KeyReferenceError,
     MechanismNotSupportedError,
-    MissingDependencyError,
     PinError,
     PinLockedError,
     SignerError,
@@ -66,7 +66,7 @@ from .tpm_ref import TpmReference, default_tcti, parse_handle, resolve_auth
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")  # before the TSS can log anything (see above)
 
-try:
+with requires_extra("tpm", "tpm2_pytss"):  # OSError too: the TSS shared libraries are missing
     from tpm2_pytss import (
         ESAPI,
         ESYS_TR,
@@ -94,8 +94,6 @@ try:
     )
     from tpm2_pytss.constants import TPM2_RH, TSS2_RC
     from tpm2_pytss.tsskey import TSSPrivKey
-except (ImportError, OSError) as _e:  # OSError: the TSS shared libraries are missing
-    raise MissingDependencyError("tpm2_pytss", "tpm") from _e
 
 __all__ = ["TpmReference", "TpmSigner", "load_tpm_reference"]
 
