@@ -27,9 +27,18 @@ from .htu import origin_of
 from .logs import log_request, log_response
 from .sansio import HttpRequest, HttpResponse
 
-__all__ = ["MAX_RESPONSE_BODY", "response_headers", "send_http_request"]
+__all__ = ["MAX_RESPONSE_BODY", "RequestsTransportError", "response_headers", "send_http_request"]
 
 MAX_RESPONSE_BODY = 1024 * 1024
+
+
+class RequestsTransportError(TransportError, requests.exceptions.ConnectionError):
+    """A token request that could not be completed, catchable both ways.
+
+    As :class:`~dpop_hsm.errors.TransportError` (a ``DPoPError``) for code that handles our
+    errors, and as ``requests.RequestException`` for code that already catches what requests
+    raises: a failing token fetch inside ``session.get()`` should not need a new except clause.
+    """
 
 
 def _no_auth(r: PreparedRequest) -> PreparedRequest:
@@ -60,7 +69,7 @@ def _read_body(response: Response, deadline: float, url: str) -> bytes:
     size = 0
     while size <= MAX_RESPONSE_BODY:
         if time.monotonic() > deadline:
-            raise TransportError(f"{origin_of(url)} did not send its response in time")
+            raise RequestsTransportError(f"{origin_of(url)} did not send its response in time")
         chunk = raw.read1(MAX_RESPONSE_BODY + 1 - size, decode_content=True)
         if not chunk:
             break
@@ -141,16 +150,16 @@ def send_http_request(
     worker.start()
     origin = origin_of(request.url)
     if not exchange.wait(deadline):
-        raise TransportError(f"{origin} did not send its response in time")
+        raise RequestsTransportError(f"{origin} did not send its response in time")
     error = exchange.error
     if isinstance(error, requests.exceptions.RequestException) and exchange.response is None:
-        raise TransportError(f"cannot reach {origin}: {type(error).__name__}") from error
+        raise RequestsTransportError(f"cannot reach {origin}: {type(error).__name__}") from error
     # urllib3 raises its own ProtocolError (IncompleteRead) when the server drops mid-body.
     if isinstance(
         error,
         requests.exceptions.RequestException | urllib3.exceptions.HTTPError | OSError | ValueError,
     ):
-        raise TransportError(f"reading the response from {origin} failed") from error
+        raise RequestsTransportError(f"reading the response from {origin} failed") from error
     if isinstance(error, TransportError):
         raise error
     if error is not None:

@@ -41,7 +41,7 @@ from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
 from .sansio import HttpRequest, HttpResponse
 from .token import MAX_TOKEN_RESPONSE, Token, TokenClient
 
-__all__ = ["DPoPMiddleware"]
+__all__ = ["AiohttpTransportError", "DPoPMiddleware"]
 
 T = TypeVar("T")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -49,6 +49,11 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _pending_hop: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "dpop_hsm_aiohttp_pending_hop", default=None
 )
+
+
+class AiohttpTransportError(TransportError, aiohttp.ClientConnectionError):
+    """A token request that failed: a ``DPoPError`` and an ``aiohttp.ClientError`` at once,
+    so code that already catches aiohttp's errors around ``session.get()`` needs no change."""
 
 
 def _advance(gen: Generator[T, Any, Any], value: Any) -> tuple[bool, Any]:
@@ -231,6 +236,6 @@ class DPoPMiddleware:
                 status = response.status
                 reason = response.reason or ""
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise TransportError(f"cannot reach {origin}: {type(e).__name__}") from e
+            raise AiohttpTransportError(f"cannot reach {origin}: {type(e).__name__}") from e
         log_response(status, reason, headers, body, url=request.url)
         return HttpResponse(status, headers, body, request.url)

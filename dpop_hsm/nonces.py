@@ -1,8 +1,9 @@
 """Per-origin DPoP nonces (RFC 9449 §8, §9) and the one "is this a nonce challenge" predicate.
 
 A server may hand out a new nonce on ANY response, 200s included, so every response feeds the
-store (pitfall 2); header names are matched case-insensitively (pitfall 3, HTTP/2 lowercases
-them). Nonces are only valid at the server that issued them; we treat the origin as the server.
+store (RFC 9449 §8.2); header names are matched case-insensitively (RFC 9110 §5.1; HTTP/2
+lowercases them). Nonces are only valid at the server that issued them; we treat the origin
+as the server.
 
 Two ``DPoP-Nonce`` fields in one response: the LAST one wins. §8.1 allows commas inside a
 nonce, so fields cannot be split or merged safely; the last field is the one closest to the

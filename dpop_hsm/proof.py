@@ -59,7 +59,8 @@ class ProofFactory:
     """Makes fresh, single-use DPoP proofs with one signer.
 
     ``clock_offset`` (seconds) is added to the local clock for ``iat``: set it from a server's
-    ``Date`` header when the local clock is off and servers have short windows (pitfall 5).
+    ``Date`` header when the local clock is off and servers have short windows (Keycloak
+    accepts a proof for ~10 s, RFC 9449 §11.1).
     Thread-safe: no per-proof state is kept.
     """
 

@@ -213,3 +213,28 @@ def test_aiohttp_token_requests_go_through_the_session_and_the_log_is_masked(
     assert token.access_token not in caplog.text
     assert SECRET not in caplog.text
     assert "****" in caplog.text
+
+
+def test_aiohttp_token_transport_failures_are_aiohttp_errors_too(key: SoftwareSigner) -> None:
+    import socket
+
+    from dpop_hsm.errors import TransportError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tc = TokenClient(
+        key,
+        token_endpoint=f"http://127.0.0.1:{port}/token",
+        client_id="c",
+        client_secret=SECRET,
+        timeout=(0.5, 0.5),
+    )
+
+    async def main() -> None:
+        async with aiohttp.ClientSession(middlewares=(DPoPMiddleware(tc),)) as session:
+            with pytest.raises(aiohttp.ClientError) as info:
+                await session.get(f"http://127.0.0.1:{port}/api")
+            assert isinstance(info.value, TransportError)
+
+    asyncio.run(main())

@@ -97,7 +97,8 @@ def feed_million(kind: str) -> dict[str, Any]:
 
 
 def report(request: pytest.FixtureRequest, line: str) -> None:
-    """A line in pytest's own output, past output capture: the figures issue 7 asks for."""
+    """A line in pytest's own output, past output capture: the figures the hardening
+    acceptance asks for (bounded memory under distinct keys)."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
     if capture is None or reporter is None:  # pragma: no cover - plugins disabled

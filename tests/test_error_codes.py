@@ -42,6 +42,8 @@ CODES = {
     "SessionLostError": "device_error",  # internal: re-opened once, surfaces as a DeviceError
     "ProtocolError": "protocol_error",
     "TransportError": "transport_error",
+    "RequestsTransportError": "transport_error",  # also a requests.RequestException
+    "AiohttpTransportError": "transport_error",  # also an aiohttp.ClientError
     "OAuthError": "oauth_error",
     "TokenResponseError": "invalid_token_response",
     "TokenTypeError": "token_type_not_dpop",
@@ -89,7 +91,14 @@ FAMILIES = [
     ("VerificationError", "verification"),
     ("DPoPError", "unexpected"),
 ]
-OPTIONAL = {"pkcs11", "tpm2_pytss", "httpx", "anyio"}  # extras a developer may lack
+OPTIONAL = {
+    "pkcs11",
+    "tpm2_pytss",
+    "httpx",
+    "anyio",
+    "aiohttp",
+    "yarl",
+}  # extras a developer may lack
 
 
 def error_classes() -> dict[str, type[DPoPError]]:

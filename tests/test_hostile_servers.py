@@ -916,3 +916,20 @@ def test_httpx_response_history_holds_no_token_traffic(
     for earlier in result.history:
         assert ACCESS_TOKEN.encode() not in earlier.content
         assert str(earlier.request.url).endswith("/api")
+
+
+def test_token_transport_failures_are_requests_errors_too(signer: SoftwareSigner) -> None:
+    """Inside session.get() a failing token fetch is catchable as requests users catch errors."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the socket closes
+    client = TokenClient(
+        signer,
+        token_endpoint=f"http://127.0.0.1:{port}/token",
+        client_id="client-1",
+        client_secret=CLIENT_SECRET,
+        timeout=SHORT,
+    )
+    with requests.Session() as session, pytest.raises(requests.RequestException) as info:
+        session.get(f"http://127.0.0.1:{port}/api", auth=requests_mod.DPoPAuth(client))
+    assert isinstance(info.value, TransportError)

@@ -1,5 +1,6 @@
 """A redirecting token endpoint never yields a usable token through the httpx adapter, even on a
-client that follows redirects and was not ``attach()``-ed (RFC 6749 §3.2, pitfall 14)."""
+client that follows redirects and was not ``attach()``-ed (RFC 6749 §3.2: the token endpoint
+gets no redirects)."""
 
 from __future__ import annotations
 

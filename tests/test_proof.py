@@ -1,5 +1,6 @@
 """ProofFactory (RFC 9449 §4.2): exact header and claim sets, fresh jti/iat, ath, nonce, clock
-offset — and thousands of signatures checked by an independent verifier (pitfall 1)."""
+offset — and thousands of signatures checked by an independent verifier: a wrong
+ECDSA encoding fails only 1 signature in 256, or only for ES512 (RFC 7518 §3.4)."""
 
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.softhsm import softhsm_module
 from tests.support.hardware import unavailable
+from tests.support.softhsm import softhsm_module
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -105,7 +105,8 @@ def test_private_key_jwt_assertion_is_fresh_per_attempt(signer: Signer) -> None:
     c1, c2 = _claims(a1["client_assertion"]), _claims(a2["client_assertion"])
     assert c1["iss"] == c1["sub"] == "c1" and c1["aud"] == "aud-x"
     assert c1["exp"] - c1["iat"] == 60
-    assert c1["jti"] != c2["jti"]  # pitfall 6
+    # RFC 7523 §3: a new assertion per attempt, or the retry is rejected as a replay
+    assert c1["jti"] != c2["jti"]
     header = json.loads(b64url_decode(a1["client_assertion"].split(".")[0]))
     assert header == {"alg": "ES384", "typ": "JWT", "kid": other.thumbprint}
 
