@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.support.softhsm",
     "tests.support.tpm",
     "tests.support.servers",
+    "tests.support.cli",
 ]

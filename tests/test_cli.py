@@ -8,89 +8,15 @@ exit code, the one-line message, and that no secret reached stdout or stderr.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dpop_hsm.cli import EXIT_CODES
-
-CLI = [sys.executable, "-m", "dpop_hsm"]
-SECRET = "secret"  # the local servers' demo client secret
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("DPOP_HSM_PIN", None) if env is None or "DPOP_HSM_PIN" not in env else None
-    return subprocess.run(
-        [*CLI, *args],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[dict[str, Any]]:
-    """``dpop-hsm serve --json`` in the background; yields its printed endpoints."""
-    proc = subprocess.Popen(
-        [*CLI, "--json", "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        lines = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("}"):
-                break
-        info = json.loads("".join(lines))
-        yield info
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-def request_args(served: dict[str, Any], key: str, *extra: str) -> list[str]:
-    return [
-        "request",
-        "--key",
-        key,
-        "--token-endpoint",
-        served["token_endpoint"],
-        "--client-id",
-        "m2m.dpop",
-        "--auth-method",
-        "client_secret_post",
-        "--client-secret-source",
-        "env:TEST_CLIENT_SECRET",
-        "--scope",
-        "api",
-        *extra,
-        served["api"],
-    ]
+from tests.support.cli import SECRET, request_args, run_cli
 
 
 def assert_no_secret(result: Any, *secrets: str) -> None:
