@@ -1,9 +1,9 @@
 """``dpop-hsm login`` / ``logout`` and ``--profile`` for ``token`` and ``request``.
 
-:func:`add_parsers` registers the two subcommands; :func:`run_login` and :func:`run_logout`
-run them; :func:`add_profile_option` and :func:`profile_client` give ``token`` and ``request``
-their ``--profile NAME``. Everything the CLI prints on success is one line (or one JSON
-document with ``--json``) naming the profile, scope, expiry and jkt — never a token.
+:func:`register` adds the two subcommands; :func:`run_login` and :func:`run_logout` run
+them; :func:`profile_client` gives ``token`` and ``request`` their ``--profile NAME``.
+Everything the CLI prints on success is one line (or one JSON document with ``--json``)
+naming the profile, scope, expiry and jkt — never a token.
 
 Secrets follow the CLI's rules: never from argv. A client secret comes from
 ``--client-secret-source env:NAME|file:PATH``, ``DPOP_HSM_CLIENT_SECRET`` or a prompt; the
@@ -21,25 +21,36 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
+from .common import (
+    CLIENT_SECRET_ENV,
+    KEY_ENV,
+    PIN_ENV,
+    SECRET_METHODS,
+    Output,
+    PromptOnce,
+    UsageError,
+    add_key_options,
+    close_signer,
+    secret_from_options,
+)
+from .settings import KEY_SETTINGS
 
 if TYPE_CHECKING:
-    from .cli import Output
-    from .login_session import LoginSession
-    from .signers.base import Signer
+    from ..login_session import LoginSession
+    from ..signers.base import Signer
 
 __all__ = [
-    "add_parsers",
-    "add_profile_option",
+    "TouchNotice",
     "profile_client",
+    "register",
     "run_login",
     "run_logout",
 ]
 
-AddOptions = Callable[[argparse.ArgumentParser], None]
 AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post", "private_key_jwt")
 TOUCH_NOTICE_AFTER = 1.0
 
@@ -91,28 +102,20 @@ class TouchNotice:
         return f"TouchNotice({self._signer!r})"
 
 
-def _pin_prompt(ref: str) -> Callable[[], str]:
-    """A prompt that names the token (``PIN for token YubiKey PIV #123``)."""
+def _pin_prompt(ref: str) -> PromptOnce:
+    """A prompt that names the token (``PIN for token YubiKey PIV #123``), asked once."""
     what = "PIN"
     if ref.startswith("pkcs11:"):
-        from .signers.pkcs11_uri import Pkcs11Uri
+        from ..signers.pkcs11_uri import Pkcs11Uri
 
         with contextlib.suppress(ConfigurationError):
             what = f"PIN for {Pkcs11Uri.parse(ref).describe_token()}"
     elif ref.startswith("tpm2:"):
         what = "TPM key auth value"
-
-    def ask() -> str:
-        import getpass
-
-        return getpass.getpass(f"{what}: ")
-
-    return ask
+    return PromptOnce(what)
 
 
 def _key_secret(ref: str, pin_source: str | None) -> Any:
-    from .cli import PIN_ENV, secret_from_options
-
     if pin_source:
         return secret_from_options(pin_source, env=None, what="PIN or key password")
     if PIN_ENV in os.environ or "pin-source=" in ref or "auth-source=" in ref:
@@ -123,7 +126,7 @@ def _key_secret(ref: str, pin_source: str | None) -> Any:
 
 
 def _load_signer(ref: str, pin_source: str | None) -> Signer:
-    from .signers import load_signer
+    from ..signers import load_signer
 
     signer = load_signer(ref, secret=_key_secret(ref, pin_source))
     if ref.startswith(("pkcs11:", "tpm2:")):
@@ -132,9 +135,7 @@ def _load_signer(ref: str, pin_source: str | None) -> Signer:
 
 
 def _client_secret(args: argparse.Namespace, method: str) -> Any:
-    from .cli import CLIENT_SECRET_ENV, secret_from_options
-
-    if method not in ("client_secret_basic", "client_secret_post"):
+    if method not in SECRET_METHODS:
         if args.client_secret_source:
             raise ConfigurationError(f"auth method {method} takes no client secret")
         return None
@@ -175,9 +176,8 @@ def _summary(session: LoginSession, profile: str | None) -> tuple[dict[str, Any]
 
 def run_login(args: argparse.Namespace, out: Output) -> int:
     """``dpop-hsm login``: an interactive login stored as a profile."""
-    from .cli import KEY_ENV, UsageError
-    from .login import TerminalPrompt, login
-    from .profiles import validate_key_reference, validate_profile_name
+    from ..login import TerminalPrompt, login
+    from ..profiles import validate_key_reference, validate_profile_name
 
     profile = validate_profile_name(args.profile)
     ref = args.key or os.environ.get(KEY_ENV)
@@ -254,9 +254,8 @@ def profile_client(args: argparse.Namespace) -> LoginSession:
     ``--client-secret-source``, the profile's stored source name, ``DPOP_HSM_CLIENT_SECRET``
     or a prompt.
     """
-    from .cli import CLIENT_SECRET_ENV, secret_from_options
-    from .login_session import load_profile
-    from .profiles import ProfileStore
+    from ..login_session import load_profile
+    from ..profiles import ProfileStore
 
     store = ProfileStore()
     stored = store.load(args.profile)
@@ -275,22 +274,11 @@ def profile_client(args: argparse.Namespace) -> LoginSession:
             timeout=getattr(args, "timeout", 10.0),
         )
     except BaseException:
-        signer_close = getattr(signer, "close", None)
-        if callable(signer_close):
-            signer_close()
+        close_signer(signer)
         raise
 
 
-def add_profile_option(parser: argparse.ArgumentParser) -> None:
-    """``--profile NAME`` for ``token`` and ``request`` (then no client options are needed)."""
-    parser.add_argument(
-        "--profile",
-        metavar="NAME",
-        help="use the login stored by 'dpop-hsm login --profile NAME' (refreshed when due)",
-    )
-
-
-def add_parsers(sub: Any, add_key_options: AddOptions) -> None:
+def register(sub: Any) -> None:
     """Register ``login`` and ``logout`` on the main parser's subcommands."""
     p = sub.add_parser(
         "login",
@@ -340,7 +328,7 @@ def add_parsers(sub: Any, add_key_options: AddOptions) -> None:
         action="store_true",
         help="accept Bearer access tokens for this client (only the refresh token is bound)",
     )
-    p.set_defaults(func=run_login)
+    p.set_defaults(func=run_login, settings=KEY_SETTINGS)
 
     p = sub.add_parser("logout", help="revoke a profile's tokens (RFC 7009) and delete it")
     p.add_argument("--profile", metavar="NAME", default="default", help="default: default")
