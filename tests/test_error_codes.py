@@ -29,6 +29,10 @@ CODES = {
     "InsecureEndpointError": "insecure_endpoint",
     "SecretSourceError": "secret_source_error",
     "UsageError": "usage",
+    "ArgumentsError": "usage",  # CLI: the command line does not parse
+    "ConfigFileError": "invalid_config",  # CLI: the TOML settings file
+    "ListenError": "cannot_listen",  # CLI: serve
+    "AddressInUseError": "address_in_use",  # CLI: serve on a busy port
     "SignerError": "signer_error",
     "UnsupportedKeyError": "unsupported_key",
     "SignatureEncodingError": "signature_encoding",

@@ -92,8 +92,6 @@ class _Parser(argparse.ArgumentParser):
 class ArgumentsError(UsageError):
     """The command line does not parse (unknown option, missing argument, bad choice)."""
 
-    code = "usage"
-
     def __init__(self, message: str, *, usage: str) -> None:
         super().__init__(message)
         self.usage = usage
