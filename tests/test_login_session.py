@@ -452,3 +452,30 @@ def test_logout_without_revocation_endpoint(signer: SoftwareSigner, store: Profi
     server = Server()
     result = load_profile("dev", signer, store=store).logout(server)
     assert not result.revocation_endpoint and server.sent == [] and store.names() == []
+
+
+def test_single_flight_across_threads(signer: SoftwareSigner, store: ProfileStore) -> None:
+    import threading
+
+    store.save(stored(signer))
+    client = load_profile("dev", signer, store=store)
+    sent: list[str] = []
+    gate = threading.Event()
+
+    def send(request: HttpRequest) -> HttpResponse:
+        sent.append(form(request)["refresh_token"])
+        gate.wait(5)  # hold the renewal until every thread is waiting for it
+        return ok(access_token="at-2", refresh_token="rt-2")
+
+    tokens: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: tokens.append(client.get_token(send).access_token))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join()
+    assert sent == ["rt-1"] and tokens == ["at-2"] * 8
+    assert store.load("dev").refresh_token == "rt-2"
