@@ -29,7 +29,9 @@ __all__ = [
     "PinLockedError",
     "ProtocolError",
     "RedirectError",
+    "ReplayCacheFullError",
     "ReplayError",
+    "ReplayKeyQuotaError",
     "SecretSourceError",
     "SignatureEncodingError",
     "SignerError",
@@ -271,8 +273,12 @@ class VerificationError(DPoPError):
     """A DPoP proof or a DPoP-bound token failed a check.
 
     ``check`` names the failed check (``typ``, ``alg``, ``jwk``, ``signature``, ``htm``, ``htu``,
-    ``iat``, ``jti``, ``ath``, ``nonce``, ``cnf``, ``syntax``); ``oauth_error`` is the error code
-    a server should send back (RFC 9449 §5, §7.1, §8, §9).
+    ``iat``, ``jti``, ``ath``, ``nonce``, ``cnf``, ``token``, ``syntax``); ``oauth_error`` is the
+    error code a server should send back (RFC 9449 §5, §7.1, §8, §9).
+
+    Everything ``verify_proof`` raises because of the proof or the access token it was handed is
+    in this family, so a server can map it to 400/401 (and :class:`ReplayCacheFullError` to
+    503) without ever answering 500 to hostile input.
     """
 
     code = "verification_failed"
@@ -293,6 +299,34 @@ class ReplayError(InvalidProofError):
     """The proof's ``jti`` was seen before within the acceptance window."""
 
     code = "dpop_proof_replay"
+
+
+class ReplayCacheFullError(VerificationError):
+    """The replay cache is full of live entries, so the proof is refused instead of a live
+    ``jti`` being forgotten (RFC 9449 §11.1: forgetting one would let it be replayed).
+
+    Not a verdict on the proof: the server is at its replay-cache capacity, under a flood or
+    sized below its proof rate. Servers answer 503 with ``Retry-After`` (RFC 9110 §15.6.4,
+    §10.2.3) from ``retry_after``, the seconds until the next entry expires; a larger cache or
+    a shorter ``max_age`` fixes a legitimate overload.
+    """
+
+    code = "replay_cache_full"
+    oauth_error = "temporarily_unavailable"
+
+    def __init__(self, check: str, message: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(check, message)
+        self.retry_after = retry_after
+
+
+class ReplayKeyQuotaError(ReplayCacheFullError):
+    """One key holds its whole share of the replay cache; its proofs wait until some expire.
+
+    Bounds what a single (possibly hostile) key can take from everyone else. Servers answer
+    503 (or 429) with ``Retry-After``, like :class:`ReplayCacheFullError` whose subclass it is.
+    """
+
+    code = "replay_key_quota"
 
 
 class UseDPoPNonceError(VerificationError):

@@ -3,16 +3,19 @@
 For resource servers and authorization servers written in Python, and for our own local test
 servers. Every check raises a typed error naming the check; nothing returns False. Checks run
 cheapest-first, and the replay cache is only written after the signature verified, so unsigned
-junk cannot fill it.
+junk cannot fill it. Replay checking is on unless a caller writes ``NO_REPLAY_CHECK``.
+
+Everything that arrives with the request — the proof, the access token, the token's
+``cnf.jkt`` — fails as a :class:`VerificationError`, so a server never answers hostile input
+with a 500; the proof's JSON is read strictly (``strict_json``) and its key is bounded before
+any signature is checked with it.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import threading
+import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,13 +35,25 @@ from .errors import (
     UseDPoPNonceError,
 )
 from .htu import comparable_htu
-from .jose import b64url_decode, compact_json, jwk_thumbprint, split_compact
+from .jose import b64url_decode, jwk_thumbprint, split_compact
 from .proof import access_token_hash
+from .replay import (
+    NO_REPLAY_CHECK,
+    ReplayCache,
+    ReplayCheck,
+    ReplayStore,
+    default_replay_cache,
+)
+from .strict_json import StrictJsonError, loads_strict
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
+    "NO_REPLAY_CHECK",
     "ReplayCache",
+    "ReplayCheck",
+    "ReplayStore",
     "VerifiedProof",
+    "default_replay_cache",
     "public_key_from_jwk",
     "verify_jws_signature",
     "verify_proof",
@@ -47,6 +62,14 @@ __all__ = [
 DEFAULT_ALGORITHMS: frozenset[str] = frozenset(ALGORITHMS)
 MAX_PROOF_LENGTH = 8192
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_KEY_MEMBERS = ("crv", "e", "kty", "n", "x", "y")  # the members a public key is built from
+# RSA bounds for proof keys. Below 2048 bits: under 112-bit security (NIST SP 800-57 Part 1,
+# SP 800-131A). Above 8192 bits: no HSM, TPM or token we sign with makes such keys, and the
+# verification cost grows with the square of the modulus (8192 bits at e = 65537 already costs
+# ~3x an ES256 check), so the bound caps what a stranger's jwk can make us spend.
+MAX_RSA_BITS = 8192
+_MIN_RSA_E = 2**16
+_MAX_RSA_E = 2**256
 _EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
     "P-256": (ec.SECP256R1, 32),
     "P-384": (ec.SECP384R1, 48),
@@ -65,99 +88,66 @@ class VerifiedProof:
     jkt: str
 
 
-class ReplayCache:
-    """Seen ``jti`` values until their proofs could no longer pass the ``iat`` window (§11.1).
-
-    Bounded: at ``max_entries`` the entry closest to expiry is evicted first. All entries share
-    one lifetime, so insertion order is expiry order. If the bound is reached while entries are
-    still live, the oldest of them can be replayed: size it above peak proofs/s times the
-    window (the default, 100,000, covers ~1,500 proofs/s with a 60 s window).
-    """
-
-    def __init__(self, *, max_entries: int = 100_000) -> None:
-        if max_entries < 1:
-            raise ConfigurationError("max_entries must be positive")
-        self._max = max_entries
-        self._seen: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def check_and_store(self, key: str, expires_at: float, now: float) -> bool:
-        """Record ``key``; False when it was already recorded and not expired."""
-        with self._lock:
-            seen = self._seen
-            while seen:
-                oldest_key, oldest_exp = next(iter(seen.items()))
-                if oldest_exp > now and len(seen) < self._max:
-                    break
-                del seen[oldest_key]
-            previous = seen.get(key)
-            if previous is not None and previous > now:
-                return False
-            seen[key] = expires_at
-            seen.move_to_end(key)
-            return True
-
-
-def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise InvalidProofError("syntax", f"duplicate JSON member {key[:40]!r}")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise InvalidProofError("syntax", f"non-standard JSON constant {name}")
-
-
-_decoder = json.JSONDecoder(object_pairs_hook=_strict_object, parse_constant=_reject_constant)
-
-
 def _decode_part(part: str, what: str) -> dict[str, Any]:
+    """A base64url JSON object, parsed strictly (RFC 8259 §8.1 UTF-8, unique names, finite
+    numbers): another parser must not read a different header or claims from the same bytes."""
     try:
-        raw = b64url_decode(part)
-        value = _decoder.decode(raw.decode("utf-8"))
-    except InvalidProofError:
-        raise
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise InvalidProofError("syntax", f"{what} is not base64url-encoded JSON") from e
+        value = loads_strict(b64url_decode(part))
+    except StrictJsonError as e:
+        raise InvalidProofError("syntax", f"{what}: {e}") from e
+    except ValueError as e:
+        raise InvalidProofError("syntax", f"{what} is not base64url") from e
     if not isinstance(value, dict):
         raise InvalidProofError("syntax", f"{what} is not a JSON object")
     return value
 
 
-def _b64_int(jwk: Mapping[str, Any], name: str) -> int:
+def _b64_bytes(jwk: Mapping[str, Any], name: str) -> bytes:
     value = jwk.get(name)
     if not isinstance(value, str) or not value:
         raise InvalidProofError("jwk", f"member {name!r} missing or not a string")
     try:
-        return int.from_bytes(b64url_decode(value), "big")
+        return b64url_decode(value)
     except ValueError as e:
         raise InvalidProofError("jwk", f"member {name!r} is not base64url") from e
 
 
+def _b64_int(jwk: Mapping[str, Any], name: str) -> int:
+    return int.from_bytes(_b64_bytes(jwk, name), "big")
+
+
+def _b64_uint(jwk: Mapping[str, Any], name: str) -> int:
+    """A Base64urlUInt member: RFC 7518 §2 wants the fewest octets, so one key has one jkt."""
+    raw = _b64_bytes(jwk, name)
+    if raw[0] == 0:
+        raise InvalidProofError("jwk", f"member {name!r} has a leading zero octet (RFC 7518 §2)")
+    return int.from_bytes(raw, "big")
+
+
 @lru_cache(maxsize=1024)
-def _public_key_cached(canonical: bytes) -> PublicKey:
-    return _build_public_key(json.loads(canonical))
+def _public_key_cached(members: tuple[tuple[str, str], ...]) -> PublicKey:
+    return _build_public_key(dict(members))
 
 
 def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
-    """A ``cryptography`` public key from a public JWK; private members are refused."""
+    """A ``cryptography`` public key from a public JWK; private members are refused.
+
+    Raises InvalidProofError (check ``jwk``) for anything that is not a supported public key
+    within the bounds below, before any signature is checked with it.
+    """
     if not isinstance(jwk, Mapping):
         raise InvalidProofError("jwk", "jwk header is not a JSON object")
     private = _PRIVATE_MEMBERS.intersection(jwk)
     if private:
         raise InvalidProofError("jwk", f"jwk carries private key members {sorted(private)}")
-    members = {k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y", "n", "e")}
-    try:
-        canonical = compact_json(dict(sorted(members.items())))
-    except (TypeError, ValueError) as e:
-        raise InvalidProofError("jwk", "jwk members are not JSON values") from e
-    return _public_key_cached(canonical)
+    members = []
+    for name in _KEY_MEMBERS:
+        if name in jwk:
+            value = jwk[name]
+            if not isinstance(value, str):  # RFC 7517 §4, RFC 7518 §6: all strings
+                raise InvalidProofError("jwk", f"jwk member {name!r} is not a string")
+            members.append((name, value))
+    return _public_key_cached(tuple(members))
 
 
 def _build_public_key(jwk: Mapping[str, Any]) -> PublicKey:
@@ -188,11 +178,16 @@ def _build_public_key(jwk: Mapping[str, Any]) -> PublicKey:
         except ValueError as e:
             raise InvalidProofError("jwk", "Ed25519 public key is malformed") from e
     if kty == "RSA":
-        modulus, exponent = _b64_int(jwk, "n"), _b64_int(jwk, "e")
-        if modulus.bit_length() < MIN_RSA_BITS:
-            raise InvalidProofError("jwk", f"RSA modulus is shorter than {MIN_RSA_BITS} bits")
-        if modulus.bit_length() > 8192:
-            raise InvalidProofError("jwk", "RSA modulus is longer than 8192 bits")
+        # The jwk is unauthenticated input and sets the cost of the signature check: bound both
+        # numbers before verifying anything (a 3071-bit e costs ~100x a normal verification).
+        modulus, exponent = _b64_uint(jwk, "n"), _b64_uint(jwk, "e")
+        if not MIN_RSA_BITS <= modulus.bit_length() <= MAX_RSA_BITS or modulus % 2 == 0:
+            raise InvalidProofError(
+                "jwk", f"RSA modulus must be odd and {MIN_RSA_BITS} to {MAX_RSA_BITS} bits long"
+            )
+        # NIST SP 800-56B Rev. 2 §6.2.1 (and FIPS 186-5 §5.4): e odd, 2^16 < e < 2^256.
+        if not _MIN_RSA_E < exponent < _MAX_RSA_E or exponent % 2 == 0:
+            raise InvalidProofError("jwk", "RSA exponent e must be odd and 2^16 < e < 2^256")
         try:
             return rsa.RSAPublicNumbers(exponent, modulus).public_key()
         except ValueError as err:
@@ -206,7 +201,9 @@ def verify_jws_signature(key: PublicKey, alg: str, signature: bytes, signing_inp
     Public so servers can check other JWTs they receive (client assertions, access tokens)
     with the same strict rules as proofs.
     """
-    info = ALGORITHMS[alg]
+    info = ALGORITHMS.get(alg) if isinstance(alg, str) else None
+    if info is None:
+        raise InvalidProofError("alg", f"alg {str(alg)[:20]!r} is not supported")
     try:
         if info.kty == "EC":
             if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != {
@@ -242,6 +239,13 @@ def verify_jws_signature(key: PublicKey, alg: str, signature: bytes, signing_inp
 
 
 NonceCheck = str | Collection[str] | Callable[[str], bool]
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 9110 §11.2
+
+
+def _short(value: object) -> str:
+    """A caller-supplied value for a message: repr, bounded (it may come from a request)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_nonce(claims: Mapping[str, Any], nonce: NonceCheck | None) -> None:
@@ -274,7 +278,7 @@ def verify_proof(
     algorithms: Collection[str] = DEFAULT_ALGORITHMS,
     max_age: float = 60.0,
     leeway: float = 5.0,
-    replay_cache: ReplayCache | None = None,
+    replay_cache: ReplayStore | ReplayCheck | None = None,
     now: float | None = None,
 ) -> VerifiedProof:
     """Verify one DPoP proof for one request; raise the error of the first failed check.
@@ -284,9 +288,34 @@ def verify_proof(
     acceptable ones or a predicate; ``expected_jkt`` is the bound token's ``cnf.jkt``.
     ``iat`` must lie in [now - max_age - leeway, now + leeway].
 
+    Replays are refused by default (RFC 9449 §11.1): ``replay_cache`` is where seen (jkt, jti)
+    pairs are kept — None (the default) means the process-wide :func:`default_replay_cache`;
+    pass a :class:`ReplayCache` of your own to size it or to keep servers apart, or any
+    :class:`ReplayStore` (a store shared by worker processes). Only
+    ``replay_cache=NO_REPLAY_CHECK`` turns the check off. A ``jti`` enters the cache only after
+    every other check passed, so junk and proofs for another request cannot fill it.
+
     Raises InvalidProofError (check: syntax, typ, alg, jwk, signature, htm, htu, iat, jti, ath),
-    ReplayError, UseDPoPNonceError (check: nonce) and TokenBindingError (check: cnf).
+    ReplayError, UseDPoPNonceError (check: nonce), TokenBindingError (check: cnf, or token when
+    the access token is not token68) and ReplayCacheFullError / ReplayKeyQuotaError (the cache
+    refuses rather than forget a live ``jti``: answer 503). ConfigurationError only for the
+    caller's own mistakes (a replay_cache that is no store, an access_token that is no str).
     """
+    if (
+        replay_cache is not None
+        and replay_cache is not NO_REPLAY_CHECK
+        and not callable(getattr(replay_cache, "check_and_store", None))
+    ):
+        raise ConfigurationError(
+            "replay_cache must be a ReplayCache, None (the process-wide cache) or NO_REPLAY_CHECK"
+        )
+    if access_token is not None:
+        if not isinstance(access_token, str):
+            raise ConfigurationError("access_token must be a str (the token68 the request sent)")
+        # RFC 9449 §7.1: "Authorization: DPoP token68"; the token is the request's, so a
+        # malformed one is the client's error (invalid_token), never the server's.
+        if not _TOKEN68.fullmatch(access_token):
+            raise TokenBindingError("token", "the access token is not token68 (RFC 9110 §11.2)")
     if not isinstance(proof, str):
         raise InvalidProofError("syntax", "proof is not a string")
     if len(proof) > MAX_PROOF_LENGTH:
@@ -319,18 +348,25 @@ def verify_proof(
     verify_jws_signature(key, alg, signature, (header_b64 + "." + payload_b64).encode("ascii"))
     try:
         jkt = jwk_thumbprint(jwk)
-    except DPoPError as e:
-        raise InvalidProofError("jwk", str(e)) from e
+    except (DPoPError, ValueError) as e:
+        raise InvalidProofError("jwk", "jwk has no RFC 7638 thumbprint") from e
 
     method = claims.get("htm")
     if not isinstance(method, str) or method != htm:
-        raise InvalidProofError("htm", f"htm does not match the request method {htm!r}")
+        raise InvalidProofError("htm", f"htm does not match the request method {_short(htm)}")
     sent_htu = claims.get("htu")
     if not isinstance(sent_htu, str):
         raise InvalidProofError("htu", "htu claim missing or not a string")
+    # Both sides are normalized (RFC 9449 §4.3, RFC 3986 §6.2). The request URI comes from the
+    # request line and Host header, i.e. from the client too: one that cannot be normalized is
+    # a rejected request, not a server fault.
     try:
-        matches = comparable_htu(sent_htu) == comparable_htu(htu)
-    except ConfigurationError as e:
+        request_htu = comparable_htu(htu)
+    except (ConfigurationError, ValueError) as e:
+        raise InvalidProofError("htu", "the request URI is not an http(s) URI") from e
+    try:
+        matches = comparable_htu(sent_htu) == request_htu
+    except (ConfigurationError, ValueError) as e:
         raise InvalidProofError("htu", "htu is not an http(s) URI") from e
     if not matches:
         raise InvalidProofError("htu", "htu does not match the request URI")
@@ -355,13 +391,19 @@ def verify_proof(
         sent_ath = ath.encode("utf-8", "surrogatepass")  # lone surrogates: mismatch, not crash
         if not hmac.compare_digest(sent_ath, access_token_hash(access_token).encode()):
             raise InvalidProofError("ath", "ath does not match the access token")
-    if expected_jkt is not None and not hmac.compare_digest(expected_jkt.encode(), jkt.encode()):
+    # cnf.jkt comes from the token's claims: a non-string is a bad token, not a crash.
+    if expected_jkt is not None and (
+        not isinstance(expected_jkt, str)
+        or not hmac.compare_digest(expected_jkt.encode("utf-8", "surrogatepass"), jkt.encode())
+    ):
         raise TokenBindingError("cnf", "the proof's key does not match the token's cnf.jkt")
 
     _check_nonce(claims, nonce)
 
-    if replay_cache is not None and not replay_cache.check_and_store(
-        jkt + ":" + jti, float(iat) + max_age + 2 * leeway, current
-    ):
-        raise ReplayError("jti", "proof was already used (jti replay)")
+    # RFC 9449 §11.1: a jti is accepted once per key for as long as its iat passes the window.
+    if replay_cache is not NO_REPLAY_CHECK:
+        cache = default_replay_cache() if replay_cache is None else replay_cache
+        expires_at = float(iat) + max_age + 2 * leeway
+        if not cache.check_and_store(jkt + ":" + jti, expires_at, current, owner=jkt):
+            raise ReplayError("jti", "proof was already used (jti replay)")
     return VerifiedProof(claims=claims, header=header, jkt=jkt)

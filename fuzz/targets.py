@@ -128,24 +128,45 @@ def _seeds_b64url() -> list[bytes]:
 # --- verify_proof: raw proof text ----------------------------------------------------------
 
 
+def _check_verified(verified: Any, verify_again: Callable[[], object]) -> None:
+    """Oracles for an accepted proof: the rules hold for what passed, and a replay fails."""
+    from dpop_hsm.errors import ReplayError
+
+    jwk = verified.header["jwk"]
+    if jwk.get("kty") == "RSA":  # NIST SP 800-56B: odd 2^16 < e < 2^256; 2048..8192-bit n
+        from dpop_hsm.jose import b64url_decode
+
+        e = int.from_bytes(b64url_decode(jwk["e"]), "big")
+        n = int.from_bytes(b64url_decode(jwk["n"]), "big")
+        assert 2**16 < e < 2**256 and e % 2 == 1, "RSA exponent out of bounds accepted"
+        assert 2048 <= n.bit_length() <= 8192, "RSA modulus size out of bounds accepted"
+    try:
+        verify_again()
+    except ReplayError:
+        return
+    raise AssertionError("the same proof verified twice with one replay cache")
+
+
 def _prepare_verify() -> FuzzOne:
     from dpop_hsm.errors import VerificationError
     from dpop_hsm.verify import ReplayCache, verify_proof
 
-    cache = ReplayCache(max_entries=64)
-
     def one(data: bytes) -> None:
         proof = data.decode("latin-1")
         for access_token in (None, TOKEN):
-            with contextlib.suppress(VerificationError):
-                verify_proof(
-                    proof,
-                    htm="GET",
-                    htu=HTU,
-                    access_token=access_token,
-                    now=NOW,
+            cache = ReplayCache(max_entries=64)  # per input: accepting must not depend on history
+
+            def again(access_token: str | None = access_token, cache: Any = cache) -> object:
+                return verify_proof(
+                    proof, htm="GET", htu=HTU, access_token=access_token, now=NOW,
                     replay_cache=cache,
-                )
+                )  # fmt: skip
+
+            try:
+                verified = again()
+            except VerificationError:
+                continue
+            _check_verified(verified, again)
 
     return one
 
@@ -155,7 +176,7 @@ def _seeds_verify() -> list[bytes]:
     from dpop_hsm.signers.software import SoftwareSigner
 
     seeds = [p["proof"].encode() for p in _vectors("rfc9449.json").get("proofs", [])]
-    for alg in ("ES256", "ES384", "ES512", "EdDSA"):
+    for alg in ("ES256", "ES384", "ES512", "EdDSA", "PS256"):
         factory = ProofFactory(SoftwareSigner.generate(alg), clock=lambda: NOW)
         seeds.append(factory.create("GET", HTU).encode())
         seeds.append(factory.create("GET", HTU, access_token=TOKEN, nonce="n-1").encode())
@@ -168,33 +189,64 @@ def _seeds_verify() -> list[bytes]:
 def _prepare_verify_signed() -> FuzzOne:
     """Header and payload JSON come from the fuzzer and are *validly signed* here, so the
     claim checks behind the signature check get exercised (an attacker signs with their own
-    key, so everything after the signature is attacker-reachable)."""
+    key, so everything after the signature is attacker-reachable).
+
+    Input: header bytes, NUL, payload bytes, and optionally NUL and an access token (read as
+    latin-1, as http.server hands over header bytes). The bytes are signed as they are, so
+    non-UTF-8, BOMs and duplicate members reach the JSON reader; "$JWK" in the header stands
+    for this target's ES256 public key and "$RSAJWK" for its RSA key (then signed with RS256).
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
     from dpop_hsm.errors import VerificationError
     from dpop_hsm.jose import b64url_encode
-    from dpop_hsm.signers.software import SoftwareSigner
+    from dpop_hsm.signers.software import SoftwareSigner, public_jwk_of
+    from dpop_hsm.strict_json import loads_strict
     from dpop_hsm.verify import ReplayCache, verify_proof
 
     signer = SoftwareSigner.generate("ES256")
     jwk_text = json.dumps(dict(signer.public_jwk), separators=(",", ":")).encode()
-    cache = ReplayCache(max_entries=64)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_text = json.dumps(public_jwk_of(rsa_key.public_key()), separators=(",", ":")).encode()
+
+    def sign(signing_input: bytes, with_rsa: bool) -> bytes:
+        if with_rsa:
+            return rsa_key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+        return signer.sign(signing_input)
 
     def one(data: bytes) -> None:
-        header, _, payload = data.partition(b"\x00")
-        # "$JWK" stands for this signer's public JWK, so mutations keep a matching key.
-        header = header.replace(b'"$JWK"', jwk_text)
+        header, _, rest = data.partition(b"\x00")
+        payload, _, token_bytes = rest.partition(b"\x00")
+        with_rsa = b'"$RSAJWK"' in header
+        header = header.replace(b'"$JWK"', jwk_text).replace(b'"$RSAJWK"', rsa_text)
         signing_input = b64url_encode(header) + "." + b64url_encode(payload)
-        proof = signing_input + "." + b64url_encode(signer.sign(signing_input.encode("ascii")))
-        for access_token, nonce in ((None, None), (TOKEN, "n-1")):
-            with contextlib.suppress(VerificationError):
-                verify_proof(
-                    proof,
-                    htm="GET",
-                    htu=HTU,
-                    access_token=access_token,
-                    nonce=nonce,
-                    now=NOW,
+        proof = signing_input + "." + b64url_encode(sign(signing_input.encode("ascii"), with_rsa))
+        tokens: list[str | None] = [None, TOKEN]
+        if token_bytes:
+            tokens.append(token_bytes.decode("latin-1"))
+        for access_token in tokens:
+            nonce = None if access_token is None else "n-1"
+            cache = ReplayCache(max_entries=64)
+
+            def again(
+                access_token: str | None = access_token,
+                nonce: str | None = nonce,
+                cache: Any = cache,
+            ) -> object:
+                return verify_proof(
+                    proof, htm="GET", htu=HTU, access_token=access_token, nonce=nonce, now=NOW,
                     replay_cache=cache,
-                )
+                )  # fmt: skip
+
+            try:
+                verified: Any = again()
+            except VerificationError:
+                continue
+            # Accepted bytes are strict JSON, and the lenient stdlib reads the same claims.
+            assert loads_strict(payload) == verified.claims == json.loads(payload)
+            assert loads_strict(header) == verified.header
+            _check_verified(verified, again)
 
     return one
 
@@ -215,24 +267,70 @@ def _seeds_verify_signed() -> list[bytes]:
         },
         {"jti": "j3", "htm": "GET", "htu": "HTTPS://RS.example.com:443/%72esource", "iat": NOW},
     ]
-    return [header + b"\x00" + json.dumps(c, separators=(",", ":")).encode() for c in claims]
+    seeds = [header + b"\x00" + json.dumps(c, separators=(",", ":")).encode() for c in claims]
+    good = json.dumps(claims[0], separators=(",", ":"))
+    seeds += [
+        # The strict JSON rules (RFC 8259 §4, §6, §8.1): none of these may verify.
+        header + b"\x00\xef\xbb\xbf" + good.encode(),
+        header + b"\x00" + good.encode("utf-16"),
+        header + b"\x00" + good[:-1].encode() + b',"htm":"POST"}',
+        header + b"\x00" + good[:-1].encode() + b',"x":NaN}',
+        header + b"\x00" + good.replace(str(int(NOW)), "1e400").encode(),
+        header[:-1] + b',"alg":"ES256"}\x00' + good.encode(),
+        b"\xef\xbb\xbf" + header + b"\x00" + good.encode(),
+        # RSA: the target's own key verifies; a huge or even exponent may never get that far.
+        b'{"typ":"dpop+jwt","alg":"RS256","jwk":"$RSAJWK"}\x00' + good.encode(),
+        b'{"typ":"dpop+jwt","alg":"RS256","jwk":'
+        + _rsa_jwk_text(e=(1 << 3070) | 1)
+        + b"}\x00"
+        + good.encode(),
+        b'{"typ":"dpop+jwt","alg":"RS256","jwk":'
+        + _rsa_jwk_text(e=65538)
+        + b"}\x00"
+        + good.encode(),
+        # A third part is the access token, as the request carried it.
+        header + b"\x00" + json.dumps(claims[1]).encode() + b"\x00t\xf6k\xe9n",
+    ]
+    return seeds
+
+
+def _rsa_jwk_text(*, e: int, n_bits: int = 3072, leading_zero: bool = False) -> bytes:
+    """An RSA public JWK with any exponent (no private key needed: it is refused unverified)."""
+    import secrets
+
+    from dpop_hsm.jose import b64url_encode
+
+    n = secrets.randbits(n_bits) | 1 | (1 << (n_bits - 1))
+    n_raw = (b"\x00" if leading_zero else b"") + n.to_bytes(n_bits // 8, "big")
+    e_raw = e.to_bytes(max(1, (e.bit_length() + 7) // 8), "big")
+    jwk = {"kty": "RSA", "n": b64url_encode(n_raw), "e": b64url_encode(e_raw)}
+    return json.dumps(jwk, separators=(",", ":")).encode()
 
 
 # --- JWK -> public key (and the private-JWK / key-file parser) -----------------------------
 
 
 def _prepare_jwk() -> FuzzOne:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from dpop_hsm.errors import DPoPError
     from dpop_hsm.jose import jwk_thumbprint
+    from dpop_hsm.strict_json import StrictJsonError, loads_strict
     from dpop_hsm.verify import public_key_from_jwk
 
     def one(data: bytes) -> None:
         try:
-            value = json.loads(data)
-        except (ValueError, RecursionError):
-            return  # not JSON: the JSON parser's business, not ours
-        with contextlib.suppress(DPoPError):
-            public_key_from_jwk(value)
+            value = loads_strict(data)  # the reader verify_proof uses for the header
+        except StrictJsonError:
+            return  # not JSON we accept: the JSON reader's business, not ours
+        try:
+            key = public_key_from_jwk(value)
+        except DPoPError:
+            key = None
+        if isinstance(key, rsa.RSAPublicKey):
+            e = key.public_numbers().e
+            assert 2**16 < e < 2**256 and e % 2, "RSA exponent out of bounds accepted"
+            assert 2048 <= key.key_size <= 8192, "RSA modulus size out of bounds accepted"
         if isinstance(value, dict):
             with contextlib.suppress(DPoPError):
                 jwk_thumbprint(value)
@@ -247,8 +345,19 @@ def _seeds_jwk() -> list[bytes]:
     jwk = _vectors("rfc9449.json").get("example_public_jwk", {}).get("jwk")
     if jwk:
         seeds.append(json.dumps(jwk).encode())
-    for alg in ("ES256", "ES384", "ES512", "EdDSA"):
+    for alg in ("ES256", "ES384", "ES512", "EdDSA", "PS256"):
         seeds.append(json.dumps(dict(SoftwareSigner.generate(alg).public_jwk)).encode())
+    seeds += [
+        _rsa_jwk_text(e=65537),
+        _rsa_jwk_text(e=(1 << 3070) | 1),  # the 3071-bit exponent: ~100x the verification cost
+        _rsa_jwk_text(e=2**256 + 1),
+        _rsa_jwk_text(e=2**256 - 1),
+        _rsa_jwk_text(e=65538),
+        _rsa_jwk_text(e=3),
+        _rsa_jwk_text(e=65537, n_bits=8200),
+        _rsa_jwk_text(e=65537, n_bits=2040),
+        _rsa_jwk_text(e=65537, leading_zero=True),
+    ]
     return seeds
 
 

@@ -19,6 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -75,7 +76,6 @@ def bench_software(seconds: float) -> list[Row]:
 
     from dpop_hsm.proof import ProofFactory
     from dpop_hsm.signers.software import SoftwareSigner
-    from dpop_hsm.verify import verify_proof
 
     rows: list[Row] = []
     for alg in ("ES256", "ES384", "EdDSA"):
@@ -104,18 +104,143 @@ def bench_software(seconds: float) -> list[Row]:
         mark = "ok" if ratio >= TARGET_RATIO else f"BELOW TARGET {TARGET_RATIO}"
         rows.append((f"software {alg} proof/raw ratio (median of rounds; {mark})", ratio))
 
-    signer = SoftwareSigner.generate("ES256")
-    factory = ProofFactory(signer)
-    proofs = [factory.create("GET", "https://rs.example.com/r") for _ in range(64)]
-    index = [0]
-
-    def verify() -> object:
-        index[0] = (index[0] + 1) % len(proofs)
-        return verify_proof(proofs[index[0]], htm="GET", htu="https://rs.example.com/r")
-
-    rows.append(("verify_proof ES256 /s", _rate(verify, seconds / 4)))
+    rows.extend(bench_verify(seconds / 4))
+    rows.extend(bench_replay_flood(seconds / 4))
     rows.extend(_import_times())
     return rows
+
+
+def _timed_calls(fn: Callable[[str], object], items: list[str]) -> float:
+    """Calls per second of ``fn`` over every item once (each proof is verified exactly once)."""
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return len(items) / (time.perf_counter() - start)
+
+
+def bench_verify(seconds: float, rounds: int = 7) -> list[Row]:
+    """verify_proof with the default replay check vs without, paired proof by proof.
+
+    Replay checking is on by default, so every proof must be new: each proof is verified once
+    through the process-wide cache and once with NO_REPLAY_CHECK, the order alternating, so
+    both sides see the same proofs and the same moment of a noisy machine.
+    """
+    from dpop_hsm.proof import ProofFactory
+    from dpop_hsm.signers.software import SoftwareSigner
+    from dpop_hsm.verify import NO_REPLAY_CHECK, verify_proof
+
+    htu = "https://rs.example.com/r"
+    per_round = max(100, int(5_000 * seconds / rounds))  # ~seconds at ~10k verifications/s
+    clock = time.perf_counter
+    ons, offs, ratios = [], [], []
+    for _ in range(rounds):
+        # a new key per round, as from many clients: one key may hold only a share of the cache
+        factory = ProofFactory(SoftwareSigner.generate("ES256"))
+        proofs = [factory.create("GET", htu) for _ in range(per_round)]
+        on = off = 0.0
+        for i, proof in enumerate(proofs):
+            if i % 2:
+                t0 = clock()
+                verify_proof(proof, htm="GET", htu=htu)
+                t1 = clock()
+                verify_proof(proof, htm="GET", htu=htu, replay_cache=NO_REPLAY_CHECK)
+                t2 = clock()
+                on, off = on + (t1 - t0), off + (t2 - t1)
+            else:
+                t0 = clock()
+                verify_proof(proof, htm="GET", htu=htu, replay_cache=NO_REPLAY_CHECK)
+                t1 = clock()
+                verify_proof(proof, htm="GET", htu=htu)
+                t2 = clock()
+                off, on = off + (t1 - t0), on + (t2 - t1)
+        ons.append(per_round / on)
+        offs.append(per_round / off)
+        ratios.append(off / on)
+    return [
+        ("verify_proof ES256 /s (replay check on: default cache)", statistics.median(ons)),
+        ("verify_proof ES256 /s (replay_cache=NO_REPLAY_CHECK)", statistics.median(offs)),
+        (
+            "verify_proof replay-check on/off rate ratio (median of rounds)",
+            statistics.median(ratios),
+        ),
+    ]
+
+
+def _full_cache(size: int, now: float) -> tuple[object, float]:
+    """A cache full of live entries, and the microseconds each insertion took to fill it."""
+    from dpop_hsm.verify import ReplayCache
+
+    cache = ReplayCache(max_entries=size, max_entries_per_key=size)
+    keys = [(f"fill-{i}:j", f"fill-{i % 1000}") for i in range(size)]
+    start = time.perf_counter()
+    for i, (key, owner) in enumerate(keys):  # live for the whole run: nothing may be evicted
+        cache.check_and_store(key, now + 1e6 + i, now, owner=owner)
+    return cache, (time.perf_counter() - start) / size * 1e6
+
+
+def bench_replay_flood(seconds: float, rounds: int = 9) -> list[Row]:
+    """A flood of distinct proofs against a full replay cache: refused in constant time.
+
+    Caches of 1k and 100k live entries, measured back to back in each round (the order
+    alternating); the cost per refused proof is the median of the per-round ratios 100k / 1k,
+    once for the cache alone and once through verify_proof with distinct validly signed proofs
+    (what an attacker sends). A scan of the cache per refusal would show ~100 here.
+    """
+    from dpop_hsm.errors import ReplayCacheFullError
+    from dpop_hsm.proof import ProofFactory
+    from dpop_hsm.signers.software import SoftwareSigner
+    from dpop_hsm.verify import verify_proof
+
+    now = 1_700_000_000.0
+    htu = "https://rs.example.com/r"
+    filled = {size: _full_cache(size, now) for size in (1_000, 100_000)}
+    caches = {size: cache for size, (cache, _) in filled.items()}
+    factory = ProofFactory(SoftwareSigner.generate("ES256"), clock=lambda: now)
+    per_round = max(100, int(5_000 * seconds / rounds))
+    store_rates: dict[int, list[float]] = {1_000: [], 100_000: []}
+    verify_rates: dict[int, list[float]] = {1_000: [], 100_000: []}
+    store_ratios, verify_ratios = [], []  # per round: both sizes measured back to back
+    for r in range(rounds):
+        keys = [f"flood-{r}-{i}:j" for i in range(20 * per_round)]
+        proofs = [factory.create("GET", htu) for _ in range(per_round)]
+        for size in (1_000, 100_000) if r % 2 == 0 else (100_000, 1_000):
+            cache: Any = caches[size]
+
+            def store(key: str, cache: Any = cache) -> None:
+                try:
+                    cache.check_and_store(key, now + 60.0, now, owner="flood")
+                except ReplayCacheFullError:
+                    return
+                raise AssertionError("a full cache accepted a new entry")
+
+            def verify(proof: str, cache: Any = cache) -> None:
+                try:
+                    verify_proof(proof, htm="GET", htu=htu, now=now, replay_cache=cache)
+                except ReplayCacheFullError:
+                    return
+                raise AssertionError("a full cache accepted a new proof")
+
+            store_rates[size].append(_timed_calls(store, keys))
+            verify_rates[size].append(_timed_calls(verify, proofs))
+        store_ratios.append(store_rates[1_000][-1] / store_rates[100_000][-1])
+        verify_ratios.append(verify_rates[1_000][-1] / verify_rates[100_000][-1])
+    small_store, big_store = (statistics.median(store_rates[s]) for s in (1_000, 100_000))
+    small_verify, big_verify = (statistics.median(verify_rates[s]) for s in (1_000, 100_000))
+    return [
+        ("replay cache: microseconds per stored entry, filling 100k", filled[100_000][1]),
+        ("replay cache full, 1k entries: refused check_and_store/s", small_store),
+        ("replay cache full, 100k entries: refused check_and_store/s", big_store),
+        (
+            "  cost per refused entry, 100k / 1k (median of rounds; 1.0 = constant)",
+            statistics.median(store_ratios),
+        ),
+        ("replay cache full, 1k entries: refused verify_proof/s", small_verify),
+        ("replay cache full, 100k entries: refused verify_proof/s", big_verify),
+        (
+            "  cost per refused proof, 100k / 1k (median of rounds; 1.0 = constant)",
+            statistics.median(verify_ratios),
+        ),
+    ]
 
 
 def _hash(alg: str) -> object:

@@ -14,6 +14,7 @@ The figures are printed (``pytest -s``) for the issue's closing note.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from dpop_hsm.errors import ReplayCacheFullError
 from dpop_hsm.verify import ReplayCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +47,23 @@ FEEDERS: dict[str, tuple[str, str]] = {
         'store.put(f"https://h{i}.example", "nonce")',
     ),
     "replay_cache": (
-        f"from dpop_hsm.verify import ReplayCache\ncache = ReplayCache(max_entries={LIMIT})",
-        # every jti still live (expires far in the future): only the bound can evict
-        'cache.check_and_store(f"jkt:{i}", 1e12, 0.0)',
+        textwrap.dedent(
+            f"""
+            from dpop_hsm.errors import ReplayCacheFullError
+            from dpop_hsm.verify import ReplayCache
+            cache = ReplayCache(max_entries={LIMIT})
+            def feed(i):
+                # twice as many live jtis as the bound: half are refused (the cache fails
+                # closed), the rest expire and leave as time moves on
+                try:
+                    cache.check_and_store(
+                        f"jkt{{i}}:j", i + 2.0 * {LIMIT}, float(i), owner=f"jkt{{i}}"
+                    )
+                except ReplayCacheFullError:
+                    pass
+            """
+        ),
+        "feed(i)",
     ),
     "token_cache": (
         textwrap.dedent(
@@ -155,7 +171,10 @@ def retained_bytes(make: Callable[[], Any], feed: Callable[[Any, int], None], co
 
 
 def _replay(cache: ReplayCache, i: int) -> None:
-    cache.check_and_store(f"jkt:{i}", 1e12, 0.0)
+    # As in the subprocess feed: twice the bound live at any time, so the cache both refuses
+    # (full of live entries) and evicts (expired ones) all along.
+    with contextlib.suppress(ReplayCacheFullError):
+        cache.check_and_store(f"jkt{i}:j", i + 2.0 * LIMIT, float(i), owner=f"jkt{i}")
 
 
 def _nonce(store: Any, i: int) -> None:
@@ -209,9 +228,13 @@ def test_retained_memory_is_proportional_to_the_limit_not_the_input(
     assert at_20x < 1.5 * at_limit + 64 * 1024  # flat: 20x the input, about the same memory
 
 
-def test_replay_cache_bound_keeps_the_newest_entries() -> None:
+def test_replay_cache_bound_refuses_rather_than_forget_a_live_entry() -> None:
+    """RFC 9449 §11.1: a live jti is never evicted to make room; new ones are refused."""
     cache = ReplayCache(max_entries=3)
-    for i in range(10):
+    for i in range(3):
         assert cache.check_and_store(f"j{i}", 1e12, 0.0)
+    for i in range(3, 10):
+        with pytest.raises(ReplayCacheFullError):
+            cache.check_and_store(f"j{i}", 1e12, 0.0)
     assert len(cache) == 3
-    assert not cache.check_and_store("j9", 1e12, 0.0)  # newest still remembered
+    assert not cache.check_and_store("j0", 1e12, 0.0)  # the oldest is still remembered

@@ -58,6 +58,8 @@ CODES = {
     "VerificationError": "verification_failed",
     "InvalidProofError": "invalid_dpop_proof",
     "ReplayError": "dpop_proof_replay",
+    "ReplayCacheFullError": "replay_cache_full",
+    "ReplayKeyQuotaError": "replay_key_quota",
     "UseDPoPNonceError": "use_dpop_nonce",
     "TokenBindingError": "invalid_token",
     # developer login

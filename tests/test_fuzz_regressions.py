@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from dpop_hsm.jose import b64url_encode
 from fuzz.targets import TARGETS, FuzzOne
 
 
@@ -36,6 +37,17 @@ CLAIMS = {"jti": "j", "htm": "GET", "htu": "https://rs.example.com/resource", "i
 def _token_case(expires_in: str) -> bytes:
     body = '{"access_token":"aaaaaaaaaa","token_type":"DPoP","expires_in":' + expires_in + "}"
     return b"\x00" + body.encode()  # status byte 0 -> HTTP 200
+
+
+def _rsa_jwk(n_bits: int, e: int) -> bytes:
+    """A fixed RSA public JWK (any odd n will do: the key must be refused before it is used)."""
+    n = (1 << (n_bits - 1)) | 1
+    jwk = {
+        "kty": "RSA",
+        "n": b64url_encode(n.to_bytes(n_bits // 8, "big")),
+        "e": b64url_encode(e.to_bytes((e.bit_length() + 7) // 8, "big")),
+    }
+    return json.dumps(jwk).encode()
 
 
 CASES: list[Any] = [
@@ -61,6 +73,17 @@ CASES: list[Any] = [
         signed_case(HEADER, {**CLAIMS, "nonce": "\udfff"}),
         id="verify-nonce-lone-surrogate",
     ),
+    # verify_proof: a non-ASCII access token raised ConfigurationError (a 500 at a server)
+    # instead of a verification error; it is now TokenBindingError (not token68).
+    pytest.param(
+        "verify_signed",
+        signed_case(HEADER, {**CLAIMS, "ath": "x"}) + b"\x00t\xf6k\xe9n",
+        id="verify-non-ascii-access-token",
+    ),
+    # public_key_from_jwk accepted RSA keys whose exponent sets the verification cost: a
+    # 3071-bit e (~100x a normal check) and e = 3, both outside NIST SP 800-56B's bounds.
+    pytest.param("jwk", _rsa_jwk(3072, (1 << 3070) | 1), id="jwk-rsa-3071-bit-exponent"),
+    pytest.param("jwk", _rsa_jwk(2048, 3), id="jwk-rsa-exponent-3"),
     # htu.is_loopback_host: ValueError on a malformed authority, and dotted names like
     # "127.999.0.1" (DNS names, not IP literals) accepted as loopback for plain http.
     pytest.param("htu", b"http://]", id="htu-malformed-authority"),

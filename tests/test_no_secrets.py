@@ -214,6 +214,7 @@ def test_every_error_class_renders_bounded_printable_text(name: str) -> None:
         "detail": hostile,
         "error": hostile,
         "error_description": hostile,
+        "retry_after": 1.5,
     }
     error = cls(**{p: values[p] for p in params})
     assert isinstance(error, DPoPError) and error.code

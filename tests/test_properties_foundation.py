@@ -28,7 +28,13 @@ from dpop_hsm.errors import DPoPError, SignatureEncodingError, VerificationError
 from dpop_hsm.jose import b64url_decode, b64url_encode
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
-from dpop_hsm.verify import MAX_PROOF_LENGTH, ReplayCache, VerifiedProof, verify_proof
+from dpop_hsm.verify import (
+    MAX_PROOF_LENGTH,
+    NO_REPLAY_CHECK,
+    ReplayCache,
+    VerifiedProof,
+    verify_proof,
+)
 
 _LONG = os.environ.get("HYPOTHESIS_PROFILE", "") == "long"
 
@@ -298,6 +304,40 @@ def test_type_confusion_in_signed_proofs_only_typed_errors(
         assert result.header["typ"].lower() == "dpop+jwt"
 
 
+# Everything that arrives with the request is input: the access token, the token's cnf.jkt, and
+# the method and URI the server read off the request line. Whatever they hold, verify_proof
+# answers with a VerificationError (400/401), never ConfigurationError (a 500).
+request_text = st.one_of(
+    st.text(max_size=60),
+    st.text(alphabet="abcAZ09-._~+/= \t\r\n\x00\u00e9\ud800\uff41", max_size=30),
+    st.sampled_from(["", "tok", "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU", "tok\u00e9n"]),
+)
+
+
+@settings(FAST, max_examples=examples(300))
+@given(
+    access_token=st.one_of(st.none(), request_text),
+    htm=st.one_of(st.just("GET"), request_text),
+    htu=st.one_of(st.just(HTU), request_text, st.builds(lambda t: HTU + t, request_text)),
+    expected_jkt=st.one_of(st.none(), request_text, json_values),
+)
+def test_request_side_inputs_only_raise_verification_errors(
+    es256: SoftwareSigner, access_token: Any, htm: Any, htu: Any, expected_jkt: Any
+) -> None:
+    proof = ProofFactory(es256, clock=lambda: NOW).create("GET", HTU, access_token="tok")
+    result = only_typed_errors(
+        proof,
+        htm=htm,
+        htu=htu,
+        access_token=access_token,
+        expected_jkt=expected_jkt,
+        replay_cache=NO_REPLAY_CHECK,
+    )
+    if result is not None:
+        assert htm == "GET" and access_token in (None, "tok")
+        assert expected_jkt in (None, es256.thumbprint)
+
+
 # Regression (found by this suite): a validly signed proof whose ath or nonce claim is a JSON
 # string with a lone surrogate ("\\ud800") made verify_proof raise UnicodeEncodeError.
 
@@ -433,6 +473,79 @@ def test_public_key_from_arbitrary_jwk_only_typed_errors(jwk: Any) -> None:
     assert key is not None
     with contextlib.suppress(DPoPError):
         assert len(b64url_decode(jwk_thumbprint(jwk))) == 32
+
+
+# RSA keys set the cost of their own verification: a 3071-bit exponent costs ~100x a normal
+# check. The rule (NIST SP 800-56B Rev. 2 §6.2.1): e odd, 2^16 < e < 2^256; n of 2048 to 8192
+# bits, both in the fewest octets (RFC 7518 §2). Accepted exactly when the rule holds.
+_RSA_N = {bits: (1 << (bits - 1)) | 0xF1 for bits in (2048, 3072, 4096, 8192)}
+
+
+@settings(FAST, max_examples=examples(300))
+@given(
+    bits=st.sampled_from([2047, 2048, 3072, 4096, 8192, 8193]),
+    e=st.one_of(
+        st.integers(min_value=0, max_value=2**17),
+        st.integers(min_value=2**255, max_value=2**257),
+        st.integers(min_value=2**256, max_value=2**3071),  # huge exponents
+        st.sampled_from([3, 65537, 2**16 - 1, 2**16 + 1, 2**256 - 1, 2**256 + 1]),
+    ),
+    zero_pad=st.sampled_from([None, "n", "e"]),
+)
+def test_rsa_jwk_accepted_exactly_within_the_bounds(
+    bits: int, e: int, zero_pad: str | None
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from dpop_hsm.verify import public_key_from_jwk
+
+    n = _RSA_N.get(bits, (1 << (bits - 1)) | 1)
+
+    def uint(value: int, pad: bool) -> str:
+        raw = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+        return b64url_encode(b"\x00" + raw if pad else raw)
+
+    jwk = {"kty": "RSA", "n": uint(n, zero_pad == "n"), "e": uint(e, zero_pad == "e")}
+    within = 2048 <= bits <= 8192 and 2**16 < e < 2**256 and e % 2 == 1 and zero_pad is None
+    try:
+        key = public_key_from_jwk(jwk)
+    except VerificationError:
+        assert not within, (bits, e, zero_pad)
+        return
+    assert within, (bits, e.bit_length(), zero_pad)
+    assert isinstance(key, rsa.RSAPublicKey) and key.public_numbers().e == e
+
+
+# JSON that another parser could read differently never verifies (RFC 8259 §4, §6, §8.1):
+# header and claims of a validly signed proof, re-encoded and with members duplicated.
+@settings(FAST, max_examples=examples(200))
+@given(
+    where=st.sampled_from(["header", "claims"]),
+    encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32"]),
+    duplicate=st.one_of(st.none(), st.sampled_from(["typ", "alg", "jti", "htm", "iat", "x"])),
+    extra=st.one_of(st.none(), st.text(max_size=5)),
+)
+def test_only_strict_json_verifies(
+    es256: SoftwareSigner, where: str, encoding: str, duplicate: str | None, extra: str | None
+) -> None:
+    header, claims = good_header(es256), good_claims()
+    if extra is not None:
+        claims["extra"] = extra  # non-ASCII text makes the encodings differ byte-wise
+    texts = {
+        "header": json.dumps(header, separators=(",", ":"), ensure_ascii=False),
+        "claims": json.dumps(claims, separators=(",", ":"), ensure_ascii=False),
+    }
+    target = {"header": header, "claims": claims}[where]
+    if duplicate is not None:
+        value = json.dumps(target.get(duplicate, "dup"), ensure_ascii=False)
+        texts[where] = texts[where][:-1] + f',"{duplicate}":{value}' + "}"
+        if duplicate not in target:  # a new member twice
+            texts[where] = texts[where][:-1] + f',"{duplicate}":{value}' + "}"
+    raw = {k: v.encode(encoding if k == where else "utf-8") for k, v in texts.items()}
+    proof = signed(es256, b64url_encode(raw["header"]), b64url_encode(raw["claims"]))
+    strict = encoding == "utf-8" and duplicate is None
+    result = only_typed_errors(proof, replay_cache=NO_REPLAY_CHECK)
+    assert (result is not None) == strict, (where, encoding, duplicate)
 
 
 # --- htu normalization and the loopback test -----------------------------------------------

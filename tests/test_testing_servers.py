@@ -15,6 +15,7 @@ from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.base import Signer
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import ClientRegistration, Counters, LocalDPoPServers
+from dpop_hsm.token import TokenClient
 from tests.support.servers import CLIENT_SECRET, token_client
 
 
@@ -268,3 +269,39 @@ def test_counters_are_thread_safe() -> None:
         t.join()
     assert counters.token_requests == 8000
     assert counters.snapshot()["rejections"] == {"x": 8000}
+
+
+def test_a_full_replay_cache_answers_503_with_retry_after(dpop_signer: Signer) -> None:
+    """The RS fails closed at capacity (never forgetting a live jti) and says when to retry,
+    instead of calling a good proof invalid (RFC 9110 §15.6.4, §10.2.3)."""
+    import requests
+
+    from dpop_hsm.replay import ReplayCache
+    from dpop_hsm.requests import DPoPSession
+
+    with LocalDPoPServers() as srv:
+        srv.resource_server._proof_replays = ReplayCache(max_entries=2, max_entries_per_key=2)
+        tc = token_client_default(srv, dpop_signer)
+        with DPoPSession(tc) as session:
+            replies = [session.get(srv.api_url) for _ in range(4)]
+    statuses = [r.status_code for r in replies]
+    assert statuses[0] == 200 and 503 in statuses
+    first_full = statuses.index(503)
+    assert set(statuses[:first_full]) == {200} and set(statuses[first_full:]) == {503}
+    third = replies[first_full]
+    assert int(third.headers["Retry-After"]) >= 1
+    assert "WWW-Authenticate" not in third.headers
+    assert third.json()["error"] == "temporarily_unavailable"
+    assert isinstance(third, requests.Response)
+
+
+def token_client_default(srv: LocalDPoPServers, signer: Signer) -> TokenClient:
+    from dpop_hsm.testing import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+
+    return TokenClient(
+        signer,
+        token_endpoint=srv.token_endpoint,
+        client_id=DEFAULT_CLIENT_ID,
+        client_secret=DEFAULT_CLIENT_SECRET,
+        scope="api",
+    )

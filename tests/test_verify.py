@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from dpop_hsm.errors import (
-    ConfigurationError,
     InvalidProofError,
     ReplayError,
     TokenBindingError,
@@ -24,7 +22,14 @@ from dpop_hsm.errors import (
 from dpop_hsm.jose import b64url_encode, compact_json
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner, public_jwk_of
-from dpop_hsm.verify import ReplayCache, public_key_from_jwk, verify_proof
+from dpop_hsm.verify import (
+    NO_REPLAY_CHECK,
+    ReplayCache,
+    VerifiedProof,
+    default_replay_cache,
+    public_key_from_jwk,
+    verify_proof,
+)
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "rfc9449.json").read_text("utf-8"))
 NOW = 1_700_000_000
@@ -73,13 +78,20 @@ def build(
 def check(
     proof: Any, expected: type[VerificationError], check_name: str, **kwargs: Any
 ) -> VerificationError:
-    options: dict[str, Any] = {"htm": "GET", "htu": HTU, "now": NOW}
+    options: dict[str, Any] = {"htm": "GET", "htu": HTU, "now": NOW, "replay_cache": ReplayCache()}
     options.update(kwargs)
     with pytest.raises(expected) as info:
         verify_proof(proof, **options)
     assert type(info.value) is expected
     assert info.value.check == check_name
     return info.value
+
+
+def accept(proof: str, **kwargs: Any) -> VerifiedProof:
+    """Verify with a fresh replay cache: tests reuse jtis, and each test stands alone."""
+    options: dict[str, Any] = {"htm": "GET", "htu": HTU, "now": NOW, "replay_cache": ReplayCache()}
+    options.update(kwargs)
+    return verify_proof(proof, **options)
 
 
 # --- accepted ---------------------------------------------------------------------------------
@@ -94,6 +106,7 @@ def test_rfc9449_example_proofs_verify(index: int) -> None:
         htu=vector["htu"],
         access_token=vector["access_token"],
         now=vector["iat"],
+        replay_cache=ReplayCache(),
     )
     assert result.jkt == VECTORS["example_public_jwk"]["jkt"]
     assert result.claims["jti"] == vector["jti"]
@@ -112,6 +125,7 @@ def test_rfc9449_example_with_query_in_request_uri_and_bound_token() -> None:
         access_token=vector["access_token"],
         expected_jkt=VECTORS["example_public_jwk"]["jkt"],
         now=vector["iat"] + 30,
+        replay_cache=ReplayCache(),
     )
 
 
@@ -140,14 +154,14 @@ def test_our_proofs_verify_for_every_alg(alg: str) -> None:
 
 def test_nonce_collection_and_predicate_accept() -> None:
     proof = build(payload=claims(nonce="b"))
-    verify_proof(proof, htm="GET", htu=HTU, nonce={"a", "b"}, now=NOW)
-    verify_proof(proof, htm="GET", htu=HTU, nonce=lambda n: n == "b", now=NOW)
+    accept(proof, nonce={"a", "b"})
+    accept(proof, nonce=lambda n: n == "b")
 
 
 def test_iat_window_edges_accepted() -> None:
-    verify_proof(build(payload=claims(iat=NOW + 5)), htm="GET", htu=HTU, now=NOW)
-    verify_proof(build(payload=claims(iat=NOW - 65)), htm="GET", htu=HTU, now=NOW)
-    verify_proof(build(payload=claims(iat=NOW + 0.5)), htm="GET", htu=HTU, now=NOW)
+    accept(build(payload=claims(iat=NOW + 5)))
+    accept(build(payload=claims(iat=NOW - 65)))
+    accept(build(payload=claims(iat=NOW + 0.5)))
 
 
 # --- syntax -----------------------------------------------------------------------------------
@@ -219,7 +233,7 @@ def test_typ(typ: Any) -> None:
 
 
 def test_typ_case_insensitive_media_type() -> None:
-    verify_proof(build(hdr=header(typ="DPoP+JWT")), htm="GET", htu=HTU, now=NOW)
+    accept(build(hdr=header(typ="DPoP+JWT")))
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "HS256", "HS512", "ES256K", "", None, _DROP, 5])
@@ -384,9 +398,9 @@ def test_htu(htu: Any) -> None:
 
 def test_htu_normalized_forms_match() -> None:
     proof = build(payload=claims(htu="HTTPS://RS.Example:443/resource"))
-    verify_proof(proof, htm="GET", htu="https://rs.example/resource?x#y", now=NOW)
+    accept(proof, htu="https://rs.example/resource?x#y")
     proof = build(payload=claims(htu="https://rs.example/%7Euser"))
-    verify_proof(proof, htm="GET", htu="https://rs.example/~user", now=NOW)
+    accept(proof, htu="https://rs.example/~user")
 
 
 @pytest.mark.parametrize("iat", [_DROP, None, str(NOW), True, False, [NOW], {"t": NOW}])
@@ -454,6 +468,41 @@ def test_replay() -> None:
     )  # fmt: skip
 
 
+def test_replay_refused_by_default_without_a_cache_argument() -> None:
+    """RFC 9449 §11.1: a verifier that passes no cache still refuses the second use."""
+    proof = ProofFactory(SIGNER, clock=lambda: NOW).create("GET", HTU)
+    verify_proof(proof, htm="GET", htu=HTU, now=NOW)
+    err = check(proof, ReplayError, "jti", replay_cache=None)  # None: the process-wide cache
+    assert err.oauth_error == "invalid_dpop_proof"
+    with pytest.raises(ReplayError):
+        verify_proof(proof, htm="GET", htu=HTU, now=NOW + 1)
+
+
+def test_default_cache_is_one_bounded_cache_per_process() -> None:
+    cache = default_replay_cache()
+    assert cache is default_replay_cache()
+    proof = ProofFactory(SIGNER, clock=lambda: NOW).create("GET", HTU)
+    verify_proof(proof, htm="GET", htu=HTU, now=NOW)
+    assert not cache.check_and_store(SIGNER.thumbprint + ":" + _jti(proof), NOW + 60.0, NOW)
+
+
+def test_no_replay_check_is_the_only_opt_out() -> None:
+    proof = ProofFactory(SIGNER, clock=lambda: NOW).create("GET", HTU)
+    cache = default_replay_cache()
+    before = len(cache)
+    for _ in range(3):
+        verify_proof(proof, htm="GET", htu=HTU, now=NOW, replay_cache=NO_REPLAY_CHECK)
+    assert len(cache) == before  # nothing stored anywhere
+    verify_proof(proof, htm="GET", htu=HTU, now=NOW)  # and the default cache still works
+    with pytest.raises(ReplayError):
+        verify_proof(proof, htm="GET", htu=HTU, now=NOW)
+
+
+def _jti(proof: str) -> str:
+    payload = proof.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"])
+
+
 def test_replay_allowed_again_after_window() -> None:
     cache = ReplayCache()
     proof = build()
@@ -475,97 +524,6 @@ def test_errors_never_contain_the_proof() -> None:
     proof = build(payload=claims(htm="POST"))
     err = check(proof, InvalidProofError, "htm")
     assert proof not in str(err) and proof.split(".")[2] not in repr(err)
-
-
-# --- ReplayCache --------------------------------------------------------------------------------
-
-
-def test_replay_cache_bound() -> None:
-    cache = ReplayCache(max_entries=100)
-    for i in range(1_000):
-        assert cache.check_and_store(f"k{i}", NOW + 60.0, NOW)
-        assert len(cache) <= 100
-    assert len(cache) == 100
-    assert not cache.check_and_store("k999", NOW + 60.0, NOW)  # the newest are kept
-    assert cache.check_and_store("k0", NOW + 60.0, NOW)  # the oldest were evicted
-
-
-def test_replay_cache_expiry() -> None:
-    cache = ReplayCache()
-    assert cache.check_and_store("a", 10.0, 0.0)
-    assert not cache.check_and_store("a", 10.0, 5.0)
-    assert cache.check_and_store("a", 30.0, 11.0)
-
-
-def test_replay_cache_rejects_bad_bound() -> None:
-    with pytest.raises(ConfigurationError):
-        ReplayCache(max_entries=0)
-
-
-def test_replay_cache_threads_unique_jtis() -> None:
-    cache = ReplayCache(max_entries=1_000_000)
-    results: list[bool] = []
-    lock = threading.Lock()
-
-    def worker(t: int) -> None:
-        local = [cache.check_and_store(f"{t}-{i}", NOW + 60.0, NOW) for i in range(5_000)]
-        with lock:
-            results.extend(local)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == 40_000 and all(results)
-    assert len(cache) == 40_000
-
-
-def test_replay_cache_threads_duplicates_accept_exactly_once() -> None:
-    """Eight threads race on the same 2,000 keys: each key is accepted by exactly one of them."""
-    cache = ReplayCache()
-    accepted = [0] * 2_000
-    lock = threading.Lock()
-    barrier = threading.Barrier(8)
-
-    def worker() -> None:
-        barrier.wait()
-        for i in range(2_000):
-            if cache.check_and_store(f"dup-{i}", NOW + 60.0, NOW):
-                with lock:
-                    accepted[i] += 1
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert accepted == [1] * 2_000
-
-
-def test_verify_proof_threads_with_shared_cache() -> None:
-    factory = ProofFactory(SIGNER, clock=lambda: NOW)
-    proofs = [factory.create("GET", HTU) for _ in range(200)]
-    cache = ReplayCache()
-    outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def worker() -> None:
-        for proof in proofs:
-            try:
-                verify_proof(proof, htm="GET", htu=HTU, now=NOW, replay_cache=cache)
-                outcome = "ok"
-            except ReplayError:
-                outcome = "replay"
-            with lock:
-                outcomes.append(outcome)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert outcomes.count("ok") == 200 and outcomes.count("replay") == 600
 
 
 def test_public_key_from_jwk_refuses_non_mapping() -> None:

@@ -8,6 +8,7 @@
 - ``verifier``: the independent proof verifier (``cryptography`` only, no ``dpop_hsm`` code).
 - ``raw_http``: a raw-socket HTTP server for hostile-server tests.
 - ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
+- ``oauth``: drives the local AS's login, PAR, device and refresh endpoints like a browser would.
 - ``cli``: pytest plugin and helpers for running ``dpop-hsm`` in-process and as a child.
 
 The plugins are registered in ``tests/conftest.py``.
