@@ -43,7 +43,14 @@ from .authorization import (
     parse_par_response,
     pushed_authorization_url,
 )
-from .client_auth import ClientAuth, NoClientAuth, PrivateKeyJwt, SecretBasic, SecretPost
+from .client_auth import (
+    ClientAuth,
+    Form,
+    NoClientAuth,
+    PrivateKeyJwt,
+    SecretBasic,
+    SecretPost,
+)
 from .device import DeviceAuthorization, DevicePoller, parse_device_authorization
 from .discovery import (
     MetadataCache,
@@ -208,6 +215,43 @@ def _client_auth(
     )
 
 
+class _WithClientId(ClientAuth):
+    """Client authentication that makes sure ``client_id`` is in the form exactly once.
+
+    RFC 9126 §2.1: the pushed request carries the authorization request's parameters,
+    ``client_id`` among them; ``none``, ``client_secret_post`` and ``private_key_jwt`` already
+    put it in the body, ``client_secret_basic`` does not (RFC 6749 §3.1: never twice).
+    """
+
+    def __init__(self, inner: ClientAuth) -> None:
+        self._inner = inner
+        self.method = inner.method  # type: ignore[misc]
+
+    def prepare(self, client_id: str) -> Callable[[Form], None]:
+        stamp = self._inner.prepare(client_id)
+
+        def with_id(form: Form) -> None:
+            stamp(form)
+            if not any(name == "client_id" for name, _ in form.pairs):
+                form.pairs.append(("client_id", client_id))
+
+        return with_id
+
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
+
+def _par_endpoint(endpoint: TokenEndpoint) -> TokenEndpoint:
+    """The token endpoint's client, proofs and nonces, for posting to the PAR endpoint."""
+    return TokenEndpoint(
+        endpoint.url,
+        client_id=endpoint.client_id,
+        client_auth=_WithClientId(endpoint.client_auth),
+        proofs=endpoint.proofs,
+        nonces=endpoint.nonces,
+    )
+
+
 def _scope_list(scope: str | Sequence[str] | None) -> list[str]:
     if scope is None:
         return []
@@ -262,7 +306,11 @@ def _authorize_in_browser(
             assert par_url is not None
             # RFC 9126 §2.1 + RFC 9449 §10.1: client auth and a DPoP proof, nonce retry.
             exchange = run_flow(
-                endpoint.post_form(par_url, authorization_params(request), what="the PAR endpoint"),
+                _par_endpoint(endpoint).post_form(
+                    par_url,
+                    [(k, v) for k, v in authorization_params(request) if k != "client_id"],
+                    what="the PAR endpoint",
+                ),
                 send,
             )
             pushed = parse_par_response(exchange.response, secrets=exchange.secrets)

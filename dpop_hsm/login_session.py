@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -169,6 +170,7 @@ class LoginSession(TokenClient):
         self.profile_name = profile
         self.store = store if store is not None or profile is None else ProfileStore()
         self._lock_timeout = lock_timeout
+        self._dead_tokens: deque[str] = deque(maxlen=8)  # invalidated: never adopted again
         self._owns_signer = owns_signer
         resources = tuple(resource)
         grant: Grant
@@ -223,6 +225,14 @@ class LoginSession(TokenClient):
             self._adopt_from_profile()
         return super()._acquire_locked()
 
+    def invalidate(self, token: Token | None = None) -> None:
+        """Forget the cached token (e.g. after the RS's ``invalid_token``), and never adopt it
+        back from the profile, where it may still be stored."""
+        current = token if token is not None else self.cache.get(self.cache_key)
+        if current is not None:
+            self._dead_tokens.append(current.access_token)
+        super().invalidate(token)
+
     def _adopt_from_profile(self) -> None:
         if self.profile_name is None or self.store is None:
             return
@@ -236,7 +246,7 @@ class LoginSession(TokenClient):
         theirs = token_from_profile(
             stored, renew_before=self.renew_before, allow_bearer=self.allow_bearer
         )
-        if theirs is None or theirs.needs_renewal():
+        if theirs is None or theirs.needs_renewal() or theirs.access_token in self._dead_tokens:
             return
         if stored.refresh_token is not None and stored.refresh_token != grant.refresh_token:
             grant.replace(stored.refresh_token)

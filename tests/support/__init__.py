@@ -10,6 +10,7 @@
 - ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
 - ``oauth``: drives the local AS's login, PAR, device and refresh endpoints like a browser would.
 - ``cli``: pytest plugin and helpers for running ``dpop-hsm`` in-process and as a child.
+- ``login``: the developer at the browser or device page (``dpop_hsm.login``, ``dpop-hsm login``).
 
 The plugins are registered in ``tests/conftest.py``.
 """
