@@ -127,7 +127,7 @@ def test_login_request_refresh_logout(
     done = run_cli_login(login_args(servers, ref), env=env, servers=servers)
     assert done.returncode == 0, done.stderr
     assert done.url is not None and servers.counters.par_requests == 1
-    summary = one_json(done)
+    summary = json.loads(done.stdout)
     assert summary["profile"] == "dev" and summary["jkt"] == jkt
     assert "offline_access" in summary["scope"].split() and summary["refresh_token"] is True
     pin = key_env.get("DPOP_HSM_PIN", "no-pin-here")
