@@ -130,3 +130,45 @@ def test_help_lists_the_login_options() -> None:
         "--timeout",
     ):
         assert option in result.stdout
+
+
+def test_a_waiting_signature_says_so() -> None:
+    import io
+    import threading
+
+    from dpop_hsm import SoftwareSigner
+    from dpop_hsm.cli.login import TouchNotice
+
+    inner = SoftwareSigner.generate()
+    told = threading.Event()
+
+    class Stream(io.StringIO):
+        def write(self, text: str) -> int:
+            told.set()
+            return super().write(text)
+
+    class WaitsForTouch:
+        """Blocks like a YubiKey with touch policy 'always' until the user is told."""
+
+        alg, public_jwk, thumbprint = inner.alg, inner.public_jwk, inner.thumbprint
+
+        def sign(self, data: bytes) -> bytes:
+            assert told.wait(10), "the user was never told to touch the key"
+            return inner.sign(data)
+
+    stream = Stream()
+    signer = TouchNotice(WaitsForTouch(), stream=stream, after=0.01)
+    assert signer.thumbprint == inner.thumbprint
+    assert len(signer.sign(b"x.y")) == 64
+    assert "touch it" in stream.getvalue()
+    quiet = io.StringIO()
+    TouchNotice(inner, stream=quiet, after=60).sign(b"x.y")
+    assert quiet.getvalue() == ""
+
+
+def test_the_pin_prompt_names_the_token() -> None:
+    from dpop_hsm.cli.login import _pin_prompt
+
+    ref = "pkcs11:token=YubiKey%20PIV%20%2312345678;object=k?module-name=libykcs11.so"
+    assert "YubiKey PIV #12345678" in _pin_prompt(ref).what
+    assert _pin_prompt("tpm2:handle=0x81000001").what == "TPM key auth value"
