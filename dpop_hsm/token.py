@@ -127,6 +127,19 @@ class TokenCache:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    # Hooks for shared caches (dpop_hsm.shared_cache): a cache that several processes see
+    # overrides these to renew once for all of them and to share the servers' nonces.
+
+    def renewal_flow(
+        self, client: TokenClient, previous: Token | None
+    ) -> Generator[HttpRequest, HttpResponse, Token]:
+        """The flow that gets ``client`` a new token; here: one fetch from the AS."""
+        return client.token_flow()
+
+    def nonce_store(self) -> NonceStore:
+        """The nonce store for a client that was given none."""
+        return NonceStore()
+
 
 class Renewal:
     """The right (and duty) to fetch a new token: only one exists per client at a time.
@@ -139,11 +152,16 @@ class Renewal:
         self._client = client
         self.previous = previous
         self._done = False
+        self._inner: Generator[HttpRequest, HttpResponse, Token] | None = None
 
     def flow(self) -> Generator[HttpRequest, HttpResponse, Token]:
-        """Yield token requests, receive responses; return the new (cached) token."""
-        token = yield from self._client.token_flow()
-        self._client._finish_renewal(token)
+        """Yield token requests, receive responses; return the new (cached) token.
+
+        May return without yielding (a shared cache already holds a fresh token)."""
+        client = self._client
+        self._inner = client.cache.renewal_flow(client, self.previous)
+        token = yield from self._inner
+        client._finish_renewal(token)
         self._done = True
         return token
 
@@ -170,6 +188,8 @@ class Renewal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._inner is not None:
+            self._inner.close()  # a shared cache's fleet lock is released now, not at GC
         if not self._done:
             self._done = True
             self._client._finish_renewal(None)
@@ -180,14 +200,13 @@ def drive_flow(
     send: Callable[[HttpRequest], HttpResponse],
 ) -> Token:
     """Run a sans-IO token flow with a blocking ``send``."""
-    request = next(flow)
-    while True:
-        response = send(request)
-        try:
-            request = flow.send(response)
-        except StopIteration as stop:
-            token: Token = stop.value
-            return token
+    try:
+        request = next(flow)  # a flow may finish at once (a shared cache had a fresh token)
+        while True:
+            request = flow.send(send(request))
+    except StopIteration as stop:
+        token: Token = stop.value
+        return token
 
 
 class TokenClient:
@@ -272,7 +291,9 @@ class TokenClient:
             else (float(timeout[0]), float(timeout[1]))
         )
         self.clock_offset = clock_offset
-        self.nonces = nonce_store if nonce_store is not None else NonceStore()
+        self.cache = cache if cache is not None else TokenCache()
+        # A shared cache may share nonces too, so a new worker needs no nonce round trip.
+        self.nonces = nonce_store if nonce_store is not None else self.cache.nonce_store()
         self.endpoint = TokenEndpoint(
             self.token_endpoint,
             client_id=client_id,
@@ -285,7 +306,6 @@ class TokenClient:
         )
         self.renew_before = renew_before
         self.default_lifetime = default_lifetime
-        self.cache = cache if cache is not None else TokenCache()
         self.cache_key = CacheKey(
             self.token_endpoint, client_id, self.scope, self.resource, signer.thumbprint
         )

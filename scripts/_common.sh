@@ -7,7 +7,8 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
 APT_PACKAGES=(softhsm2 opensc ykcs11 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config
-              libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-abrmd libtss2-tcti-tabrmd0 dbus pcscd)
+              libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-abrmd libtss2-tcti-tabrmd0 dbus pcscd
+              redis-server)
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 

@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.support.tpm",
     "tests.support.servers",
     "tests.support.cli",
+    "tests.support.redis",
 ]

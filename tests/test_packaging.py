@@ -36,6 +36,7 @@ OPTIONAL_TOP_LEVEL = ("pkcs11", "tpm2_pytss", "httpx", "anyio", "redis", "aiohtt
 NEEDS_EXTRA = {
     "dpop_hsm.aiohttp": "aiohttp",
     "dpop_hsm.httpx": "httpx",
+    "dpop_hsm.redis": "redis",
     "dpop_hsm.signers.pkcs11": "pkcs11",
     "dpop_hsm.signers.pkcs11_admin": "pkcs11",
     "dpop_hsm.signers.pkcs11_module": "pkcs11",

@@ -3,6 +3,7 @@ store, nonces, proof checking, form parsing and the shape of its JSON answers.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -179,6 +180,7 @@ class ASContext:
     ) -> tuple[str, str]:
         """A new access token bound to ``jkt`` and its ``jti``; counted as issued."""
         self.counters.add("tokens_issued")
+        self.settings.tokens_issued_at.append(time.monotonic())
         return self.issuer.issue(
             issuer=self.url,
             client_id=client_id,

@@ -237,6 +237,10 @@ class Settings(Protocol):
     device_interval: int
     revoke_access_tokens: bool
     metadata_overrides: dict[str, Any]
+    token_delay: float
+    issue_refresh_tokens: bool
+    refresh_tokens_issued: list[str]
+    tokens_issued_at: list[float]
 
     def now(self) -> float:
         """The servers' clock: wall time plus ``clock_offset``."""
@@ -311,6 +315,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             self.server.app.handle(self, body)
+        except (ConnectionError, TimeoutError):
+            raise  # the client went away mid-answer: handle_error logs it at DEBUG
         except Exception:  # a test server must answer, not hang the client
             log.exception("local %s server failed", self.server.role)
             self.send(500, b"internal error", [("Content-Type", "text/plain")])

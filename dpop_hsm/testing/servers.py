@@ -120,6 +120,10 @@ class LocalDPoPServers:
         self.metadata_overrides: dict[str, Any] = dict(metadata_overrides or {})
         self.as_behavior: ASBehavior = "normal"
         self.rs_behavior: RSBehavior = "normal"
+        self.token_delay = 0.0
+        self.issue_refresh_tokens = False
+        self.refresh_tokens_issued: list[str] = []
+        self.tokens_issued_at: list[float] = []
         self.counters = Counters()
         self.seen: deque[dict[str, Any]] = deque(maxlen=1000)
         self._issuer = TokenIssuer(now=self.now)

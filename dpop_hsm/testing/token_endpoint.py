@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,6 +71,8 @@ class TokenEndpoint:
     def token(self, h: Handler, body: bytes) -> None:
         ctx = self.ctx
         ctx.counters.add("token_requests")
+        if ctx.settings.token_delay > 0:  # a slow AS, for single-flight and lease tests
+            time.sleep(ctx.settings.token_delay)
         behavior = ctx.settings.as_behavior
         if behavior == "error_500":
             h.send(500, b"upstream exploded", [("Content-Type", "text/plain")])
@@ -135,7 +139,14 @@ class TokenEndpoint:
         if not set(scope.split()) <= set(client.scope.split()):
             raise Reject(400, "scope", "invalid_scope", "scope not allowed for this client")
         self.ctx.counters.add("tokens_client_credentials")
-        return self._access(client, proof.jkt, scope)[0]
+        answer = self._access(client, proof.jkt, scope)[0]
+        if self.ctx.settings.issue_refresh_tokens:
+            # Not redeemable (RFC 6749 §4.4.3 says not to issue one here): it exists so tests
+            # can check that caches never store a refresh token they were not asked to.
+            refresh = b64url_encode(os.urandom(32))
+            self.ctx.settings.refresh_tokens_issued.append(refresh)
+            answer["refresh_token"] = refresh
+        return answer
 
     def _user_tokens(
         self, grant: Grant, client: ClientRegistration, proof: VerifiedProof, grant_type: str

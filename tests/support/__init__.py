@@ -9,6 +9,9 @@
 - ``raw_http``: a raw-socket HTTP server for hostile-server tests.
 - ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
 - ``oauth``: drives the local AS's login, PAR, device and refresh endpoints like a browser would.
+- ``redis``: pytest plugin, a private redis-server on a free 127.0.0.1 port.
+- ``fleet``: starts, commands and collects the fleet tests' worker processes.
+- ``fleet_worker``: one worker process of the fleet tests, driven over stdio.
 - ``cli``: pytest plugin and helpers for running ``dpop-hsm`` in-process and as a child.
 - ``login``: the developer at the browser or device page (``dpop_hsm.login``, ``dpop-hsm login``).
 

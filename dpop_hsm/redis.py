@@ -1,0 +1,401 @@
+"""A Redis token cache for fleets: one token and one renewal per cache key across processes.
+
+``RedisTokenCache.from_url("redis://…", prefix="dpop_hsm:")`` (or ``RedisTokenCache(client)``)
+is passed as ``TokenClient(…, cache=…)``. What it stores, per cache key (token endpoint,
+client, scope, resource, jkt): the access token, its type, scope, lifetime and the non-secret
+members of the token response, with the key's TTL set to the token's remaining lifetime —
+never key material, a PIN or a client secret; a refresh token only with
+``share_refresh_tokens=True``. Readers take the remaining lifetime from Redis' own clock
+(``PTTL``), so hosts whose clocks disagree still agree on when a token expires.
+
+Single flight across processes (the documented single-instance Redis lock): ``SET lock owner
+NX PX lease`` with a random owner; released only by its owner (compare-and-delete in a Lua
+script); the new token is stored, the lock released and the waiters woken (``PUBLISH``) in one
+script. Waiters block on a pub/sub subscription, or poll where pub/sub is refused, bounded by
+the holder's lease: a holder that dies mid-renewal costs the fleet at most one lease. The
+default lease is one token request's timeout (connect + read) plus 2 s, renewed before a
+nonce retry; a lease shorter than the AS's response time only risks a second token request.
+
+Degraded mode (see :mod:`dpop_hsm.shared_cache`): with the defaults of :meth:`from_url` — a
+0.5 s timeout per operation, no client-side retries, 5 s of skipping Redis after a failure —
+a down, frozen or refusing Redis adds at most one operation timeout to a request per back-off
+period, and sharing resumes within about 10 s of its recovery. A client passed in directly
+keeps its own timeouts and retries: give it ``socket_timeout``/``socket_connect_timeout`` and
+``retry=Retry(NoBackoff(), 0)`` for the same bound.
+
+Asyncio: the client is redis-py's *synchronous* client on purpose. Nothing on an event loop
+touches Redis: ``get()`` (the cache hit) reads only the in-process layer, and the renewal
+flow, invalidation and nonce look-ups run where the async adapters already run every step
+that may block (a worker thread, ``anyio.to_thread``); a lock release that happens on the loop
+(an error or cancellation) is handed to a thread. A ``redis.asyncio`` client is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._optional import requires_extra
+from .errors import ConfigurationError
+from .jose import compact_json
+from .shared_cache import (
+    DEFAULT_BACKOFF,
+    SharedLock,
+    SharedTokenCache,
+    Unavailable,
+    entry_id,
+)
+from .strict_json import loads_strict
+from .token import CacheKey, Token
+
+with requires_extra("redis"):
+    import redis
+    import redis.asyncio
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+if TYPE_CHECKING:
+    from redis.client import PubSub
+
+__all__ = ["DEFAULT_OP_TIMEOUT", "RedisTokenCache"]
+
+DEFAULT_OP_TIMEOUT = 0.5
+DEFAULT_PREFIX = "dpop_hsm:"
+NONCE_TTL_MS = 300_000
+_PUBSUB_RETRY = 300.0  # seconds before trying pub/sub again after the server refused it
+
+# KEYS[1] lock; ARGV[1] owner, ARGV[2] channel. Compare-and-delete: a lock whose lease ended
+# and that another process took since is never deleted by its former owner.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.pcall('PUBLISH', ARGV[2], 'released')
+  return 1
+end
+return 0
+"""
+# KEYS[1] entry, KEYS[2] lock; ARGV[1] value, ARGV[2] ttl ms, ARGV[3] owner ('' = none),
+# ARGV[4] channel. Store, release our lock, wake the waiters: one round trip.
+_PUBLISH = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+end
+redis.pcall('PUBLISH', ARGV[4], 'stored')
+return 1
+"""
+# KEYS[1] lock; ARGV[1] owner, ARGV[2] lease ms.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS[1] entry; ARGV[1] the value that may be deleted.
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class _RedisLock(SharedLock):
+    cache: RedisTokenCache
+
+    def __init__(self, cache: RedisTokenCache, key: CacheKey, owner: str, lease: float, **kw: Any):
+        super().__init__(cache, key, **kw)
+        self.owner, self.lease = owner, lease
+
+    def _publish(self, raw: bytes, ttl: float, release: bool) -> None:
+        c, name = self.cache, entry_id(self.key)
+        owner = self.owner if release else ""
+        c._publish_script(
+            keys=[c._entry_name(name), c._lock_name(name)],
+            args=[raw, _ms(ttl), owner, c._channel_name(name)],
+        )
+
+    def _release(self) -> None:
+        c, name = self.cache, entry_id(self.key)
+        c._release_script(keys=[c._lock_name(name)], args=[self.owner, c._channel_name(name)])
+
+    def _extend(self) -> None:
+        c = self.cache
+        c._extend_script(
+            keys=[c._lock_name(entry_id(self.key))], args=[self.owner, _ms(self.lease)]
+        )
+
+
+class RedisTokenCache(SharedTokenCache):
+    """Tokens shared through Redis, renewed once per fleet; see the module docstring.
+
+    ``prefix`` namespaces every key (one per deployment); ``lease`` (s) overrides the default
+    lease; ``backoff`` (s) is how long Redis is skipped after a failure; ``poll_interval`` (s)
+    paces waiters where pub/sub is refused. Raises :class:`ConfigurationError` for bad options
+    or an asyncio client, :class:`MissingDependencyError` without the ``redis`` extra.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        lease: float | None = None,
+        backoff: float = DEFAULT_BACKOFF,
+        share_refresh_tokens: bool = False,
+        share_nonces: bool = False,
+        poll_interval: float = 0.05,
+        max_entries: int = 1024,
+    ) -> None:
+        if isinstance(client, redis.asyncio.Redis):
+            raise ConfigurationError(
+                "RedisTokenCache needs a synchronous redis.Redis client: the async adapters "
+                "call it from worker threads, never on the event loop"
+            )
+        if not isinstance(client, redis.Redis):
+            raise ConfigurationError("client must be a redis.Redis instance")
+        if not isinstance(prefix, str) or not prefix.isprintable() or len(prefix) > 200:
+            raise ConfigurationError("prefix must be a printable string of at most 200 chars")
+        if not 0.001 <= poll_interval <= 5:
+            raise ConfigurationError("poll_interval must be within [0.001, 5] seconds")
+        kwargs = client.connection_pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        try:
+            super().__init__(
+                what=f"redis at {where}",
+                lease=lease,
+                backoff=backoff,
+                share_refresh_tokens=share_refresh_tokens,
+                share_nonces=share_nonces,
+                max_entries=max_entries,
+            )
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
+        self._errors = (redis.RedisError, OSError)
+        self.client = client
+        self.prefix = prefix
+        self.poll_interval = poll_interval
+        self._pubsub_refused_at: float | None = None
+        self._release_script = client.register_script(_RELEASE)
+        self._publish_script = client.register_script(_PUBLISH)
+        self._extend_script = client.register_script(_EXTEND)
+        self._delete_script = client.register_script(_DELETE_IF)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        op_timeout: float = DEFAULT_OP_TIMEOUT,
+        backoff: float = DEFAULT_BACKOFF,
+        lease: float | None = None,
+        share_refresh_tokens: bool = False,
+        share_nonces: bool = False,
+    ) -> RedisTokenCache:
+        """A cache on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``).
+
+        ``op_timeout`` bounds every connect and every command; redis-py's own retries are off
+        so a frozen server costs one timeout, after which Redis is skipped for ``backoff`` s.
+        """
+        if not 0.01 <= op_timeout <= 10:
+            raise ConfigurationError("op_timeout must be within [0.01, 10] seconds")
+        try:
+            client = redis.Redis.from_url(
+                url,
+                socket_timeout=op_timeout,
+                socket_connect_timeout=op_timeout,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+            )
+        except ValueError as e:  # the URL itself; its text may hold a password: not shown
+            raise ConfigurationError("not a usable Redis URL (redis://, rediss://, unix://)") from e
+        return cls(
+            client,
+            prefix=prefix,
+            lease=lease,
+            backoff=backoff,
+            share_refresh_tokens=share_refresh_tokens,
+            share_nonces=share_nonces,
+        )
+
+    def close(self) -> None:
+        """Close the client's connections (a cache from :meth:`from_url` owns its client)."""
+        self.client.close()
+
+    def __repr__(self) -> str:
+        return f"RedisTokenCache({self.outage.what}, prefix={self.prefix!r})"
+
+    # --- names: one hash tag per cache key keeps entry and lock in one cluster slot --------
+
+    def _entry_name(self, name: str) -> str:
+        return f"{self.prefix}token:{{{name}}}"
+
+    def _lock_name(self, name: str) -> str:
+        return f"{self.prefix}lock:{{{name}}}"
+
+    def _channel_name(self, name: str) -> str:
+        return f"{self.prefix}updated:{{{name}}}"
+
+    def _nonce_name(self, origin: str) -> str:
+        return f"{self.prefix}nonce:{hashlib.sha256(origin.encode('utf-8')).hexdigest()}"
+
+    # --- store primitives -----------------------------------------------------------------
+
+    def _read(self, key: CacheKey) -> tuple[bytes, float | None] | None:
+        entry = self._entry_name(entry_id(key))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(entry)
+        pipe.pttl(entry)
+        raw, pttl = pipe.execute()
+        return _with_ttl(raw, pttl)
+
+    def _write(self, key: CacheKey, raw: bytes, ttl: float) -> None:
+        name = entry_id(key)
+        self._publish_script(
+            keys=[self._entry_name(name), self._lock_name(name)],
+            args=[raw, _ms(ttl), "", self._channel_name(name)],
+        )
+
+    def _delete(self, key: CacheKey, expected: bytes | None) -> None:
+        entry = self._entry_name(entry_id(key))
+        if expected is None:
+            self.client.delete(entry)
+        else:
+            self._delete_script(keys=[entry], args=[expected])
+
+    def lock(self, key: CacheKey, lease: float) -> SharedLock:
+        name = entry_id(key)
+        owner = f"{os.getpid()}:{secrets.token_hex(16)}"
+        entry, lock = self._entry_name(name), self._lock_name(name)
+
+        def attempt() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(lock, owner, nx=True, px=_ms(lease))
+            pipe.get(lock)
+            pipe.pttl(lock)
+            pipe.get(entry)
+            pipe.pttl(entry)
+            result: list[Any] = pipe.execute()
+            return result
+
+        try:
+            got, holder, lock_ttl, raw, pttl = self._guard(attempt)
+        except Unavailable:
+            return SharedLock(self, key, held=False, available=False)
+        read = _with_ttl(raw, pttl)
+        current = None if read is None else self._accept(key, *read)
+        return _RedisLock(
+            self,
+            key,
+            owner,
+            lease,
+            held=bool(got),
+            lease_left=max(0.0, lock_ttl / 1000) if lock_ttl > 0 else 0.0,
+            holder=holder.decode("utf-8", "replace") if isinstance(holder, bytes) else holder,
+            current=current,
+        )
+
+    def wait_for_update(self, key: CacheKey, timeout: float) -> Token | None:
+        end = time.monotonic() + timeout
+        refused = self._pubsub_refused_at
+        if refused is None or time.monotonic() - refused > _PUBSUB_RETRY:
+            try:
+                return self._wait_pubsub(key, end)
+            except _PubSubRefused:
+                self._pubsub_refused_at = time.monotonic()
+        return self._wait_polling(key, end)
+
+    def _wait_pubsub(self, key: CacheKey, end: float) -> Token | None:
+        channel = self._channel_name(entry_id(key))
+        pubsub: PubSub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(channel)
+            # Subscribed before re-reading: a token published in between is in the entry.
+            token, lock_free = self._peek(key)
+            while token is None and not lock_free:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                if pubsub.get_message(timeout=min(left, 1.0)) is not None:
+                    token, lock_free = self._peek(key)
+        except redis.ResponseError as e:
+            raise _PubSubRefused from e  # e.g. NOPERM (an ACL without channels): poll instead
+        except self._errors as e:
+            self.outage.failed(e)
+            return None
+        finally:
+            pubsub.close()
+        return token if token is not None else self.load(key)
+
+    def _wait_polling(self, key: CacheKey, end: float) -> Token | None:
+        while True:
+            token, lock_free = self._peek(key)
+            left = end - time.monotonic()
+            if token is not None or lock_free or left <= 0:
+                return token if token is not None else self.load(key)
+            time.sleep(min(left, self.poll_interval))
+
+    def _peek(self, key: CacheKey) -> tuple[Token | None, bool]:
+        """(a token not due for renewal, or None; whether the lock is free)."""
+        name = entry_id(key)
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(self._entry_name(name))
+            pipe.pttl(self._entry_name(name))
+            pipe.exists(self._lock_name(name))
+            result: list[Any] = pipe.execute()
+            return result
+
+        try:
+            raw, pttl, locked = self._guard(read)
+        except Unavailable:
+            return None, True  # stop waiting: the caller renews locally
+        got = _with_ttl(raw, pttl)
+        token = None if got is None else self._accept(key, *got)
+        if token is not None and token.needs_renewal():
+            token = None
+        return token, not locked
+
+    def _read_nonce(self, origin: str) -> str | None:
+        raw = self.client.get(self._nonce_name(origin))
+        if raw is None:
+            return None
+        try:
+            value = loads_strict(raw)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or value.get("origin") != origin:
+            return None  # foreign or corrupt: ignored, overwritten by the next nonce
+        nonce = value.get("nonce")
+        return nonce if isinstance(nonce, str) else None
+
+    def _write_nonce(self, origin: str, nonce: str) -> None:
+        value = compact_json({"origin": origin, "nonce": nonce})
+        self.client.set(self._nonce_name(origin), value, px=NONCE_TTL_MS)
+
+
+class _PubSubRefused(Exception):  # noqa: N818 - internal signal
+    """The server refused pub/sub (ACL, proxy): waiters poll instead."""
+
+
+def _with_ttl(raw: Any, pttl: Any) -> tuple[bytes, float | None] | None:
+    """An entry and its remaining lifetime; an entry without a TTL is foreign (we always set
+    one) and reads as corrupt, so it gets overwritten."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):  # a client made with decode_responses=True
+        raw = raw.encode("utf-8")
+    if not isinstance(raw, bytes):
+        return b"", None
+    if not isinstance(pttl, int) or pttl <= 0:
+        return b"", None
+    return raw, pttl / 1000
