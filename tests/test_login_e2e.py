@@ -413,3 +413,32 @@ def test_logout_revokes(
     )
     with pytest.raises(LoginRequiredError):
         ghost.get_token()
+
+
+def test_httpx_adapters_refresh_a_logged_in_session(
+    servers: LocalDPoPServers, store: ProfileStore
+) -> None:
+    import asyncio
+
+    import httpx
+
+    from dpop_hsm.httpx import DPoPAuth
+
+    signer = SoftwareSigner.generate()
+    do_login(
+        servers, signer, BrowserUser(servers), profile="dev", store=store, key_reference="/k.pem"
+    )
+    client = load_profile("dev", signer, store=store)
+    client.invalidate()
+    with httpx.Client(auth=DPoPAuth(client)) as http:
+        assert http.get(servers.api_url).status_code == 200
+    assert servers.counters.tokens_refresh_token == 1
+
+    async def run() -> int:
+        client.invalidate()
+        async with httpx.AsyncClient(auth=DPoPAuth(client)) as http:
+            return (await http.get(servers.api_url)).status_code
+
+    assert asyncio.run(run()) == 200
+    assert servers.counters.tokens_refresh_token == 2
+    assert store.load("dev").refresh_token == client.refresh_token
