@@ -413,3 +413,177 @@ class TokenBindingError(VerificationError):
 
     code = "invalid_token"
     oauth_error = "invalid_token"
+
+
+# --- developer login: discovery, PKCE, loopback redirect, device grant, refresh, profiles --
+# (RFC 8414, RFC 7636, RFC 8252, RFC 9207, RFC 9126, RFC 8628, RFC 6749 §6, RFC 7009)
+
+__all__ += [
+    "AuthorizationRejectedError",
+    "AuthorizationResponseError",
+    "DeviceAccessDeniedError",
+    "DeviceCodeExpiredError",
+    "DeviceFlowError",
+    "DiscoveryError",
+    "IssuerMismatchError",
+    "LoginError",
+    "LoginRequiredError",
+    "LoginTimeoutError",
+    "LoopbackListenerError",
+    "MetadataError",
+    "PkceError",
+    "ProfileCorruptError",
+    "ProfileError",
+    "ProfileLockedError",
+    "ProfileNotFoundError",
+    "ProfilePermissionError",
+    "PushedAuthorizationError",
+    "ResponseIssuerError",
+    "RevocationError",
+    "StateMismatchError",
+    "UnsupportedAlgorithmError",
+]
+
+
+class DiscoveryError(ProtocolError):
+    """Authorization server metadata (RFC 8414) could not be fetched or used."""
+
+    code = "discovery_failed"
+
+
+class MetadataError(DiscoveryError):
+    """The metadata document is malformed or names an endpoint we must not use."""
+
+    code = "invalid_metadata"
+
+
+class IssuerMismatchError(DiscoveryError):
+    """The metadata's ``issuer`` is not, exactly, the issuer asked for (RFC 8414 §3.3)."""
+
+    code = "issuer_mismatch"
+
+
+class UnsupportedAlgorithmError(ConfigurationError):
+    """The AS does not accept DPoP proofs signed with the key's algorithm (RFC 9449 §5.1)."""
+
+    code = "dpop_alg_not_supported"
+
+    def diagnostics(self) -> str:
+        return f"{self.message} (use a key of an algorithm the authorization server lists)"
+
+
+class PkceError(ConfigurationError):
+    """A PKCE verifier or method that RFC 7636 (S256 only, 43-128 unreserved chars) forbids."""
+
+    code = "invalid_pkce"
+
+
+class LoginError(ProtocolError):
+    """An interactive login attempt ended without tokens; the user starts again."""
+
+    code = "login_failed"
+
+
+class AuthorizationResponseError(LoginError):
+    """The redirect back from the AS is malformed (no code, repeated parameters)."""
+
+    code = "invalid_authorization_response"
+
+
+class StateMismatchError(AuthorizationResponseError):
+    """The redirect's ``state`` is missing or not the one we sent (RFC 6749 §10.12)."""
+
+    code = "state_mismatch"
+
+
+class ResponseIssuerError(AuthorizationResponseError):
+    """The redirect's ``iss`` is wrong, or missing where the AS promised it (RFC 9207 §2.4)."""
+
+    code = "iss_mismatch"
+
+
+class AuthorizationRejectedError(LoginError, OAuthError):
+    """The AS redirected back with ``error=…`` (RFC 6749 §4.1.2.1); texts shown sanitised."""
+
+    code = "authorization_rejected"
+
+
+class PushedAuthorizationError(LoginError):
+    """The pushed authorization request (RFC 9126) failed or its answer is unusable."""
+
+    code = "par_failed"
+
+
+class LoginTimeoutError(LoginError):
+    """The user did not complete the login (browser or device) within the allowed time."""
+
+    code = "login_timeout"
+
+
+class LoopbackListenerError(ConfigurationError):
+    """The loopback redirect listener (RFC 8252 §7.3) cannot listen where asked."""
+
+    code = "loopback_listener_error"
+
+
+class DeviceFlowError(LoginError):
+    """The device authorization grant (RFC 8628) ended without tokens."""
+
+    code = "device_flow_error"
+
+
+class DeviceAccessDeniedError(DeviceFlowError):
+    """The user denied the device authorization request (RFC 8628 §3.5 ``access_denied``)."""
+
+    code = "device_access_denied"
+
+
+class DeviceCodeExpiredError(DeviceFlowError):
+    """The device code expired before the user approved it (RFC 8628 §3.5 ``expired_token``)."""
+
+    code = "device_code_expired"
+
+
+class LoginRequiredError(ProtocolError):
+    """The refresh token is no longer accepted (``invalid_grant``): log in again."""
+
+    code = "login_required"
+
+    def diagnostics(self) -> str:
+        return f"{self.message} (run 'dpop-hsm login' again)"
+
+
+class RevocationError(ProtocolError):
+    """The revocation endpoint (RFC 7009) refused to revoke a token."""
+
+    code = "revocation_failed"
+
+
+class ProfileError(ConfigurationError):
+    """A stored login profile cannot be used."""
+
+    code = "profile_error"
+
+
+class ProfileNotFoundError(ProfileError):
+    """No profile of that name exists: log in first."""
+
+    code = "profile_not_found"
+
+
+class ProfileCorruptError(ProfileError):
+    """The profile file is not a profile we wrote (bad JSON, wrong types, unknown version)."""
+
+    code = "profile_corrupt"
+
+
+class ProfilePermissionError(ProfileError):
+    """The state directory or a profile file is accessible to other users, or not ours."""
+
+    code = "profile_insecure_permissions"
+
+
+class ProfileLockedError(ProfileError):
+    """Another process held the profile's lock for longer than we were willing to wait."""
+
+    code = "profile_locked"

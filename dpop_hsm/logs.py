@@ -47,6 +47,8 @@ SECRET_FIELDS = frozenset(
         "actor_token",
         "code",
         "code_verifier",
+        "device_code",  # RFC 8628 §3.4: whoever holds it can redeem the approved login
+        "token",  # RFC 7009 §2.1: the token being revoked
     }
 )
 MAX_LOGGED_BODY = 4096

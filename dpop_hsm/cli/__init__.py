@@ -4,6 +4,7 @@ Layout, one way only (each module imports those below it, never above):
 
 * :mod:`~dpop_hsm.cli.common` — exit codes, output, secrets, key loading, shared options;
 * :mod:`~dpop_hsm.cli.keys` — ``keygen``, ``jwk``, ``thumbprint``, ``proof``;
+* :mod:`~dpop_hsm.cli.login` — ``login``, ``logout`` and the login profiles of ``--profile``;
 * :mod:`~dpop_hsm.cli.net` — ``token``, ``request``, ``serve``;
 * :mod:`~dpop_hsm.cli.demo` — ``demo`` (uses the local servers of ``net``);
 * :mod:`~dpop_hsm.cli.listing` — ``list``: modules, tokens, keys and TPM handles;
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ..errors import DPoPError
-from . import demo, keys, listing, net
+from . import demo, keys, listing, login, net
 from .common import (
     CLIENT_SECRET_ENV,
     EXIT_CODES,
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys.register(sub)
     net.register(sub)
+    login.register(sub)
     demo.register(sub)
     listing.register(sub)
     for command in sub.choices.values():

@@ -80,7 +80,32 @@ def make_token_client(args: argparse.Namespace, signer: Signer) -> TokenClient:
     )
 
 
+def _profile_token(args: argparse.Namespace, out: Output) -> int:
+    from .login import profile_client
+
+    client = profile_client(args)
+    try:
+        token = client.get_token()
+    finally:
+        client.close()
+    data: dict[str, Any] = {
+        "profile": args.profile,
+        "token_type": token.token_type,
+        "expires_in": round(token.expires_in()),
+        "scope": token.scope,
+        "jkt": client.signer.thumbprint,
+    }
+    if not token.is_dpop:  # visible on purpose: only the refresh token is bound to the key
+        data["note"] = "Bearer access token, accepted because allow_bearer is set for the profile"
+    if args.show_token:
+        data["access_token"] = token.access_token
+    out.emit(data, "\n".join(f"{k + ':':14}{v}" for k, v in data.items()))
+    return 0
+
+
 def cmd_token(args: argparse.Namespace, out: Output) -> int:
+    if getattr(args, "profile", None):
+        return _profile_token(args, out)
     signer = load_key(args)
     try:
         token = make_token_client(args, signer).get_token()
@@ -129,13 +154,23 @@ def cmd_request(args: argparse.Namespace, out: Output) -> int:
     headers = dict(_parse_header(h) for h in args.header or [])
     body = _request_body(args.data)
     method = (args.method or ("POST" if body is not None else "GET")).upper()
-    signer = load_key(args)
-    try:
-        client = make_token_client(args, signer)
-        with DPoPSession(client) as session:
-            response = _send(session, method, args.url, headers, body, args.timeout)
-    finally:
-        close_signer(signer)
+    if getattr(args, "profile", None):
+        from .login import profile_client
+
+        profile = profile_client(args)  # a LoginSession: refreshed with a proof when due
+        try:
+            with DPoPSession(profile) as session:
+                response = _send(session, method, args.url, headers, body, args.timeout)
+        finally:
+            profile.close()
+    else:
+        signer = load_key(args)
+        try:
+            client = make_token_client(args, signer)
+            with DPoPSession(client) as session:
+                response = _send(session, method, args.url, headers, body, args.timeout)
+        finally:
+            close_signer(signer)
     content = response.content[:_MAX_PRINTED_BODY]
     data: dict[str, Any] = {
         "status": response.status_code,
@@ -276,12 +311,22 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _add_profile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="use the login stored by 'dpop-hsm login --profile NAME' instead of the client "
+        "options (refreshed with a proof when due)",
+    )
+
+
 def register(sub: Any) -> None:
     """Add the network subcommands to the main parser's subparsers."""
     p = sub.add_parser("token", help="fetch a DPoP-bound access token (client_credentials)")
     add_key_options(p)
     add_client_options(p)
     p.add_argument("--show-token", action="store_true", help="print the access token itself")
+    _add_profile_option(p)
     p.set_defaults(func=cmd_token, settings=CLIENT_SETTINGS)
 
     p = sub.add_parser("request", help="a curl-like request with DPoP")
@@ -292,6 +337,7 @@ def register(sub: Any) -> None:
     p.add_argument("-d", "--data", help="request body, or @FILE")
     p.add_argument("-i", "--include", action="store_true", help="print the response headers")
     p.add_argument("url")
+    _add_profile_option(p)
     p.set_defaults(func=cmd_request, settings=CLIENT_SETTINGS)
 
     p = sub.add_parser("serve", help="run the local authorization + resource server")

@@ -13,6 +13,7 @@
 - ``fleet``: starts, commands and collects the fleet tests' worker processes.
 - ``fleet_worker``: one worker process of the fleet tests, driven over stdio.
 - ``cli``: pytest plugin and helpers for running ``dpop-hsm`` in-process and as a child.
+- ``login``: the developer at the browser or device page (``dpop_hsm.login``, ``dpop-hsm login``).
 
 The plugins are registered in ``tests/conftest.py``.
 """
