@@ -278,14 +278,14 @@ def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
             raise InvalidJwkError("JWK Ed25519 public key is malformed") from e
     if kty == "RSA":
         n, exponent = _minimal_int(jwk, "n"), _minimal_int(jwk, "e")
-        if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+        if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS or n % 2 == 0:
             raise InvalidJwkError(
-                f"JWK RSA modulus has {n.bit_length()} bits; {MIN_RSA_BITS}-{MAX_RSA_BITS} "
-                "are accepted"
+                f"JWK RSA modulus has {n.bit_length()} bits; an odd modulus of "
+                f"{MIN_RSA_BITS}-{MAX_RSA_BITS} bits is accepted"
             )
         if not (exponent & 1 and _MIN_RSA_E < exponent < _MAX_RSA_E):
             raise InvalidJwkError(
-                "JWK RSA exponent must be odd and between 2**16 and 2**256 (NIST SP 800-56B)"
+                "JWK RSA exponent e must be odd and 2^16 < e < 2^256 (NIST SP 800-56B)"
             )
         try:
             return rsa.RSAPublicNumbers(exponent, n).public_key()

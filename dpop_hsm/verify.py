@@ -22,20 +22,22 @@ from functools import lru_cache
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from .algorithms import ALGORITHMS, MIN_RSA_BITS
-from .ecdsa import raw_to_der
+from .algorithms import ALGORITHMS, verify_signature
 from .errors import (
     ConfigurationError,
     DPoPError,
     InvalidProofError,
     ReplayError,
+    SignatureEncodingError,
     TokenBindingError,
+    UnsupportedKeyError,
     UseDPoPNonceError,
 )
 from .htu import comparable_htu
 from .jose import b64url_decode, jwk_thumbprint, split_compact
+from .jwk import PRIVATE_MEMBERS, PublicKey
+from .jwk import public_key_from_jwk as public_key_of_jwk
 from .proof import access_token_hash
 from .replay import (
     NO_REPLAY_CHECK,
@@ -61,22 +63,7 @@ __all__ = [
 
 DEFAULT_ALGORITHMS: frozenset[str] = frozenset(ALGORITHMS)
 MAX_PROOF_LENGTH = 8192
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _KEY_MEMBERS = ("crv", "e", "kty", "n", "x", "y")  # the members a public key is built from
-# RSA bounds for proof keys. Below 2048 bits: under 112-bit security (NIST SP 800-57 Part 1,
-# SP 800-131A). Above 8192 bits: no HSM, TPM or token we sign with makes such keys, and the
-# verification cost grows with the square of the modulus (8192 bits at e = 65537 already costs
-# ~3x an ES256 check), so the bound caps what a stranger's jwk can make us spend.
-MAX_RSA_BITS = 8192
-_MIN_RSA_E = 2**16
-_MAX_RSA_E = 2**256
-_EC_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
-    "P-256": (ec.SECP256R1, 32),
-    "P-384": (ec.SECP384R1, 48),
-    "P-521": (ec.SECP521R1, 66),
-}
-
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 
 @dataclass(frozen=True)
@@ -102,28 +89,6 @@ def _decode_part(part: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _b64_bytes(jwk: Mapping[str, Any], name: str) -> bytes:
-    value = jwk.get(name)
-    if not isinstance(value, str) or not value:
-        raise InvalidProofError("jwk", f"member {name!r} missing or not a string")
-    try:
-        return b64url_decode(value)
-    except ValueError as e:
-        raise InvalidProofError("jwk", f"member {name!r} is not base64url") from e
-
-
-def _b64_int(jwk: Mapping[str, Any], name: str) -> int:
-    return int.from_bytes(_b64_bytes(jwk, name), "big")
-
-
-def _b64_uint(jwk: Mapping[str, Any], name: str) -> int:
-    """A Base64urlUInt member: RFC 7518 §2 wants the fewest octets, so one key has one jkt."""
-    raw = _b64_bytes(jwk, name)
-    if raw[0] == 0:
-        raise InvalidProofError("jwk", f"member {name!r} has a leading zero octet (RFC 7518 §2)")
-    return int.from_bytes(raw, "big")
-
-
 @lru_cache(maxsize=1024)
 def _public_key_cached(members: tuple[tuple[str, str], ...]) -> PublicKey:
     return _build_public_key(dict(members))
@@ -137,7 +102,7 @@ def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
     """
     if not isinstance(jwk, Mapping):
         raise InvalidProofError("jwk", "jwk header is not a JSON object")
-    private = _PRIVATE_MEMBERS.intersection(jwk)
+    private = PRIVATE_MEMBERS.intersection(jwk)
     if private:
         raise InvalidProofError("jwk", f"jwk carries private key members {sorted(private)}")
     members = []
@@ -151,48 +116,14 @@ def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
 
 
 def _build_public_key(jwk: Mapping[str, Any]) -> PublicKey:
-    kty = jwk.get("kty")
-    if kty == "EC":
-        crv = jwk.get("crv")
-        if not isinstance(crv, str) or crv not in _EC_CURVES:
-            raise InvalidProofError("jwk", f"EC curve {str(crv)[:20]!r} is not supported")
-        curve, size = _EC_CURVES[crv]
-        for name in ("x", "y"):
-            value = jwk.get(name)
-            if not isinstance(value, str) or len(value) != (size * 8 + 5) // 6:
-                raise InvalidProofError("jwk", f"EC coordinate {name!r} is not {size} bytes")
-        try:
-            return ec.EllipticCurvePublicNumbers(
-                _b64_int(jwk, "x"), _b64_int(jwk, "y"), curve()
-            ).public_key()
-        except ValueError as e:
-            raise InvalidProofError("jwk", "EC point is not on the curve") from e
-    if kty == "OKP":
-        if jwk.get("crv") != "Ed25519":
-            raise InvalidProofError("jwk", "OKP curve is not Ed25519")
-        x = jwk.get("x")
-        try:
-            return ed25519.Ed25519PublicKey.from_public_bytes(
-                b64url_decode(x if isinstance(x, str) else "")
-            )
-        except ValueError as e:
-            raise InvalidProofError("jwk", "Ed25519 public key is malformed") from e
-    if kty == "RSA":
-        # The jwk is unauthenticated input and sets the cost of the signature check: bound both
-        # numbers before verifying anything (a 3071-bit e costs ~100x a normal verification).
-        modulus, exponent = _b64_uint(jwk, "n"), _b64_uint(jwk, "e")
-        if not MIN_RSA_BITS <= modulus.bit_length() <= MAX_RSA_BITS or modulus % 2 == 0:
-            raise InvalidProofError(
-                "jwk", f"RSA modulus must be odd and {MIN_RSA_BITS} to {MAX_RSA_BITS} bits long"
-            )
-        # NIST SP 800-56B Rev. 2 §6.2.1 (and FIPS 186-5 §5.4): e odd, 2^16 < e < 2^256.
-        if not _MIN_RSA_E < exponent < _MAX_RSA_E or exponent % 2 == 0:
-            raise InvalidProofError("jwk", "RSA exponent e must be odd and 2^16 < e < 2^256")
-        try:
-            return rsa.RSAPublicNumbers(exponent, modulus).public_key()
-        except ValueError as err:
-            raise InvalidProofError("jwk", "RSA public key is malformed") from err
-    raise InvalidProofError("jwk", f"kty {str(kty)[:20]!r} is not EC, OKP or RSA")
+    # The jwk is unauthenticated input and sets the cost of the signature check: jwk.py bounds
+    # it (EC coordinates at full length and on the curve; RSA 2048..8192-bit odd n and odd
+    # 2^16 < e < 2^256, NIST SP 800-56B Rev. 2 §6.2.1 — a 3071-bit e costs ~100x a normal
+    # check) before anything is verified with it.
+    try:
+        return public_key_of_jwk(jwk)
+    except UnsupportedKeyError as e:
+        raise InvalidProofError("jwk", e.message) from e
 
 
 def verify_jws_signature(key: PublicKey, alg: str, signature: bytes, signing_input: bytes) -> None:
@@ -201,39 +132,14 @@ def verify_jws_signature(key: PublicKey, alg: str, signature: bytes, signing_inp
     Public so servers can check other JWTs they receive (client assertions, access tokens)
     with the same strict rules as proofs.
     """
-    info = ALGORITHMS.get(alg) if isinstance(alg, str) else None
-    if info is None:
+    if not isinstance(alg, str) or alg not in ALGORITHMS:
         raise InvalidProofError("alg", f"alg {str(alg)[:20]!r} is not supported")
     try:
-        if info.kty == "EC":
-            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != {
-                "P-256": "secp256r1",
-                "P-384": "secp384r1",
-                "P-521": "secp521r1",
-            }.get(info.crv or ""):
-                raise InvalidProofError("alg", f"{alg} does not match the jwk's key type/curve")
-            if len(signature) != 2 * info.coord_size:
-                raise InvalidProofError(
-                    "signature", f"{alg} signature must be {2 * info.coord_size} bytes"
-                )
-            try:
-                der = raw_to_der(signature)
-            except DPoPError as e:
-                raise InvalidProofError("signature", "ECDSA r or s out of range") from e
-            key.verify(der, signing_input, ec.ECDSA(info.hash_algorithm()))
-        elif info.kty == "OKP":
-            if not isinstance(key, ed25519.Ed25519PublicKey):
-                raise InvalidProofError("alg", f"{alg} does not match the jwk's key type")
-            key.verify(signature, signing_input)
-        else:
-            if not isinstance(key, rsa.RSAPublicKey):
-                raise InvalidProofError("alg", f"{alg} does not match the jwk's key type")
-            pad: padding.AsymmetricPadding = (
-                padding.PSS(mgf=padding.MGF1(info.hash_algorithm()), salt_length=32)
-                if info.pss
-                else padding.PKCS1v15()
-            )
-            key.verify(signature, signing_input, pad, info.hash_algorithm())
+        verify_signature(key, alg, signature, signing_input)
+    except UnsupportedKeyError as e:
+        raise InvalidProofError("alg", f"{alg} does not match the jwk's key type/curve") from e
+    except SignatureEncodingError as e:
+        raise InvalidProofError("signature", e.message) from e
     except InvalidSignature as e:
         raise InvalidProofError("signature", "signature does not verify with the jwk") from e
 

@@ -29,10 +29,10 @@ from dpop_hsm.errors import (
     VerificationError,
 )
 from dpop_hsm.jose import b64url_decode, b64url_encode, compact_json
+from dpop_hsm.jwk import MAX_RSA_BITS
 from dpop_hsm.proof import access_token_hash
 from dpop_hsm.signers.software import SoftwareSigner, public_jwk_of
 from dpop_hsm.verify import (
-    MAX_RSA_BITS,
     NO_REPLAY_CHECK,
     public_key_from_jwk,
     verify_jws_signature,
