@@ -198,14 +198,22 @@ class DPoPMiddleware:
             with got:
                 try:
                     flow = got.flow()
-                    done, step = await self._offload.run(_advance, flow, None)
+                    done, step = await self._renewal_step(flow, None)
                     while not done:
                         answer = await self._send_token_request(session, step)
-                        done, step = await self._offload.run(_advance, flow, answer)
+                        done, step = await self._renewal_step(flow, answer)
                     token: Token = step
                     return token
                 except DPoPError as e:
                     return got.fallback(e)
+
+    async def _renewal_step(self, flow: Generator[Any, Any, Any], value: Any) -> tuple[bool, Any]:
+        """One step of a renewal: with the signatures, unless the token cache's renewal does
+        blocking I/O itself (a shared cache's fleet lock): then in a worker thread."""
+        if getattr(self.token_client.cache, "renewal_blocks", False):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, _advance, flow, value)
+        return await self._offload.run(_advance, flow, value)
 
     async def _send_token_request(
         self, session: aiohttp.ClientSession, request: HttpRequest

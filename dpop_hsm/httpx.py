@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -401,7 +401,8 @@ class DPoPAuth(httpx.Auth):
                             with got:
                                 try:
                                     tflow = got.flow()
-                                    t_done, step = await offload.run(_advance, tflow, None)
+                                    step_in = self._renewal_runner()
+                                    t_done, step = await step_in(_advance, tflow, None)
                                     while not t_done:
                                         sent = _to_httpx(step, tc.timeout)
                                         response = yield sent
@@ -410,13 +411,20 @@ class DPoPAuth(httpx.Auth):
                                         _log_sent(sent)
                                         _log_received(response)
                                         parsed = _from_httpx(response, step.url)
-                                        t_done, step = await offload.run(_advance, tflow, parsed)
+                                        t_done, step = await step_in(_advance, tflow, parsed)
                                     value = step
                                 except DPoPError as e:
                                     value = got.fallback(e)
             else:
                 value = yield op
             done, op = _advance(flow, value)
+
+    def _renewal_runner(self) -> Callable[..., Awaitable[Any]]:
+        """Where renewal steps run: with the signatures, unless the token cache's renewal
+        does blocking I/O itself (a shared cache's fleet lock): then in a worker thread."""
+        if getattr(self.token_client.cache, "renewal_blocks", False):
+            return anyio.to_thread.run_sync
+        return self._offload.run
 
     # --- redirects ------------------------------------------------------------------------
 

@@ -137,15 +137,21 @@ class Outage:
             log.info("shared token cache %s reachable again; sharing resumed", self.what)
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def run_off_loop(fn: Callable[[], object]) -> None:
     """Run ``fn`` now, or in a short-lived thread when called on a running event loop.
 
     Releasing a lock can happen on the loop (a ``Renewal`` left by an error or cancellation
     in an async adapter); a blocking network call must never run there.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if not _on_event_loop():
         fn()
         return
     threading.Thread(target=fn, name="dpop_hsm-shared-cache", daemon=True).start()
@@ -393,6 +399,8 @@ class SharedTokenCache(TokenCache):
 
         run_off_loop(delete)
 
+    renewal_blocks = True  # takes and waits for the fleet lock over the network
+
     def renewal_flow(
         self, client: TokenClient, previous: Token | None
     ) -> Generator[HttpRequest, HttpResponse, Token]:
@@ -498,15 +506,29 @@ class SharedNonceStore(NonceStore):
         if nonce is not None:
             return nonce
         origin = origin_of(url)
+        if not self._due(origin):
+            return None
+        if _on_event_loop():
+            # Never a network read on an event loop: fetch in the background, so the next
+            # request has the fleet's nonce; this one costs at most a nonce round trip.
+            run_off_loop(lambda: self._read(url, origin))
+            return None
+        return self._read(url, origin)
+
+    def _due(self, origin: str) -> bool:
+        """Whether the store may be asked for ``origin``'s nonce now (once per ``recheck``)."""
         now = time.monotonic()
         with self._guard_lock:
             checked = self._checked.get(origin)
             if checked is not None and now - checked < self._recheck:
-                return None
+                return False
             self._checked[origin] = now
             self._checked.move_to_end(origin)
             while len(self._checked) > self._max:
                 self._checked.popitem(last=False)
+        return True
+
+    def _read(self, url: str, origin: str) -> str | None:
         try:
             shared = self._cache._guard(self._cache._read_nonce, origin)
         except Unavailable:
@@ -520,5 +542,10 @@ class SharedNonceStore(NonceStore):
         seen = super().get(url)
         super().put(url, nonce)
         if seen != nonce:
-            with contextlib.suppress(Unavailable):
-                self._cache._guard(self._cache._write_nonce, origin_of(url), nonce)
+            origin = origin_of(url)
+
+            def publish() -> None:
+                with contextlib.suppress(Unavailable):
+                    self._cache._guard(self._cache._write_nonce, origin, nonce)
+
+            run_off_loop(publish)

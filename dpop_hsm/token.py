@@ -130,6 +130,10 @@ class TokenCache:
     # Hooks for shared caches (dpop_hsm.shared_cache): a cache that several processes see
     # overrides these to renew once for all of them and to share the servers' nonces.
 
+    renewal_blocks = False
+    """True when :meth:`renewal_flow` itself does blocking I/O (a shared cache's fleet lock),
+    so async adapters advance it in a worker thread even for a signer that never blocks."""
+
     def renewal_flow(
         self, client: TokenClient, previous: Token | None
     ) -> Generator[HttpRequest, HttpResponse, Token]:

@@ -238,3 +238,47 @@ def test_aiohttp_token_transport_failures_are_aiohttp_errors_too(key: SoftwareSi
             assert isinstance(info.value, TransportError)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_a_shared_cache_renewal_never_runs_on_the_event_loop(
+    name: str, local: LocalDPoPServers, key: SoftwareSigner, tmp_path: Any
+) -> None:
+    """A shared cache's renewal takes a fleet lock (file or network I/O, possibly waiting for
+    another process): even with a software key, its steps run in a worker thread."""
+    from dpop_hsm.file_cache import FileTokenCache
+
+    threads: list[int] = []
+
+    class Recording(FileTokenCache):
+        def renewal_flow(self, client: Any, previous: Any) -> Any:
+            inner = super().renewal_flow(client, previous)
+
+            def watched() -> Any:
+                threads.append(threading.get_ident())
+                response = None
+                try:
+                    request = next(inner)
+                    while True:
+                        response = yield request
+                        threads.append(threading.get_ident())
+                        request = inner.send(response)
+                except StopIteration as stop:
+                    return stop.value
+
+            return watched()
+
+    tc = TokenClient(
+        key,
+        token_endpoint=local.token_endpoint,
+        client_id="c",
+        client_secret=SECRET,
+        cache=Recording(tmp_path / "cache"),
+    )
+
+    async def main() -> tuple[list[int], int]:
+        return await ADAPTERS[name](tc, local.api_url, 4), threading.get_ident()
+
+    statuses, loop_thread = asyncio.run(main())
+    assert statuses == [200] * 4
+    assert threads and loop_thread not in threads
