@@ -163,6 +163,7 @@ class Pkcs11Signer:
         self._secret = secret
         self._requested_alg = alg
         self._pool = SessionPool(max_sessions)
+        self.concurrency = max_sessions  # async adapters size their signing pool to the sessions
         self._idle = self._pool.idle  # the hot path's deque, bound once (never replaced)
         self._reopen_lock = threading.Lock()
         self._epoch = 0
