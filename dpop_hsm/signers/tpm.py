@@ -97,6 +97,8 @@ class TpmSigner:
     :class:`UnsupportedKeyError`, :class:`DeviceError`.
     """
 
+    concurrency = 1  # one lock serializes its TPM commands: async adapters use one worker
+
     def __init__(
         self,
         reference: str | TpmReference,
