@@ -205,11 +205,13 @@ def _send(
 
 def demo_clients(jwt_client_key: str | None) -> list[ClientRegistration]:
     """The clients the local servers register for ``serve`` and ``demo`` (test secrets only)."""
-    from ..testing import ClientRegistration
+    from ..testing import DEFAULT_CLIENT, DEFAULT_PUBLIC_CLIENT, ClientRegistration
 
     clients = [
         ClientRegistration("m2m.dpop", "client_secret_post", DEMO_CLIENT_SECRET),
         ClientRegistration("m2m.dpop.basic", "client_secret_basic", DEMO_CLIENT_SECRET),
+        DEFAULT_CLIENT,  # what LocalDPoPServers() serves: the pytest plugin's client
+        DEFAULT_PUBLIC_CLIENT,  # a public native client for `dpop-hsm login` (RFC 8252)
     ]
     if jwt_client_key:
         from ..signers import load_signer
