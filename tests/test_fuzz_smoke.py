@@ -1,4 +1,4 @@
-"""A short coverage-guided fuzz run of every target, in CI (issue 7 acceptance).
+"""A short coverage-guided fuzz run of every target, in CI: each target runs a few seconds.
 
 Each target in ``fuzz/targets.py`` runs in its own libFuzzer subprocess for a fixed budget
 (``DPOP_HSM_FUZZ_BUDGET`` seconds, default 3), two at a time on this 2-core budget, with a fresh
@@ -46,7 +46,8 @@ except ImportError as e:  # pragma: no cover - atheris is in the dev dependency 
 
 
 def report(request: pytest.FixtureRequest, line: str) -> None:
-    """A line in pytest's own output, past output capture: the figures issue 7 asks for."""
+    """A line in pytest's own output, past output capture: executions per target, so a run
+    shows how much each target really fuzzed."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
     if capture is None or reporter is None:  # pragma: no cover - plugins disabled

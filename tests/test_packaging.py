@@ -37,10 +37,18 @@ NEEDS_EXTRA = {
     "dpop_hsm.aiohttp": "aiohttp",
     "dpop_hsm.httpx": "httpx",
     "dpop_hsm.redis": "redis",
-    "dpop_hsm.signers.pkcs11": "pkcs11",
+    # The pkcs11 package itself imports without the extra (the URI parser needs none); every
+    # module that talks to a Cryptoki module needs it.
+    "dpop_hsm.signers.pkcs11.admin": "pkcs11",
+    "dpop_hsm.signers.pkcs11.cryptoki": "pkcs11",
+    "dpop_hsm.signers.pkcs11.keygen": "pkcs11",
+    "dpop_hsm.signers.pkcs11.objects": "pkcs11",
+    "dpop_hsm.signers.pkcs11.pool": "pkcs11",
+    "dpop_hsm.signers.pkcs11.signer": "pkcs11",
     "dpop_hsm.signers.pkcs11_admin": "pkcs11",
     "dpop_hsm.signers.pkcs11_module": "pkcs11",
     "dpop_hsm.signers.tpm": "tpm",
+    "dpop_hsm.signers.tpm_tss": "tpm",
 }
 # Modules that only the program hosting them loads (a pytest plugin runs inside pytest): without
 # extras they may fail only because that host program itself is not installed.

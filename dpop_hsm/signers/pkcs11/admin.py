@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import ctypes
 
-from pkcs11.constants import TokenFlag
-from pkcs11.exceptions import PKCS11Error
+from ..._optional import requires_extra
+
+with requires_extra("pkcs11"):
+    from pkcs11.constants import TokenFlag
+    from pkcs11.exceptions import PKCS11Error
 
 from ...errors import ConfigurationError, DeviceError, TokenNotPresentError
 from .ckr import CKR_OK, CKR_USER_ALREADY_LOGGED_IN, error_for_rv

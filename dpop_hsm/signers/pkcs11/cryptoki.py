@@ -34,8 +34,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pkcs11
-from pkcs11.exceptions import PKCS11Error
+from ..._optional import requires_extra
+
+with requires_extra("pkcs11"):
+    import pkcs11
+    from pkcs11.exceptions import PKCS11Error
 
 from ...errors import (
     DeviceError,

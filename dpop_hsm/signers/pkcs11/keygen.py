@@ -14,9 +14,13 @@ import secrets
 from typing import Any
 
 from asn1crypto import core as asn1
-from pkcs11 import Attribute, KeyType, Mechanism
-from pkcs11 import exceptions as p11e
-from pkcs11.constants import DEFAULT as P11_DEFAULT
+
+from ..._optional import requires_extra
+
+with requires_extra("pkcs11"):
+    from pkcs11 import Attribute, KeyType, Mechanism
+    from pkcs11 import exceptions as p11e
+    from pkcs11.constants import DEFAULT as P11_DEFAULT
 
 from ...algorithms import AlgorithmInfo
 from ...errors import KeyReferenceError, MechanismNotSupportedError

@@ -15,9 +15,13 @@ from typing import Any
 
 from asn1crypto import core as asn1
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from pkcs11 import Attribute, KeyType, ObjectClass
-from pkcs11 import exceptions as p11e
-from pkcs11.constants import TokenFlag
+
+from ..._optional import requires_extra
+
+with requires_extra("pkcs11"):
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    from pkcs11 import exceptions as p11e
+    from pkcs11.constants import TokenFlag
 
 from ...errors import AmbiguousKeyError, KeyNotFoundError, TokenNotPresentError, UnsupportedKeyError
 from ...jwk import MIN_RSA_BITS, Curve, PublicKey, curve_for_name, curve_for_oid
