@@ -11,7 +11,8 @@ additionally compare percent-encoding case-insensitively and decode unreserved c
 Parser differentials: ``urllib.parse`` and the transports (urllib3, httpx) disagree on URLs
 with a backslash (``http://evil.example\\@127.0.0.1/`` is host 127.0.0.1 to urllib, host
 evil.example to urllib3), on embedded TAB/CR/LF (urllib silently deletes them) and on other
-whitespace and control characters. A URL we judge — loopback or not, same origin or not, the
+whitespace and control characters; Python and the transports' IDNA libraries map some
+non-ASCII host names to different hosts. A URL we judge — loopback or not, same origin or not, the
 ``htu`` a proof names — must be the URL the transport sends to, so such URLs are refused
 outright, as are URLs with userinfo (``user:pass@``): credentials for our endpoints never go in
 a URL, and an ``@`` is the classic way to make a URL look like it goes elsewhere.
@@ -42,6 +43,7 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # Whitespace, C0 controls, DEL and the backslash: parsers disagree on every one of them.
 _DIFFERENTIAL = re.compile(r"[\x00-\x20\x7f\\]")
 _MAX_URL = 8192
+_HOST_NAME = re.compile(r"[a-z0-9._-]+")  # LDH labels (and IPv4 literals), lowercased
 
 
 def safe_url(url: object) -> str:
@@ -90,6 +92,14 @@ def _split(url: str, *, strict: bool) -> tuple[SplitResult, str, str]:
     host = (parts.hostname or "").lower()
     if not host:
         raise ConfigurationError("URL has no host")
+    if strict and not host.isascii():
+        # IDNA 2003 (Python) and IDNA 2008 (the idna package requests uses) map some names to
+        # different hosts ("faß" → "fass" or "xn--fa-hia"): only the A-label is unambiguous.
+        raise ConfigurationError("URL host is not ASCII: give its IDNA A-label (xn--...)")
+    if strict and ":" not in host and not _HOST_NAME.fullmatch(host):
+        # Percent-escapes and sub-delimiters in a host name: urllib keeps them, urllib3
+        # decodes some ("%7e" -> "~"), so the two would name different hosts.
+        raise ConfigurationError("URL host has characters a DNS name or IP literal cannot have")
     if ":" in host:  # IPv6 literal keeps its brackets
         host = f"[{host}]"
     authority = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"

@@ -411,6 +411,8 @@ def _prepare_htu() -> FuzzOne:
     import ipaddress
     from urllib.parse import urlsplit
 
+    import urllib3.util
+
     from dpop_hsm.errors import ConfigurationError
     from dpop_hsm.htu import comparable_htu, is_loopback_host, normalize_htu, origin_of
 
@@ -423,9 +425,26 @@ def _prepare_htu() -> FuzzOne:
                 continue
             assert result.startswith(("http://", "https://"))
             assert "?" not in result and "#" not in result
-        if is_loopback_host(url):  # must be a name we never send to DNS, or a real literal
+        try:
+            normalize_htu(url)
+        except ConfigurationError:
+            accepted = False
+        else:
+            accepted = True
+        if accepted:
+            # What we accept, the transport must read the same way: no parser differential.
+            assert not any(c <= " " or c in "\\\x7f" for c in url)
+            assert "@" not in urlsplit(url).netloc
+            try:
+                theirs = (urllib3.util.parse_url(url).host or "").lower().strip("[]")
+            except ValueError:
+                theirs = None  # urllib3 refuses it outright: it is never sent anywhere
+            if theirs is not None:
+                assert theirs == (urlsplit(url).hostname or "").lower(), url
+        if is_loopback_host(url):  # a real loopback literal, or the name localhost itself
+            assert accepted
             host = urlsplit(url).hostname or ""
-            if host != "localhost" and not host.endswith(".localhost"):
+            if host != "localhost":
                 assert ipaddress.ip_address(host).is_loopback
 
     return one
@@ -439,6 +458,10 @@ def _seeds_htu() -> list[bytes]:
         b"http://[::1]:9/x",
         b"http://localhost/",
         b"http://user:pw@host:99999/",
+        b"http://evil.example\\@127.0.0.1:9/token",
+        b"http://127.0.0.1\t.evil.example/token",
+        b"http://api.localhost/",
+        b"https://rs.example.com/a/../b/./c",
     ]
 
 
