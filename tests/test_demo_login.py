@@ -85,8 +85,6 @@ def test_demo_login_json_is_one_document_with_a_software_key() -> None:
 
 
 def test_demo_login_runs_only_against_the_local_servers() -> None:
-    result = run_cli(
-        "demo", "--login", "--token-endpoint", "https://as.example/token", "--json"
-    )
+    result = run_cli("demo", "--login", "--token-endpoint", "https://as.example/token", "--json")
     assert result.returncode == EXIT_CODES["usage"]
     assert "--login runs against the local servers" in json_error(result)["message"]
