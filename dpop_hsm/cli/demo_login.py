@@ -145,8 +145,9 @@ def _mode(path: Path) -> str:
     return f"{stat.S_IMODE(os.stat(path).st_mode):04o}"
 
 
-def _pins(ref: str) -> list[str]:
-    """The PINs this run's key may use (``$DPOP_HSM_PIN``, the URI's ``pin-source``).
+def _pins(ref: str, pin_source: str | None) -> list[str]:
+    """The PINs this run's key may use (``--pin-source``, ``$DPOP_HSM_PIN``, the URI's
+    ``pin-source``).
 
     Read only to check that none of them reached the profile or the transcript; an unreadable
     source is simply not checked (the children report it).
@@ -154,12 +155,15 @@ def _pins(ref: str) -> list[str]:
     from ..secret_sources import read_secret_source
 
     pins = [os.environ[PIN_ENV]] if os.environ.get(PIN_ENV) else []
+    sources = [pin_source] if pin_source else []
     _, _, query = ref.partition("?")
     for pair in query.split("&"):
         name, _, value = pair.partition("=")
         if name == "pin-source" and value:
-            with contextlib.suppress(DPoPError):
-                pins.append(read_secret_source(unquote(value), what="PIN"))
+            sources.append(unquote(value))
+    for source in sources:
+        with contextlib.suppress(DPoPError):
+            pins.append(read_secret_source(source, what="PIN"))
     return [p for p in pins if p]
 
 
@@ -392,7 +396,7 @@ def run_login_demo(
         )
         ref = key or _make_key(t, workdir)
         label = ref if key else "a temporary software key file"
-        pins = _pins(ref)
+        pins = _pins(ref, pin_source)
         key_opts = ["--key", ref] + (["--pin-source", pin_source] if pin_source else [])
         pin_opts = ["--pin-source", pin_source] if pin_source else []
         t.section("1. the key's thumbprint: the jkt the tokens will be bound to")
