@@ -10,7 +10,6 @@ the log is masked; the summary compares the key's jkt with the token's ``cnf.jkt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -26,11 +25,13 @@ from .common import (
     KEY_ENV,
     SECRET_METHODS,
     Output,
+    UsageError,
     add_key_options,
     close_signer,
     load_key,
     secret_from_options,
 )
+from .demo_login import claims_from_api as _claims_from_api
 from .net import DEMO_CLIENT_SECRET, demo_clients
 from .settings import KEY_SETTINGS
 
@@ -70,22 +71,6 @@ def _attach_session_log(stream: Any) -> Callable[[], None]:
         logger.propagate = old_propagate
 
     return detach
-
-
-def _claims_from_api(body: Any) -> dict[str, Any]:
-    """The demo API answers a list of {type, value} claims; JSON objects are taken as they are."""
-    if isinstance(body, dict):
-        return body
-    claims: dict[str, Any] = {}
-    if isinstance(body, list):
-        for item in body:
-            if isinstance(item, dict) and isinstance(item.get("type"), str):
-                value = item.get("value")
-                if isinstance(value, str) and value.startswith("{"):
-                    with contextlib.suppress(ValueError):
-                        value = json.loads(value)
-                claims[item["type"]] = value
-    return claims
 
 
 def _protection_line(signer: Signer) -> str:
@@ -208,6 +193,8 @@ def run_demo(
 
 
 def cmd_demo(args: argparse.Namespace, out: Output) -> int:
+    if args.login:
+        return _cmd_login_demo(args, out)
     signer: Signer
     if args.key or os.environ.get(KEY_ENV):
         signer = load_key(args)
@@ -244,12 +231,25 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
         close_signer(signer)
 
 
+def _cmd_login_demo(args: argparse.Namespace, out: Output) -> int:
+    """``demo --login``: the developer login flow against the local servers only."""
+    from .demo_login import run_login_demo
+
+    if args.token_endpoint or args.api:
+        raise UsageError("--login runs against the local servers: drop --token-endpoint/--api")
+    return run_login_demo(
+        out=out, key=args.key or os.environ.get(KEY_ENV), pin_source=args.pin_source
+    )
+
+
 def register(sub: Any) -> None:
     """Add ``demo`` to the main parser's subparsers."""
     p = sub.add_parser(
         "demo",
         help="the main job: token with DPoP, then API calls, as a masked session log",
-        description="Without --token-endpoint, starts local servers that require nonces.",
+        description="Without --token-endpoint, starts local servers that require nonces. "
+        "--login shows the developer flow instead: login (authorization code + PKCE + PAR, "
+        "public client dpop-hsm-public), request --profile, a refresh, logout.",
     )
     add_key_options(p)
     p.add_argument("--token-endpoint", metavar="URL", help="a real AS instead of the local one")
@@ -263,4 +263,10 @@ def register(sub: Any) -> None:
     p.add_argument("--client-secret-source", metavar="SRC", help="env:NAME or file:PATH")
     p.add_argument("--scope", default="api")
     p.add_argument("--calls", type=int, default=2, help="API calls to make (default 2)")
+    p.add_argument(
+        "--login",
+        action="store_true",
+        help="the developer flow: dpop-hsm login, request --profile (with a refresh), logout, "
+        "against the local servers, under a temporary DPOP_HSM_STATE_DIR",
+    )
     p.set_defaults(func=cmd_demo, settings=KEY_SETTINGS)
