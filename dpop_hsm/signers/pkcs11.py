@@ -260,6 +260,7 @@ class Pkcs11Signer:
         self._secret = secret
         self._requested_alg = alg
         self._max = max_sessions
+        self.concurrency = max_sessions  # async adapters size their signing pool to the sessions
         self._cond = threading.Condition(threading.Lock())
         self._reopen_lock = threading.Lock()
         self._idle: deque[_Entry] = deque()
