@@ -296,6 +296,8 @@ class TpmSigner:
     :class:`PinError`, :class:`UnsupportedKeyError`, :class:`DeviceError`.
     """
 
+    concurrency = 1  # one lock serializes its TPM commands: async adapters use one worker
+
     def __init__(
         self, reference: str | TpmReference, *, secret: SecretSource | None = None
     ) -> None:
