@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import weakref
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ import httpx  # noqa: E402
 from .errors import DPoPError, RedirectError, TokenResponseError  # noqa: E402
 from .htu import normalize_htu, origin_of  # noqa: E402
 from .jose import b64url_decode, split_compact  # noqa: E402
-from .logs import log_request, log_response  # noqa: E402
+from .logs import http_logger, log_request, log_response  # noqa: E402
 from .offload import SigningOffload  # noqa: E402
 from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp  # noqa: E402
 from .sansio import HttpRequest, HttpResponse  # noqa: E402
@@ -135,6 +136,8 @@ def _from_httpx(response: httpx.Response, url: str) -> HttpResponse:
 
 
 def _log_sent(request: httpx.Request) -> None:
+    if not http_logger.isEnabledFor(logging.DEBUG):
+        return  # per request: skip copying the headers and body for a log nobody reads
     stream = request.stream
     # ByteStream is in-memory (also on redirect hops, where .content is not set): safe to read.
     body: bytes | str = (
@@ -143,14 +146,20 @@ def _log_sent(request: httpx.Request) -> None:
     log_request(request.method, str(request.url), request.headers.multi_items(), body)
 
 
-def _log_received(response: httpx.Response) -> None:
+def _log_received(
+    response: httpx.Response,
+    headers: list[tuple[str, str]] | None = None,
+    url: str | None = None,
+) -> None:
+    if not http_logger.isEnabledFor(logging.DEBUG):
+        return
     body = response.content if hasattr(response, "_content") else None
     log_response(
         response.status_code,
         response.reason_phrase,
-        response.headers.multi_items(),
+        response.headers.multi_items() if headers is None else headers,
         body,
-        url=str(response.request.url),
+        url=str(response.request.url) if url is None else url,
     )
 
 
@@ -291,12 +300,15 @@ class DPoPAuth(httpx.Auth):
         replayable = isinstance(request.stream, httpx.ByteStream)
         retried = False
         while True:
-            _log_received(response)
-            fresh = self.flow.observe(str(response.request.url), response.headers.multi_items())
+            # Decoded once per response: httpx rebuilds the list on every multi_items() call.
+            headers = response.headers.multi_items()
+            final_url = str(response.request.url)
+            _log_received(response, headers, final_url)
+            fresh = self.flow.observe(final_url, headers)
             self._check_redirects(request, response)
             decision = self.flow.classify(
                 response.status_code,
-                response.headers.multi_items(),
+                headers,
                 stamp=stamp,
                 fresh_nonce=fresh,
                 retried=retried,
