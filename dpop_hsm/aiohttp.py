@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import weakref
 from collections.abc import Generator
 from typing import Any, TypeVar
@@ -36,7 +37,7 @@ from yarl import URL  # noqa: E402
 
 from .errors import DPoPError, TokenResponseError, TransportError  # noqa: E402
 from .htu import origin_of  # noqa: E402
-from .logs import log_request, log_response  # noqa: E402
+from .logs import http_logger, log_request, log_response  # noqa: E402
 from .offload import SigningOffload  # noqa: E402
 from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp  # noqa: E402
 from .sansio import HttpRequest, HttpResponse  # noqa: E402
@@ -119,12 +120,13 @@ class DPoPMiddleware:
     ) -> aiohttp.ClientResponse:
         url = str(request.url)
         pending = _pending_hop.get()
-        _pending_hop.set(None)
+        if pending is not None:
+            _pending_hop.set(None)
         if pending is not None and pending[1] == url and not self.flow.redirect(pending[0], url):
             return await handler(request)  # a cross-origin hop: no credentials at all
         self.flow.check_target(url)  # before any token is fetched or sent
         token = await self._token(request.session)
-        stamp = await self._stamp(request, token)
+        stamp = await self._stamp(request, url, token)
         replayable = _replayable(request)
         retried = False
         while True:
@@ -148,22 +150,25 @@ class DPoPMiddleware:
                 self.flow.invalidate(stamp.token)
                 token = await self._token(request.session)
             retried = True
-            stamp = await self._stamp(request, token)
+            stamp = await self._stamp(request, url, token)
 
     def _remember_redirect(self, response: aiohttp.ClientResponse, url: str) -> None:
+        if response.status not in _REDIRECT_STATUSES:
+            return
         location = response.headers.get("Location")
-        if response.status in _REDIRECT_STATUSES and location:
+        if location:
             try:
                 target = str(response.url.join(URL(location)))
             except ValueError:
                 return
             _pending_hop.set((origin_of(url), target))
 
-    async def _stamp(self, request: aiohttp.ClientRequest, token: Token) -> Stamp:
-        stamp = await self._offload.run(self.flow.stamp, request.method, str(request.url), token)
+    async def _stamp(self, request: aiohttp.ClientRequest, url: str, token: Token) -> Stamp:
+        stamp = await self._offload.run(self.flow.stamp, request.method, url, token)
         request.headers["Authorization"] = stamp.authorization
         request.headers["DPoP"] = stamp.proof
-        log_request(stamp.method, stamp.url, request.headers.items(), _loggable_body(request))
+        if http_logger.isEnabledFor(logging.DEBUG):  # per request: no header copy for no log
+            log_request(stamp.method, stamp.url, request.headers.items(), _loggable_body(request))
         return stamp
 
     # --- tokens ---------------------------------------------------------------------------
