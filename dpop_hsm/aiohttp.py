@@ -39,7 +39,13 @@ from .errors import DPoPError, TokenResponseError, TransportError  # noqa: E402
 from .htu import origin_of  # noqa: E402
 from .logs import http_logger, log_request, log_response  # noqa: E402
 from .offload import SigningOffload  # noqa: E402
-from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp  # noqa: E402
+from .resource_flow import (  # noqa: E402
+    CHALLENGE_STATUSES,
+    Action,
+    RedirectPolicy,
+    ResourceFlow,
+    Stamp,
+)
 from .sansio import HttpRequest, HttpResponse  # noqa: E402
 from .token import MAX_TOKEN_RESPONSE, Token, TokenClient  # noqa: E402
 
@@ -63,6 +69,19 @@ def _advance(gen: Generator[T, Any, Any], value: Any) -> tuple[bool, Any]:
 def _headers(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
     """Every header field as sent, repeats kept (two ``DPoP-Nonce`` fields stay two)."""
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+
+
+def _nonce_fields(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+    """Only the ``DPoP-Nonce`` fields of :func:`_headers`, in order, decoded the same way."""
+    # A C lookup in aiohttp's parsed view first: it holds a field with this ASCII name, in any
+    # case, exactly when raw_headers does.
+    if "DPoP-Nonce" not in response.headers:
+        return []
+    return [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in response.raw_headers
+        if k.lower() == b"dpop-nonce"
+    ]
 
 
 def _replayable(request: aiohttp.ClientRequest) -> bool:
@@ -131,11 +150,17 @@ class DPoPMiddleware:
         retried = False
         while True:
             response = await handler(request)
-            headers = _headers(response)
-            log_response(response.status, response.reason or "", headers, None, url=url)
+            status = response.status
+            if status in CHALLENGE_STATUSES or http_logger.isEnabledFor(logging.DEBUG):
+                headers = _headers(response)
+                log_response(status, response.reason or "", headers, None, url=url)
+            else:
+                # classify() reads no field of such a response, so only the nonce is decoded
+                # (any response may carry the next nonce, RFC 9449 §8.2).
+                headers = _nonce_fields(response)
             fresh = self.flow.observe(url, headers)
             decision = self.flow.classify(
-                response.status,
+                status,
                 headers,
                 stamp=stamp,
                 fresh_nonce=fresh,

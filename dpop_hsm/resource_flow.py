@@ -35,9 +35,20 @@ from .proof import ProofFactory
 from .sansio import header_values
 from .token_endpoint import Token
 
-__all__ = ["Action", "Decision", "RedirectPolicy", "ResourceFlow", "Stamp", "TokenSource"]
+__all__ = [
+    "CHALLENGE_STATUSES",
+    "Action",
+    "Decision",
+    "RedirectPolicy",
+    "ResourceFlow",
+    "Stamp",
+    "TokenSource",
+]
 
 RedirectPolicy = Literal["strip", "refuse"]
+# The only statuses whose header fields classify() reads (a WWW-Authenticate challenge, RFC 9449
+# §7.1); for any other status an adapter may skip decoding all but DPoP-Nonce.
+CHALLENGE_STATUSES = frozenset({401, 403})
 
 
 class TokenSource(Protocol):
@@ -141,7 +152,7 @@ class ResourceFlow:
         ``fresh_nonce`` is what :meth:`observe` returned for this response. On
         :attr:`Action.RENEW` the caller must :meth:`invalidate` and fetch a new token.
         """
-        if status not in (401, 403):
+        if status not in CHALLENGE_STATUSES:
             return _PASS
         challenge = find_challenge(header_values(headers, "www-authenticate"), "DPoP")
         if challenge is None:
