@@ -144,8 +144,15 @@ class DPoPMiddleware:
         if pending is not None and pending[1] == url and not self.flow.redirect(pending[0], url):
             return await handler(request)  # a cross-origin hop: no credentials at all
         self.flow.check_target(url)  # before any token is fetched or sent
-        token = await self._token(request.session)
-        stamp = await self._stamp(request, url, token)
+        # The common case without a coroutine per step: a cached token, a signer that never
+        # blocks (each await of a helper coroutine costs more than the dict lookups it wraps).
+        token = self.token_client.cached_token()
+        if token is None:
+            token = await self._token(request.session)
+        if self._offload.inline:
+            stamp = self._apply(request, self.flow.stamp(request.method, url, token))
+        else:
+            stamp = await self._stamp(request, url, token)
         replayable = _replayable(request)
         retried = False
         while True:
@@ -190,6 +197,10 @@ class DPoPMiddleware:
 
     async def _stamp(self, request: aiohttp.ClientRequest, url: str, token: Token) -> Stamp:
         stamp = await self._offload.run(self.flow.stamp, request.method, url, token)
+        return self._apply(request, stamp)
+
+    @staticmethod
+    def _apply(request: aiohttp.ClientRequest, stamp: Stamp) -> Stamp:
         request.headers["Authorization"] = stamp.authorization
         request.headers["DPoP"] = stamp.proof
         if http_logger.isEnabledFor(logging.DEBUG):  # per request: no header copy for no log

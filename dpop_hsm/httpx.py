@@ -400,7 +400,10 @@ class DPoPAuth(httpx.Auth):
         while not done:
             value: Any
             if isinstance(op, _Sign):
-                value = await offload.run(self.flow.stamp, op.method, op.url, op.token)
+                if offload.inline:  # no coroutine for a signer that never blocks
+                    value = self.flow.stamp(op.method, op.url, op.token)
+                else:
+                    value = await offload.run(self.flow.stamp, op.method, op.url, op.token)
             elif isinstance(op, _NeedToken):
                 value = tc.cached_token()
                 if value is None:
