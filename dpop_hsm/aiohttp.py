@@ -165,7 +165,7 @@ class DPoPMiddleware:
                 # classify() reads no field of such a response, so only the nonce is decoded
                 # (any response may carry the next nonce, RFC 9449 §8.2).
                 headers = _nonce_fields(response)
-            fresh = self.flow.observe(url, headers)
+            fresh = self.flow.observe(url, headers) if headers else None  # no field, no nonce
             decision = self.flow.classify(
                 status,
                 headers,
