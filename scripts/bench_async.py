@@ -458,6 +458,12 @@ def _worker(uri: str, pin: str, seconds: float) -> dict[str, Any]:
         signers["softhsm"] = Pkcs11Signer.generate(uri, "ES256", secret=pin)
     except Exception as e:  # no SoftHSM2 here: the software rows still run
         notes.append(f"softhsm rows skipped ({type(e).__name__}: {e})")
+    try:
+        import sniffio  # noqa: F401
+    except ImportError:
+        # httpcore (1.0) imports it again for every lock it sets up when it is missing: about
+        # ten failed imports per request, which both sides of the httpx rows pay.
+        notes.append("httpx rows: sniffio is not installed; httpcore retries its import per lock")
     env = {**os.environ}
     servers = _Servers(env)
     try:
