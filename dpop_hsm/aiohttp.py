@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import weakref
 from collections.abc import Generator
 from typing import Any, TypeVar
@@ -35,9 +36,15 @@ with requires_extra("aiohttp"):
 
 from .errors import DPoPError, TokenResponseError, TransportError
 from .htu import origin_of
-from .logs import log_request, log_response
+from .logs import http_logger, log_request, log_response
 from .offload import SigningOffload
-from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
+from .resource_flow import (
+    CHALLENGE_STATUSES,
+    Action,
+    RedirectPolicy,
+    ResourceFlow,
+    Stamp,
+)
 from .sansio import HttpRequest, HttpResponse
 from .token import MAX_TOKEN_RESPONSE, Token, TokenClient
 
@@ -66,6 +73,19 @@ def _advance(gen: Generator[T, Any, Any], value: Any) -> tuple[bool, Any]:
 def _headers(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
     """Every header field as sent, repeats kept (two ``DPoP-Nonce`` fields stay two)."""
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+
+
+def _nonce_fields(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+    """Only the ``DPoP-Nonce`` fields of :func:`_headers`, in order, decoded the same way."""
+    # A C lookup in aiohttp's parsed view first: it holds a field with this ASCII name, in any
+    # case, exactly when raw_headers does.
+    if "DPoP-Nonce" not in response.headers:
+        return []
+    return [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in response.raw_headers
+        if k.lower() == b"dpop-nonce"
+    ]
 
 
 def _replayable(request: aiohttp.ClientRequest) -> bool:
@@ -123,22 +143,36 @@ class DPoPMiddleware:
     ) -> aiohttp.ClientResponse:
         url = str(request.url)
         pending = _pending_hop.get()
-        _pending_hop.set(None)
+        if pending is not None:
+            _pending_hop.set(None)
         if pending is not None and pending[1] == url and not self.flow.redirect(pending[0], url):
             return await handler(request)  # a cross-origin hop: no credentials at all
         self.flow.check_target(url)  # before any token is fetched or sent
-        token = await self._token(request.session)
-        stamp = await self._stamp(request, token)
+        # The common case without a coroutine per step: a cached token, a signer that never
+        # blocks (each await of a helper coroutine costs more than the dict lookups it wraps).
+        token = self.token_client.cached_token()
+        if token is None:
+            token = await self._token(request.session)
+        if self._offload.inline:
+            stamp = self._apply(request, self.flow.stamp(request.method, url, token))
+        else:
+            stamp = await self._stamp(request, url, token)
         replayable = _replayable(request)
         retried = False
         while True:
             response = await handler(request)
-            headers = _headers(response)
-            log_response(response.status, response.reason or "", headers, None, url=url)
+            status = response.status
             try:
-                fresh = self.flow.observe(url, headers)
+                if status in CHALLENGE_STATUSES or http_logger.isEnabledFor(logging.DEBUG):
+                    headers = _headers(response)
+                    log_response(status, response.reason or "", headers, None, url=url)
+                else:
+                    # classify() reads no field of such a response, so only the nonce is
+                    # decoded (any response may carry the next nonce, RFC 9449 §8.2).
+                    headers = _nonce_fields(response)
+                fresh = self.flow.observe(url, headers) if headers else None
                 decision = self.flow.classify(
-                    response.status,
+                    status,
                     headers,
                     stamp=stamp,
                     fresh_nonce=fresh,
@@ -156,22 +190,29 @@ class DPoPMiddleware:
                 self.flow.invalidate(stamp.token)
                 token = await self._token(request.session)
             retried = True
-            stamp = await self._stamp(request, token)
+            stamp = await self._stamp(request, url, token)
 
     def _remember_redirect(self, response: aiohttp.ClientResponse, url: str) -> None:
+        if response.status not in _REDIRECT_STATUSES:
+            return
         location = response.headers.get("Location")
-        if response.status in _REDIRECT_STATUSES and location:
+        if location:
             try:
                 target = str(response.url.join(URL(location)))
             except ValueError:
                 return
             _pending_hop.set((origin_of(url), target))
 
-    async def _stamp(self, request: aiohttp.ClientRequest, token: Token) -> Stamp:
-        stamp = await self._offload.run(self.flow.stamp, request.method, str(request.url), token)
+    async def _stamp(self, request: aiohttp.ClientRequest, url: str, token: Token) -> Stamp:
+        stamp = await self._offload.run(self.flow.stamp, request.method, url, token)
+        return self._apply(request, stamp)
+
+    @staticmethod
+    def _apply(request: aiohttp.ClientRequest, stamp: Stamp) -> Stamp:
         request.headers["Authorization"] = stamp.authorization
         request.headers["DPoP"] = stamp.proof
-        log_request(stamp.method, stamp.url, request.headers.items(), _loggable_body(request))
+        if http_logger.isEnabledFor(logging.DEBUG):  # per request: no header copy for no log
+            log_request(stamp.method, stamp.url, request.headers.items(), _loggable_body(request))
         return stamp
 
     # --- tokens ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ with requires_extra("httpx"):
 from .errors import DPoPError, RedirectError, TokenResponseError
 from .htu import normalize_htu, origin_of
 from .jose import b64url_decode, split_compact
-from .logs import log_request, log_response
+from .logs import http_logger, log_request, log_response
 from .offload import SigningOffload
 from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
 from .sansio import HttpRequest, HttpResponse
@@ -133,6 +134,8 @@ def _from_httpx(response: httpx.Response, url: str) -> HttpResponse:
 
 
 def _log_sent(request: httpx.Request) -> None:
+    if not http_logger.isEnabledFor(logging.DEBUG):
+        return  # per request: skip copying the headers and body for a log nobody reads
     stream = request.stream
     # ByteStream is in-memory (also on redirect hops, where .content is not set): safe to read.
     body: bytes | str = (
@@ -141,14 +144,20 @@ def _log_sent(request: httpx.Request) -> None:
     log_request(request.method, str(request.url), request.headers.multi_items(), body)
 
 
-def _log_received(response: httpx.Response) -> None:
+def _log_received(
+    response: httpx.Response,
+    headers: list[tuple[str, str]] | None = None,
+    url: str | None = None,
+) -> None:
+    if not http_logger.isEnabledFor(logging.DEBUG):
+        return
     body = response.content if hasattr(response, "_content") else None
     log_response(
         response.status_code,
         response.reason_phrase,
-        response.headers.multi_items(),
+        response.headers.multi_items() if headers is None else headers,
         body,
-        url=str(response.request.url),
+        url=str(response.request.url) if url is None else url,
     )
 
 
@@ -290,12 +299,15 @@ class DPoPAuth(httpx.Auth):
         replayable = isinstance(request.stream, httpx.ByteStream)
         retried = False
         while True:
-            _log_received(response)
-            fresh = self.flow.observe(str(response.request.url), response.headers.multi_items())
+            # Decoded once per response: httpx rebuilds the list on every multi_items() call.
+            headers = response.headers.multi_items()
+            final_url = str(response.request.url)
+            _log_received(response, headers, final_url)
+            fresh = self.flow.observe(final_url, headers)
             self._check_redirects(request, response)
             decision = self.flow.classify(
                 response.status_code,
-                response.headers.multi_items(),
+                headers,
                 stamp=stamp,
                 fresh_nonce=fresh,
                 retried=retried,
@@ -387,7 +399,10 @@ class DPoPAuth(httpx.Auth):
         while not done:
             value: Any
             if isinstance(op, _Sign):
-                value = await offload.run(self.flow.stamp, op.method, op.url, op.token)
+                if offload.inline:  # no coroutine for a signer that never blocks
+                    value = self.flow.stamp(op.method, op.url, op.token)
+                else:
+                    value = await offload.run(self.flow.stamp, op.method, op.url, op.token)
             elif isinstance(op, _NeedToken):
                 value = tc.cached_token()
                 if value is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 from typing import Literal, Protocol
 
 from .challenges import find_challenge
@@ -34,9 +35,20 @@ from .proof import ProofFactory
 from .sansio import header_values
 from .token_endpoint import Token
 
-__all__ = ["Action", "Decision", "RedirectPolicy", "ResourceFlow", "Stamp", "TokenSource"]
+__all__ = [
+    "CHALLENGE_STATUSES",
+    "Action",
+    "Decision",
+    "RedirectPolicy",
+    "ResourceFlow",
+    "Stamp",
+    "TokenSource",
+]
 
 RedirectPolicy = Literal["strip", "refuse"]
+# The only statuses whose header fields classify() reads (a WWW-Authenticate challenge, RFC 9449
+# §7.1); for any other status an adapter may skip decoding all but DPoP-Nonce.
+CHALLENGE_STATUSES = frozenset({401, 403})
 
 
 class TokenSource(Protocol):
@@ -77,6 +89,16 @@ class Decision:
     error: str | None = None
 
 
+_PASS = Decision(Action.PASS)  # frozen: one shared instance for the common case
+
+
+@lru_cache(maxsize=512)
+def _check_target(url: str) -> None:
+    # Per request on the hot path; a pure function of the string, and only URLs that pass are
+    # cached (a raising call caches nothing), so a refused URL is refused every time.
+    require_https(url, "resource URL")
+
+
 class ResourceFlow:
     """The rules of §7 and §9 for one token client, shared by every adapter.
 
@@ -102,7 +124,7 @@ class ResourceFlow:
     @staticmethod
     def check_target(url: str) -> None:
         """Refuse a resource URL before any token is fetched or sent (https except loopback)."""
-        require_https(url, "resource URL")
+        _check_target(url)
 
     def stamp(self, method: str, url: str, token: Token) -> Stamp:
         """A fresh proof for ``method url`` bound to ``token`` (§7.1), with the origin's nonce."""
@@ -130,11 +152,11 @@ class ResourceFlow:
         ``fresh_nonce`` is what :meth:`observe` returned for this response. On
         :attr:`Action.RENEW` the caller must :meth:`invalidate` and fetch a new token.
         """
-        if status not in (401, 403):
-            return Decision(Action.PASS)
+        if status not in CHALLENGE_STATUSES:
+            return _PASS
         challenge = find_challenge(header_values(headers, "www-authenticate"), "DPoP")
         if challenge is None:
-            return Decision(Action.PASS)
+            return _PASS
         error = challenge.params.get("error")
         if status == 401 and error == "use_dpop_nonce":
             if retried:

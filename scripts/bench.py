@@ -302,13 +302,15 @@ def _print(rows: list[Row]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per backend")
-    parser.add_argument("--only", choices=["software", "pkcs11", "tpm", "http", "cache"])
+    parser.add_argument(
+        "--only", choices=["software", "pkcs11", "tpm", "http", "cache", "async"], default=None
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
     print(f"dpop_hsm bench (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")
     status = 0
-    for name in ("software", "pkcs11", "tpm", "http", "cache"):
+    for name in ("software", "pkcs11", "tpm", "http", "cache", "async"):
         if args.only not in (None, name):
             continue
         print(f"[{name}]")
