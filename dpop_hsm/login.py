@@ -44,10 +44,7 @@ from .authorization import (
 from .client_auth import (
     ClientAuth,
     Form,
-    NoClientAuth,
-    PrivateKeyJwt,
-    SecretBasic,
-    SecretPost,
+    client_auth_for,
 )
 from .device import DevicePoller, parse_device_authorization
 from .discovery import (
@@ -136,22 +133,8 @@ def _client_auth(
             raise ConfigurationError("give client_auth, or auth_method/client_secret, not both")
         return client_auth
     method = auth_method or ("client_secret_basic" if client_secret is not None else "none")
-    if method in ("client_secret_basic", "client_secret_post"):
-        if client_secret is None:
-            raise ConfigurationError(f"auth_method {method} needs a client secret")
-        return (
-            SecretBasic(client_secret)
-            if method == "client_secret_basic"
-            else SecretPost(client_secret)
-        )
-    if client_secret is not None:
-        raise ConfigurationError(f"auth_method {method} takes no client secret")
-    if method == "none":
-        return NoClientAuth()
-    if method == "private_key_jwt":
-        return PrivateKeyJwt(assertion_signer, audience=audience)
-    raise ConfigurationError(
-        "auth_method must be none, client_secret_basic, client_secret_post or private_key_jwt"
+    return client_auth_for(
+        method, client_secret=client_secret, assertion_signer=assertion_signer, audience=audience
     )
 
 

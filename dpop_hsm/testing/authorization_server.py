@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -32,44 +31,31 @@ from .context import (
 )
 from .plumbing import (
     JSON_HEADERS,
-    Counters,
     Handler,
     LoopbackServer,
-    Nonces,
-    Settings,
     json_bytes,
-    target_path,
 )
+from .role import ServerRole
 from .token_endpoint import TokenEndpoint
-from .tokens import TokenIssuer
 
 __all__ = ["TOKEN_PATH", "AuthorizationServer"]
 
 Route = Callable[[Handler, bytes], None]
 
 
-class AuthorizationServer:
-    """Answers the AS's requests; state shared with the RS comes in through the arguments."""
+class AuthorizationServer(ServerRole):
+    """Answers the AS's requests; state shared with the RS comes from :class:`ServerRole`."""
 
     role = "as"
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        counters: Counters,
-        issuer: TokenIssuer,
-        nonces: Nonces,
-        seen: deque[dict[str, Any]],
-    ) -> None:
-        self.settings = settings
-        self.counters = counters
-        self.issuer = issuer
-        self.nonces = nonces
-        self.seen = seen
+    def _setup(self) -> None:
         self.clients: dict[str, ClientRegistration] = {}
         self.ctx = ASContext(
-            settings, counters=counters, issuer=issuer, nonces=nonces, clients=self.clients
+            self.settings,
+            counters=self.counters,
+            issuer=self.issuer,
+            nonces=self.nonces,
+            clients=self.clients,
         )
         self.metadata_paths = set(METADATA_PATHS)
         front, back = FrontChannel(self.ctx), TokenEndpoint(self.ctx)
@@ -88,7 +74,7 @@ class AuthorizationServer:
             AUTHORIZE_PATH: front.authorize,
             DEVICE_PATH: lambda h, b: front.device_form(h),
             JWKS_PATH: lambda h, b: h.send(
-                200, json_bytes({"keys": [issuer.public_jwk()]}), JSON_HEADERS
+                200, json_bytes({"keys": [self.issuer.public_jwk()]}), JSON_HEADERS
             ),
         }
 
@@ -143,15 +129,7 @@ class AuthorizationServer:
         return document
 
     def handle(self, h: Handler, body: bytes) -> None:
-        path = target_path(h.path)
-        self.seen.append(
-            {
-                "server": "as",
-                "path": path,
-                "authorization": "Authorization" in h.headers,
-                "dpop": "DPoP" in h.headers,
-            }
-        )
+        path = self.record(h)
         if path == "/echo":
             out = {k: self.seen[-1][k] for k in ("authorization", "dpop")}
             h.send(200, json_bytes(out), JSON_HEADERS)

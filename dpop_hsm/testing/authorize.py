@@ -191,18 +191,32 @@ class FrontChannel:
         params["iss"] = self.ctx.url  # RFC 9207 §2
         h.send(302, b"", [("Location", with_params(redirect_uri, params)), *PAGE_HEADERS])
 
+    def _decision(
+        self, h: Handler, body: bytes, *, approve: bool, title: str
+    ) -> tuple[dict[str, str], str] | None:
+        """The form a user posted from a login or device page, and the user name in it.
+
+        None once a 400 page has been sent: the form is malformed, or it approves without a
+        user name (a denial needs none).
+        """
+        try:
+            form = self.ctx.form(h, body)
+        except Reject as e:
+            h.send(400, message_page("Bad request", e.description), PAGE_HEADERS)
+            return None
+        user = form.get("user", "")
+        if approve and not _USER.fullmatch(user):
+            h.send(400, message_page(title, "a user name is required"), PAGE_HEADERS)
+            return None
+        return form, user
+
     def decide(self, h: Handler, body: bytes, *, approve: bool) -> None:
         """``POST /authorize/approve`` or ``/authorize/deny``: end the login step."""
         ctx = self.ctx
-        try:
-            form = ctx.form(h, body)
-        except Reject as e:
-            h.send(400, message_page("Bad request", e.description), PAGE_HEADERS)
+        posted = self._decision(h, body, approve=approve, title="Sign in")
+        if posted is None:
             return
-        user = form.get("user", "")
-        if approve and not _USER.fullmatch(user):
-            h.send(400, message_page("Sign in", "a user name is required"), PAGE_HEADERS)
-            return
+        form, user = posted
         request = ctx.store.end_login(form.get("form_token", ""), ctx.settings.now())
         if request is None:
             ctx.counters.reject("login_form_token")
@@ -256,15 +270,10 @@ class FrontChannel:
     def device_decide(self, h: Handler, body: bytes, *, approve: bool) -> None:
         """``POST /device/approve`` or ``/device/deny`` with the code the user typed."""
         ctx = self.ctx
-        try:
-            form = ctx.form(h, body)
-        except Reject as e:
-            h.send(400, message_page("Bad request", e.description), PAGE_HEADERS)
+        posted = self._decision(h, body, approve=approve, title="Connect a device")
+        if posted is None:
             return
-        user = form.get("user", "")
-        if approve and not _USER.fullmatch(user):
-            h.send(400, message_page("Connect a device", "a user name is required"), PAGE_HEADERS)
-            return
+        form, user = posted
         record = ctx.store.device_by_user_code(form.get("user_code", ""), ctx.settings.now())
         if record is None or not ctx.store.decide_device(record, user or None, approve):
             ctx.counters.reject("device_user_code")

@@ -9,49 +9,32 @@ error="…"`` and ``algs`` (§7.1, §9). ``/redirect?to=…`` answers 307 (for r
 from __future__ import annotations
 
 import json
-from collections import deque
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigurationError, VerificationError
 from ..verify import ReplayCache, verify_proof
 from .plumbing import (
-    Counters,
     Handler,
     LoopbackServer,
-    Nonces,
     Reject,
-    Settings,
     json_bytes,
     proof_rejection,
     target_path,
 )
-from .tokens import TokenIssuer
+from .role import ServerRole
 
 __all__ = ["API_PATH", "ResourceServer"]
 
 API_PATH = "/api/dpop/test"
 
 
-class ResourceServer:
+class ResourceServer(ServerRole):
     """Answers the RS's requests; tokens are checked with the AS's :class:`TokenIssuer`."""
 
     role = "rs"
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        counters: Counters,
-        issuer: TokenIssuer,
-        nonces: Nonces,
-        seen: deque[dict[str, Any]],
-    ) -> None:
-        self.settings = settings
-        self.counters = counters
-        self.issuer = issuer
-        self.nonces = nonces
-        self.seen = seen
+    def _setup(self) -> None:
         self.server: LoopbackServer | None = None
         self._proof_replays = ReplayCache()
 
@@ -74,15 +57,7 @@ class ResourceServer:
         return f'Bearer realm="dpop_hsm", {dpop}' if self.settings.multi_challenge else dpop
 
     def handle(self, h: Handler, body: bytes) -> None:
-        path = target_path(h.path)
-        self.seen.append(
-            {
-                "server": "rs",
-                "path": path,
-                "authorization": "Authorization" in h.headers,
-                "dpop": "DPoP" in h.headers,
-            }
-        )
+        path = self.record(h)
         headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         if self.settings.rs_nonce:
             headers.append(("DPoP-Nonce", self.nonces.current()))

@@ -139,55 +139,42 @@ class _InitArgs(ctypes.Structure):
     )
 
 
+# CK_FUNCTION_LIST up to C_Sign, in the order of PKCS#11 v2.40 §5.15 (pkcs11f.h), one line per
+# group of functions. Only those we call get a prototype; every other entry is a function
+# pointer we never follow, so an opaque pointer of the same size keeps the layout.
+_FUNCTIONS = (  # noqa: SIM905 - one line per group of functions, as in pkcs11f.h
+    "C_Initialize C_Finalize C_GetInfo C_GetFunctionList"  # general purpose, §5.4
+    " C_GetSlotList C_GetSlotInfo C_GetTokenInfo C_GetMechanismList C_GetMechanismInfo"
+    " C_InitToken C_InitPIN C_SetPIN"  # slot and token management, §5.5
+    " C_OpenSession C_CloseSession C_CloseAllSessions C_GetSessionInfo C_GetOperationState"
+    " C_SetOperationState C_Login C_Logout"  # session management, §5.6
+    " C_CreateObject C_CopyObject C_DestroyObject C_GetObjectSize C_GetAttributeValue"
+    " C_SetAttributeValue C_FindObjectsInit C_FindObjects C_FindObjectsFinal"  # objects, §5.7
+    " C_EncryptInit C_Encrypt C_EncryptUpdate C_EncryptFinal"  # §5.8
+    " C_DecryptInit C_Decrypt C_DecryptUpdate C_DecryptFinal"  # §5.9
+    " C_DigestInit C_Digest C_DigestUpdate C_DigestKey C_DigestFinal"  # §5.10
+    " C_SignInit C_Sign"  # §5.11
+).split()
+_PROTOTYPES: dict[str, Any] = {
+    "C_Initialize": _INIT,
+    "C_Finalize": _INIT,
+    "C_InitToken": _INIT_TOKEN,
+    "C_InitPIN": _INIT_PIN,
+    "C_OpenSession": _OPEN_SESSION,
+    "C_CloseSession": _SESSION_CALL,
+    "C_CloseAllSessions": _CLOSE_ALL,
+    "C_Login": _LOGIN,
+    "C_Logout": _SESSION_CALL,
+    "C_SignInit": _SIGN_INIT,
+    "C_Sign": _SIGN,
+}
+
+
 class _FunctionList(ctypes.Structure):
-    # CK_FUNCTION_LIST up to C_Logout, in the order of PKCS#11 v2.40 §5.15 (pkcs11f.h).
     _fields_ = (
         ("major", ctypes.c_ubyte),
         ("minor", ctypes.c_ubyte),
-        ("C_Initialize", _INIT),
-        ("C_Finalize", _INIT),
-        ("C_GetInfo", ctypes.c_void_p),
-        ("C_GetFunctionList", ctypes.c_void_p),
-        ("C_GetSlotList", ctypes.c_void_p),
-        ("C_GetSlotInfo", ctypes.c_void_p),
-        ("C_GetTokenInfo", ctypes.c_void_p),
-        ("C_GetMechanismList", ctypes.c_void_p),
-        ("C_GetMechanismInfo", ctypes.c_void_p),
-        ("C_InitToken", _INIT_TOKEN),
-        ("C_InitPIN", _INIT_PIN),
-        ("C_SetPIN", ctypes.c_void_p),
-        ("C_OpenSession", _OPEN_SESSION),
-        ("C_CloseSession", _SESSION_CALL),
-        ("C_CloseAllSessions", _CLOSE_ALL),
-        ("C_GetSessionInfo", ctypes.c_void_p),
-        ("C_GetOperationState", ctypes.c_void_p),
-        ("C_SetOperationState", ctypes.c_void_p),
-        ("C_Login", _LOGIN),
-        ("C_Logout", _SESSION_CALL),
-        ("C_CreateObject", ctypes.c_void_p),
-        ("C_CopyObject", ctypes.c_void_p),
-        ("C_DestroyObject", ctypes.c_void_p),
-        ("C_GetObjectSize", ctypes.c_void_p),
-        ("C_GetAttributeValue", ctypes.c_void_p),
-        ("C_SetAttributeValue", ctypes.c_void_p),
-        ("C_FindObjectsInit", ctypes.c_void_p),
-        ("C_FindObjects", ctypes.c_void_p),
-        ("C_FindObjectsFinal", ctypes.c_void_p),
-        ("C_EncryptInit", ctypes.c_void_p),
-        ("C_Encrypt", ctypes.c_void_p),
-        ("C_EncryptUpdate", ctypes.c_void_p),
-        ("C_EncryptFinal", ctypes.c_void_p),
-        ("C_DecryptInit", ctypes.c_void_p),
-        ("C_Decrypt", ctypes.c_void_p),
-        ("C_DecryptUpdate", ctypes.c_void_p),
-        ("C_DecryptFinal", ctypes.c_void_p),
-        ("C_DigestInit", ctypes.c_void_p),
-        ("C_Digest", ctypes.c_void_p),
-        ("C_DigestUpdate", ctypes.c_void_p),
-        ("C_DigestKey", ctypes.c_void_p),
-        ("C_DigestFinal", ctypes.c_void_p),
-        ("C_SignInit", _SIGN_INIT),
-        ("C_Sign", _SIGN),
+        *((name, _PROTOTYPES.get(name, ctypes.c_void_p)) for name in _FUNCTIONS),
     )
 
 

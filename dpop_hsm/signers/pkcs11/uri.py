@@ -44,28 +44,29 @@ log = logging.getLogger("dpop_hsm.pkcs11")
 PIN_ENV = "DPOP_HSM_PIN"
 MODULE_ENV = "DPOP_HSM_PKCS11_MODULE"
 
+
+def _fields(*names: str) -> dict[str, str]:
+    # Each attribute is stored in the Pkcs11Uri field of the same name, '-' written as '_'.
+    return {name: name.replace("-", "_") for name in names}
+
+
 # RFC 7512 §2.3, in the order the RFC lists them (also the order we print them in).
-_PATH_ATTRS: dict[str, str] = {
-    "token": "token",
-    "manufacturer": "manufacturer",
-    "serial": "serial",
-    "model": "model",
-    "library-manufacturer": "library_manufacturer",
-    "library-description": "library_description",
-    "library-version": "library_version",
-    "slot-manufacturer": "slot_manufacturer",
-    "slot-description": "slot_description",
-    "slot-id": "slot_id",
-    "object": "object",
-    "type": "type",
-    "id": "id",
-}
-_QUERY_ATTRS: dict[str, str] = {
-    "pin-source": "pin_source",
-    "pin-value": "pin_value",
-    "module-name": "module_name",
-    "module-path": "module_path",
-}
+_PATH_ATTRS = _fields(
+    "token",
+    "manufacturer",
+    "serial",
+    "model",
+    "library-manufacturer",
+    "library-description",
+    "library-version",
+    "slot-manufacturer",
+    "slot-description",
+    "slot-id",
+    "object",
+    "type",
+    "id",
+)
+_QUERY_ATTRS = _fields("pin-source", "pin-value", "module-name", "module-path")
 _TYPES = frozenset({"public", "private", "cert", "secret-key", "data"})
 _VENDOR_NAME = re.compile(r"x-[A-Za-z0-9_.~-]+\Z")  # RFC 7512 §2.3 pk11-v-attr-nm
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
