@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import weakref
 from collections.abc import Generator
 from typing import Any, TypeVar
 
@@ -37,16 +36,14 @@ with requires_extra("aiohttp"):
 from .errors import DPoPError, TokenResponseError, TransportError
 from .htu import origin_of
 from .logs import http_logger, log_request, log_response
-from .offload import SigningOffload
+from .offload import AsyncFlowAdapter
 from .resource_flow import (
     CHALLENGE_STATUSES,
     Action,
-    RedirectPolicy,
-    ResourceFlow,
     Stamp,
 )
 from .sansio import HttpRequest, HttpResponse
-from .token import MAX_TOKEN_RESPONSE, Token, TokenClient
+from .token import MAX_TOKEN_RESPONSE, Token
 
 __all__ = ["AiohttpTransportError", "DPoPMiddleware"]
 
@@ -104,7 +101,7 @@ def _loggable_body(request: aiohttp.ClientRequest) -> bytes | str | None:
     return "[streamed body]"
 
 
-class DPoPMiddleware:
+class DPoPMiddleware(AsyncFlowAdapter):
     """aiohttp client middleware presenting a DPoP-bound token with a fresh proof per request.
 
     ``raise_on_rejection``: a final 401/403 with a ``DPoP`` challenge carrying an ``error``
@@ -112,27 +109,6 @@ class DPoPMiddleware:
     (default: return it, like every other status). A repeated nonce challenge always raises
     :class:`~dpop_hsm.errors.NonceError`.
     """
-
-    def __init__(
-        self,
-        token_client: TokenClient,
-        *,
-        raise_on_rejection: bool = False,
-        cross_origin_redirects: RedirectPolicy = "strip",
-    ) -> None:
-        self.flow = ResourceFlow(
-            token_client,
-            raise_on_rejection=raise_on_rejection,
-            cross_origin_redirects=cross_origin_redirects,
-        )
-        self.token_client = token_client
-        self._offload = SigningOffload(token_client.signer)
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def __repr__(self) -> str:
-        return f"DPoPMiddleware({self.token_client!r})"
 
     # --- the middleware -------------------------------------------------------------------
 
@@ -217,20 +193,13 @@ class DPoPMiddleware:
 
     # --- tokens ---------------------------------------------------------------------------
 
-    def _lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        lock = self._locks.get(loop)
-        if lock is None:
-            lock = self._locks.setdefault(loop, asyncio.Lock())
-        return lock
-
     async def _token(self, session: aiohttp.ClientSession) -> Token:
         """A valid token: cached, or one renewal per loop (and per client, across threads)."""
         tc = self.token_client
         cached = tc.cached_token()
         if cached is not None:
             return cached
-        async with self._lock():
+        async with self._loop_locks.current():
             got = tc.try_acquire()
             if got is None:  # another thread renews: wait for it off the loop
                 got = await asyncio.get_running_loop().run_in_executor(None, tc.acquire)

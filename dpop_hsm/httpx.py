@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,10 +47,10 @@ from .errors import DPoPError, RedirectError, TokenResponseError
 from .htu import normalize_htu, origin_of
 from .jose import b64url_decode, split_compact
 from .logs import http_logger, log_request, log_response
-from .offload import SigningOffload
-from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
+from .offload import AsyncFlowAdapter
+from .resource_flow import Action, Stamp
 from .sansio import HttpRequest, HttpResponse
-from .token import MAX_TOKEN_RESPONSE, Renewal, Token, TokenClient
+from .token import MAX_TOKEN_RESPONSE, Renewal, Token
 
 __all__ = ["DPoPAuth"]
 
@@ -234,7 +233,7 @@ def _hop_guard(proof: str, htu: str, inner: Any, is_async: bool) -> Callable[...
     return guard
 
 
-class DPoPAuth(httpx.Auth):
+class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
     """httpx auth presenting a DPoP-bound token with a fresh proof on every request.
 
     A resource server's final 401/403 is returned like any other response (``raise_for_status()``
@@ -245,36 +244,7 @@ class DPoPAuth(httpx.Auth):
 
     requires_request_body = False  # streams stay streams; they are just never re-sent
     requires_response_body = False
-
-    def __init__(
-        self,
-        token_client: TokenClient,
-        *,
-        raise_on_rejection: bool = False,
-        cross_origin_redirects: RedirectPolicy = "strip",
-    ) -> None:
-        self.flow = ResourceFlow(
-            token_client,
-            raise_on_rejection=raise_on_rejection,
-            cross_origin_redirects=cross_origin_redirects,
-        )
-        self.token_client = token_client
-        self._offload = SigningOffload(token_client.signer)
-        self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._other_lock: anyio.Lock | None = None
-
-    @property
-    def raise_on_rejection(self) -> bool:
-        return self.flow.raise_on_rejection
-
-    @property
-    def cross_origin_redirects(self) -> RedirectPolicy:
-        return self.flow.cross_origin_redirects
-
-    def __repr__(self) -> str:
-        return f"DPoPAuth({self.token_client!r})"
+    _other_lock: anyio.Lock | None = None  # the renewal lock when the loop is not asyncio's
 
     # --- the one flow ---------------------------------------------------------------------
 
@@ -379,15 +349,11 @@ class DPoPAuth(httpx.Auth):
 
     def _async_lock(self) -> asyncio.Lock | anyio.Lock:
         try:
-            loop = asyncio.get_running_loop()
+            return self._loop_locks.current()
         except RuntimeError:  # not asyncio (trio): one anyio lock
             if self._other_lock is None:
                 self._other_lock = anyio.Lock()
             return self._other_lock
-        lock = self._loop_locks.get(loop)
-        if lock is None:
-            lock = self._loop_locks.setdefault(loop, asyncio.Lock())
-        return lock
 
     async def async_auth_flow(
         self, request: httpx.Request

@@ -14,11 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["SigningOffload", "signer_blocks", "signer_concurrency"]
+from .resource_flow import FlowAdapter, RedirectPolicy
+
+if TYPE_CHECKING:
+    from .token import TokenClient
+
+__all__ = [
+    "AsyncFlowAdapter",
+    "LoopLocks",
+    "SigningOffload",
+    "signer_blocks",
+    "signer_concurrency",
+]
 
 T = TypeVar("T")
 DEFAULT_CONCURRENCY = 4
@@ -69,3 +81,40 @@ class SigningOffload:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False)
+
+
+class LoopLocks:
+    """One ``asyncio.Lock`` per event loop (a lock is bound to the loop that first awaits it),
+    so tasks of each loop queue for a token renewal without blocking any loop."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def current(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks.setdefault(loop, asyncio.Lock())
+        return lock
+
+
+class AsyncFlowAdapter(FlowAdapter):
+    """An async adapter's state: the flow, the signer's offload policy, per-loop renewal locks."""
+
+    def __init__(
+        self,
+        token_client: TokenClient,
+        *,
+        raise_on_rejection: bool = False,
+        cross_origin_redirects: RedirectPolicy = "strip",
+    ) -> None:
+        super().__init__(
+            token_client,
+            raise_on_rejection=raise_on_rejection,
+            cross_origin_redirects=cross_origin_redirects,
+        )
+        self.token_client = token_client
+        self._offload = SigningOffload(token_client.signer)
+        self._loop_locks = LoopLocks()

@@ -31,7 +31,7 @@ from requests.models import PreparedRequest, Response
 
 from ._requests_sender import MAX_RESPONSE_BODY, response_headers, send_http_request
 from .logs import log_request, log_response
-from .resource_flow import Action, RedirectPolicy, ResourceFlow, Stamp
+from .resource_flow import Action, FlowAdapter, RedirectPolicy, Stamp
 from .token import Token, TokenClient
 
 __all__ = ["MAX_RESPONSE_BODY", "DPoPAuth", "DPoPSession", "response_headers", "send_http_request"]
@@ -50,7 +50,7 @@ def _replayable(prep: PreparedRequest) -> bool:
     return prep.body is None or isinstance(prep.body, bytes | str)
 
 
-class DPoPAuth(AuthBase):
+class DPoPAuth(FlowAdapter, AuthBase):
     """``requests`` auth that presents a DPoP-bound token with a fresh proof per request.
 
     A resource server's final 401/403 is returned like any other response (``raise_for_status()``
@@ -67,24 +67,13 @@ class DPoPAuth(AuthBase):
         raise_on_rejection: bool = False,
         cross_origin_redirects: RedirectPolicy = "strip",
     ) -> None:
-        self.flow = ResourceFlow(
+        super().__init__(
             token_client,
             raise_on_rejection=raise_on_rejection,
             cross_origin_redirects=cross_origin_redirects,
         )
         self.token_client = token_client
         self.session = session
-
-    @property
-    def raise_on_rejection(self) -> bool:
-        return self.flow.raise_on_rejection
-
-    @property
-    def cross_origin_redirects(self) -> RedirectPolicy:
-        return self.flow.cross_origin_redirects
-
-    def __repr__(self) -> str:
-        return f"DPoPAuth({self.token_client!r})"
 
     # --- token --------------------------------------------------------------------------
 

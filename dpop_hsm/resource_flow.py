@@ -39,6 +39,7 @@ __all__ = [
     "CHALLENGE_STATUSES",
     "Action",
     "Decision",
+    "FlowAdapter",
     "RedirectPolicy",
     "ResourceFlow",
     "Stamp",
@@ -198,3 +199,36 @@ class ResourceFlow:
                 f"{origin_of(new_url)} with DPoP credentials"
             )
         return False
+
+
+class FlowAdapter:
+    """What every HTTP adapter keeps: its token client and the one :class:`ResourceFlow`.
+
+    The requests, httpx and aiohttp adapters subclass it (beside their library's own base), so
+    options are checked, stored and shown the same way everywhere. A final 401/403 is handed
+    back by default; ``raise_on_rejection=True`` raises :class:`UnauthorizedError` instead.
+    """
+
+    def __init__(
+        self,
+        token_client: TokenSource,
+        *,
+        raise_on_rejection: bool = False,
+        cross_origin_redirects: RedirectPolicy = "strip",
+    ) -> None:
+        self.flow = ResourceFlow(
+            token_client,
+            raise_on_rejection=raise_on_rejection,
+            cross_origin_redirects=cross_origin_redirects,
+        )
+
+    @property
+    def raise_on_rejection(self) -> bool:
+        return self.flow.raise_on_rejection
+
+    @property
+    def cross_origin_redirects(self) -> RedirectPolicy:
+        return self.flow.cross_origin_redirects
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.flow.token_client!r})"
