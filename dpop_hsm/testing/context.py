@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ..errors import ConfigurationError, VerificationError
-from ..verify import ReplayCache, VerifiedProof, verify_proof
+from ..verify import VerifiedProof, verify_proof
 from .clients import ClientAuthenticator, ClientRegistration
 from .grants import GrantStore
 from .plumbing import (
@@ -21,6 +21,7 @@ from .plumbing import (
     Reject,
     Settings,
     json_bytes,
+    local_replay_cache,
     proof_rejection,
 )
 from .tokens import TokenIssuer
@@ -87,7 +88,7 @@ class ASContext:
         self.clients = clients
         self.store = GrantStore()
         self.server: LoopbackServer | None = None
-        self._proof_replays = ReplayCache()
+        self._proof_replays = local_replay_cache()
         self.client_auth = ClientAuthenticator(
             clients, now=settings.now, audiences=lambda: (self.url, self.endpoint(TOKEN_PATH))
         )

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ReplayCacheFullError, ReplayError, UseDPoPNonceError, VerificationError
 from ..jose import b64url_decode, b64url_encode, split_compact
+from ..replay import ReplayCache
 from ..strict_json import loads_strict
 
 __all__ = [
@@ -392,3 +393,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+def local_replay_cache() -> ReplayCache:
+    """The replay cache of one local server: big, and with no per-key share.
+
+    The local servers are one developer's or one test run's servers, usually with ONE key
+    making every proof: the library default (a quarter of the cache per key, so one hostile
+    key cannot crowd out the others on a shared verifier) would refuse a benchmark's or a
+    fleet test's single key after ~25k proofs a minute. Capacity still fails closed.
+    """
+    return ReplayCache(max_entries=1_000_000, max_entries_per_key=1_000_000)

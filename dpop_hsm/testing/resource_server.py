@@ -13,12 +13,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigurationError, VerificationError
-from ..verify import ReplayCache, verify_proof
+from ..verify import verify_proof
 from .plumbing import (
     Handler,
     LoopbackServer,
     Reject,
     json_bytes,
+    local_replay_cache,
     proof_rejection,
     target_path,
 )
@@ -36,7 +37,7 @@ class ResourceServer(ServerRole):
 
     def _setup(self) -> None:
         self.server: LoopbackServer | None = None
-        self._proof_replays = ReplayCache()
+        self._proof_replays = local_replay_cache()
 
     @property
     def url(self) -> str:
