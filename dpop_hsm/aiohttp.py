@@ -121,7 +121,7 @@ class DPoPMiddleware(AsyncFlowAdapter):
         pending = _pending_hop.get()
         if pending is not None:
             _pending_hop.set(None)
-        if pending is not None and pending[1] == url and not self.flow.redirect(pending[0], url):
+        if pending is not None and not self._may_stamp_after_redirect(pending, request):
             return await handler(request)  # a cross-origin hop: no credentials at all
         self.flow.check_target(url)  # before any token is fetched or sent
         # The common case without a coroutine per step: a cached token, a signer that never
@@ -168,13 +168,31 @@ class DPoPMiddleware(AsyncFlowAdapter):
             retried = True
             stamp = await self._stamp(request, url, token)
 
+    def _may_stamp_after_redirect(
+        self, pending: tuple[str, str], request: aiohttp.ClientRequest
+    ) -> bool:
+        """Right after a redirect in this task: may this request carry our credentials?
+
+        The hop is recognized by origin, not by its exact URL (aiohttp drops a Location's
+        fragment, and a near-miss must never mean "a new request, stamp it"): a request to
+        another origin than the redirecting one goes out bare — or raises under the "refuse"
+        policy when it is the redirect target itself. The same origin gets a fresh proof.
+        """
+        from_origin, target = pending
+        url = str(request.url.with_fragment(None))
+        if origin_of(url) == from_origin:
+            return self.flow.redirect(from_origin, url)  # same origin: https rule, re-sign
+        if url == target:
+            self.flow.redirect(from_origin, url)  # raises RedirectError under "refuse"
+        return False
+
     def _remember_redirect(self, response: aiohttp.ClientResponse, url: str) -> None:
         if response.status not in _REDIRECT_STATUSES:
             return
         location = response.headers.get("Location")
         if location:
             try:
-                target = str(response.url.join(URL(location)))
+                target = str(response.url.join(URL(location)).with_fragment(None))
             except ValueError:
                 return
             _pending_hop.set((origin_of(url), target))
@@ -220,7 +238,7 @@ class DPoPMiddleware(AsyncFlowAdapter):
     async def _renewal_step(self, flow: Generator[Any, Any, Any], value: Any) -> tuple[bool, Any]:
         """One step of a renewal: with the signatures, unless the token cache's renewal does
         blocking I/O itself (a shared cache's fleet lock): then in a worker thread."""
-        if getattr(self.token_client.cache, "renewal_blocks", False):
+        if self.token_client.renewal_blocks:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, _advance, flow, value)
         return await self._offload.run(_advance, flow, value)

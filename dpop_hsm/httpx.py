@@ -79,9 +79,12 @@ class _Sign:
 _Op = httpx.Request | _NeedToken | _Sign
 
 
-def _to_httpx(request: HttpRequest, timeout: tuple[float, float]) -> httpx.Request:
+def _to_httpx(
+    request: HttpRequest, timeout: tuple[float, float], *, is_async: bool
+) -> httpx.Request:
     """A token request: TokenClient.timeout applies (requests yielded from an auth flow get no
-    client timeout otherwise), and it is marked so redirect hooks never let it follow."""
+    client timeout otherwise), it is marked so redirect hooks never let it follow, and a trace
+    guard refuses to write it anywhere but the token endpoint (below)."""
     connect, read = timeout
     return httpx.Request(
         request.method,
@@ -91,8 +94,47 @@ def _to_httpx(request: HttpRequest, timeout: tuple[float, float]) -> httpx.Reque
         extensions={
             "timeout": {"connect": connect, "read": read, "write": read, "pool": connect},
             _TOKEN_REQUEST: True,
+            "trace": _token_endpoint_guard(normalize_htu(request.url), is_async),
         },
     )
+
+
+def _token_endpoint_guard(endpoint: str, is_async: bool) -> Callable[..., Any]:
+    """An httpcore ``trace`` callback that stops a token request from going anywhere else.
+
+    A client created with ``follow_redirects=True`` and never ``attach()``-ed follows a token
+    endpoint's 307 inside one send, re-posting the body (client secret, assertion) and the
+    proof; RFC 6749 §3.2 gives the token endpoint no redirects. httpx copies extensions to the
+    hop, so this runs before the hop's headers are written and raises instead.
+    """
+
+    def check(info: dict[str, Any]) -> None:
+        url = getattr(info.get("request"), "url", None)
+        if url is None:
+            return
+        try:
+            target = normalize_htu(bytes(url).decode("ascii", "replace"))
+        except DPoPError:
+            target = ""
+        if target != endpoint:
+            raise RedirectError(
+                f"the token endpoint redirected to {origin_of(target or endpoint)}; not "
+                "followed, nothing was sent there (call DPoPAuth.attach(client))"
+            )
+
+    if is_async:
+
+        async def atrace(event: str, info: dict[str, Any]) -> None:
+            if event.endswith("send_request_headers.started"):
+                check(info)
+
+        return atrace
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith("send_request_headers.started"):
+            check(info)
+
+    return trace
 
 
 def _keep_bounded(response: httpx.Response, chunks: list[bytes]) -> None:
@@ -333,7 +375,7 @@ class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
                 tflow = got.flow()
                 done, step = _advance(tflow, None)
                 while not done:
-                    sent = _to_httpx(step, tc.timeout)
+                    sent = _to_httpx(step, tc.timeout, is_async=False)
                     response = yield sent
                     _refuse_redirected(response, sent)
                     _read_bounded(response)
@@ -385,7 +427,7 @@ class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
                                     step_in = self._renewal_runner()
                                     t_done, step = await step_in(_advance, tflow, None)
                                     while not t_done:
-                                        sent = _to_httpx(step, tc.timeout)
+                                        sent = _to_httpx(step, tc.timeout, is_async=True)
                                         response = yield sent
                                         _refuse_redirected(response, sent)
                                         await _aread_bounded(response)
@@ -403,7 +445,7 @@ class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
     def _renewal_runner(self) -> Callable[..., Awaitable[Any]]:
         """Where renewal steps run: with the signatures, unless the token cache's renewal
         does blocking I/O itself (a shared cache's fleet lock): then in a worker thread."""
-        if getattr(self.token_client.cache, "renewal_blocks", False):
+        if self.token_client.renewal_blocks:
             return anyio.to_thread.run_sync
         return self._offload.run
 

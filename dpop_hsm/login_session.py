@@ -142,6 +142,12 @@ class LoginSession(TokenClient):
     (``invalid_grant``) or there is none, besides the errors of :class:`TokenClient`.
     """
 
+    @property
+    def renewal_blocks(self) -> bool:
+        # A refresh waits for the profile's file lock and writes the rotated refresh token
+        # with fsync: never on an event loop.
+        return self.store is not None or super().renewal_blocks
+
     def __init__(
         self,
         signer: Signer,

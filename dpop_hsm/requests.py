@@ -154,6 +154,9 @@ class DPoPAuth(FlowAdapter, AuthBase):
             prep.prepare_cookies(cookies)
         self.stamp(prep, token)
         setattr(prep, _RETRIED_ATTR, True)
+        # requests follows redirects of the resent request from the ORIGINAL one: its proof is
+        # spent and names the old attempt, so it must not ride along to a redirect target.
+        _strip_credentials(r.request)
         adapter = r.connection
         resent: Response = adapter.send(prep, **kwargs)
         resent.history.append(r)

@@ -324,6 +324,12 @@ class TokenClient:
         return self.client_auth.method
 
     @property
+    def renewal_blocks(self) -> bool:
+        """Whether a renewal does blocking I/O besides signing (a shared cache's fleet lock,
+        a login profile's file lock): async adapters then run it in a worker thread."""
+        return bool(getattr(self.cache, "renewal_blocks", False))
+
+    @property
     def token_requests(self) -> int:
         """Token requests sent (nonce retries included), for diagnostics and tests."""
         return self.endpoint.attempts

@@ -16,13 +16,14 @@ Generators yield :class:`~dpop_hsm.sansio.HttpRequest` values and receive
 from __future__ import annotations
 
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, quote_plus, urlencode
 
 from .client_auth import (
     ASSERTION_TYPE,
@@ -86,6 +87,7 @@ RESERVED_PARAMS = frozenset(
         "resource",
     }
 )
+_PCT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _SECRET_RESPONSE_FIELDS = frozenset({"access_token", "refresh_token", "id_token"})
 
 
@@ -163,10 +165,13 @@ def redact(text: str | None, secrets: Iterable[str]) -> str | None:
     """
     if text is None:
         return None
+    # Percent-escapes compare case-insensitively (RFC 3986 §6.2.2.1): "%2f" and "%2F" alike.
+    text = _PCT_ESCAPE.sub(lambda m: m.group(0).upper(), text)
     for secret in secrets:
         if len(secret) < 4:  # too short to find without masking ordinary words
             continue
-        for spelling in {secret, quote(secret, safe=""), quote(secret, safe="").lower()}:
+        # As sent, percent-encoded, and form-encoded (spaces as "+", as urlencode writes them).
+        for spelling in {secret, quote(secret, safe=""), quote_plus(secret, safe="")}:
             if spelling in text:
                 text = text.replace(spelling, "****")
     return text

@@ -933,3 +933,88 @@ def test_token_transport_failures_are_requests_errors_too(signer: SoftwareSigner
     with requests.Session() as session, pytest.raises(requests.RequestException) as info:
         session.get(f"http://127.0.0.1:{port}/api", auth=requests_mod.DPoPAuth(client))
     assert isinstance(info.value, TransportError)
+
+
+# --- independent review regressions ----------------------------------------------------------
+
+
+def test_requests_plain_session_redirect_after_a_nonce_resend_carries_no_stale_proof(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    """requests follows the resent request's redirect from the ORIGINAL request: its spent
+    proof (and token) must not ride along to another origin."""
+    elsewhere = serve(lambda seen, conn, i: conn.sendall(response(200, b"{}")))
+    challenge = ("WWW-Authenticate", 'DPoP error="use_dpop_nonce"')
+
+    def api(seen: Seen, i: int) -> bytes:
+        if i == 0:
+            return response(401, b"", [challenge, ("DPoP-Nonce", "rs-1")])
+        return response(302, headers=[("Location", elsewhere.url + "/x")])
+
+    server = serve(rs_handler(api))
+    with requests.Session() as session:
+        reply = session.get(
+            server.url + "/api", auth=requests_mod.DPoPAuth(token_client(signer, server))
+        )
+    assert reply.status_code == 200
+    (hop,) = elsewhere.seen
+    assert hop.header("DPoP") is None and hop.header("Authorization") is None
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_httpx_unattached_token_redirect_sends_nothing_to_the_target(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer], status: int
+) -> None:
+    """follow_redirects=True, never attach()-ed: the token endpoint's 307 must not re-post
+    the client secret (or the proof) to its target — refused before the hop is written."""
+    collector = serve(lambda seen, conn, i: conn.sendall(response(200, TOKEN_JSON)))
+    server = serve(
+        lambda seen, conn, i: conn.sendall(
+            response(status, headers=[("Location", collector.url + "/collect")])
+        )
+    )
+    client = token_client(signer, server, auth_method="client_secret_post")
+    with (
+        httpx.Client(timeout=2, follow_redirects=True, auth=httpx_mod.DPoPAuth(client)) as http,
+        pytest.raises(RedirectError),
+    ):
+        http.get(server.url + "/api")
+    assert collector.seen == []
+
+
+def test_aiohttp_redirect_with_a_fragment_carries_no_credentials_across_origins(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    """aiohttp drops a Location's fragment from the hop's URL: the hop is still recognized
+    (by origin), so the other origin gets neither the token nor a proof."""
+    import asyncio
+
+    aiohttp = pytest.importorskip("aiohttp")
+    from dpop_hsm.aiohttp import DPoPMiddleware
+
+    elsewhere = serve(lambda seen, conn, i: conn.sendall(response(200, b"{}")))
+    server = serve(
+        rs_handler(lambda seen, i: response(302, headers=[("Location", elsewhere.url + "/x#f")]))
+    )
+    client = token_client(signer, server)
+
+    async def main() -> int:
+        async with (
+            aiohttp.ClientSession(middlewares=(DPoPMiddleware(client),)) as session,
+            session.get(server.url + "/api") as reply,
+        ):
+            await reply.read()
+            status: int = reply.status
+            return status
+
+    assert asyncio.run(main()) == 200
+    (hop,) = elsewhere.seen
+    assert hop.header("DPoP") is None and hop.header("Authorization") is None
+
+
+def test_redaction_covers_form_and_lowercase_percent_encodings() -> None:
+    from dpop_hsm.token_endpoint import redact
+
+    assert redact("client_secret=my+secret+value", ["my secret value"]) == "client_secret=****"
+    assert "Ab%2fCd" not in (redact("echo Ab%2fCd", ["Ab/Cd"]) or "")
+    assert redact("nothing here", ["my secret value"]) == "nothing here"
