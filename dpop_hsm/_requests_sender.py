@@ -82,10 +82,45 @@ def _read_body(response: Response, deadline: float, url: str) -> bytes:
     return body
 
 
+class _HungExchanges:
+    """Abandoned exchanges still held open by a server, per origin.
+
+    A worker abandoned at the deadline lives until the server finishes or the per-read timeout
+    ends it; a server that drips bytes forever could otherwise cost one thread and one socket
+    per renewal attempt. Past ``MAX_HUNG_PER_ORIGIN`` such workers, new requests to that
+    origin fail at once instead of adding more.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count: dict[str, int] = {}
+
+    def add(self, origin: str) -> None:
+        with self._lock:
+            self._count[origin] = self._count.get(origin, 0) + 1
+
+    def release(self, origin: str) -> None:
+        with self._lock:
+            left = self._count.get(origin, 1) - 1
+            if left > 0:
+                self._count[origin] = left
+            else:
+                self._count.pop(origin, None)
+
+    def full(self, origin: str) -> bool:
+        with self._lock:
+            return self._count.get(origin, 0) >= MAX_HUNG_PER_ORIGIN
+
+
+MAX_HUNG_PER_ORIGIN = 4
+_hung = _HungExchanges()
+
+
 class _Exchange:
     """One request/response in a worker thread; the caller waits at most until ``deadline``."""
 
     def __init__(self, session: requests.Session, request: HttpRequest, timeout: Any) -> None:
+        self._origin = origin_of(request.url)
         self._session = session
         self._request = request
         self._timeout = timeout
@@ -97,6 +132,14 @@ class _Exchange:
         self.error: BaseException | None = None
 
     def run(self, deadline: float) -> None:
+        try:
+            self._run(deadline)
+        finally:
+            with self._lock:
+                if self._abandoned:
+                    _hung.release(self._origin)
+
+    def _run(self, deadline: float) -> None:
         try:
             response = self._session.request(
                 self._request.method,
@@ -130,7 +173,11 @@ class _Exchange:
         finished = self._done.wait(max(0.0, deadline - time.monotonic()))
         if not finished:
             with self._lock:
-                self._abandoned = True
+                if not self._done.is_set():
+                    self._abandoned = True
+                    _hung.add(self._origin)
+                else:
+                    finished = True
         return finished
 
 
@@ -143,6 +190,10 @@ def send_http_request(
     (module docstring); never follows redirects.
     """
     deadline = time.monotonic() + timeout[0] + 2 * timeout[1]
+    if _hung.full(origin_of(request.url)):
+        raise RequestsTransportError(
+            f"{origin_of(request.url)}: {MAX_HUNG_PER_ORIGIN} earlier requests still hang there"
+        )
     exchange = _Exchange(session, request, timeout)
     worker = threading.Thread(
         target=exchange.run, args=(deadline,), name="dpop_hsm-token-request", daemon=True

@@ -1018,3 +1018,36 @@ def test_redaction_covers_form_and_lowercase_percent_encodings() -> None:
     assert redact("client_secret=my+secret+value", ["my secret value"]) == "client_secret=****"
     assert "Ab%2fCd" not in (redact("echo Ab%2fCd", ["Ab/Cd"]) or "")
     assert redact("nothing here", ["my secret value"]) == "nothing here"
+
+
+def test_hung_token_requests_are_bounded_per_origin(
+    signer: SoftwareSigner, serve: Callable[[Handler], RawServer]
+) -> None:
+    """A server that drips header bytes forever holds each abandoned worker (and socket) open;
+    past a few of them, the next request to that origin fails at once instead of adding one."""
+    import threading
+
+    from dpop_hsm._requests_sender import MAX_HUNG_PER_ORIGIN
+
+    def handler(seen: Seen, conn: socket.socket, index: int) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for i in range(10_000):
+            if server.stop.wait(0.1):
+                return
+            conn.sendall(b"X-Drip-%d: y\r\n" % i)
+
+    server = serve(handler)
+    client = token_client(signer, server)
+    for _ in range(MAX_HUNG_PER_ORIGIN):
+        result, _ = timed(client.get_token)
+        assert isinstance(result, TransportError), repr(result)
+    result, elapsed = timed(client.get_token)
+    assert isinstance(result, TransportError) and "still hang" in str(result)
+    assert elapsed < 0.5  # no new worker, no wait for the deadline
+    server.close()  # the server lets go: the abandoned workers end
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not [t for t in threading.enumerate() if t.name == "dpop_hsm-token-request"]:
+            break
+        time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name == "dpop_hsm-token-request"]
