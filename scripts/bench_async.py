@@ -35,7 +35,6 @@ import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -491,28 +490,22 @@ def _worker(uri: str, pin: str, seconds: float) -> dict[str, Any]:
 def bench_async(seconds: float) -> Rows:
     """Measure for about ``10 * seconds`` plus setup; returns (name, value) rows."""
     sys.path.insert(0, str(REPO))
-    from dpop_hsm.signers.pkcs11_uri import Pkcs11Uri, resolve_module_name
+    from dpop_hsm.signers.pkcs11_uri import resolve_module_name
 
     try:
         module = resolve_module_name("softhsm2")
     except Exception:  # no SoftHSM2: the worker skips those rows and says so
         module = "libsofthsm2.so"
-    with tempfile.TemporaryDirectory(prefix="dpop-bench-async-") as tmp:
-        base = Path(tmp)
-        (base / "store").mkdir()
-        conf = base / "softhsm2.conf"
-        template = (REPO / "softhsm" / "softhsm2.conf.in").read_text(encoding="utf-8")
-        conf.write_text(template.replace("@TOKENDIR@", str(base / "store")), encoding="utf-8")
-        pin = secrets.token_hex(8)
-        env = {**os.environ, "SOFTHSM2_CONF": str(conf), "DPOP_HSM_BENCH_PIN": pin}
-        env["PYTHONPATH"] = str(REPO) + (
-            os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
-        )
-        uri = str(Pkcs11Uri(token="dpop", object="bench", module_path=module))
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", uri, str(seconds)],
-            env=env, check=False, capture_output=True, text=True, timeout=120 + 20 * seconds,
-        )  # fmt: skip
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_pkcs11 import run_softhsm_worker
+
+    proc = run_softhsm_worker(
+        __file__,
+        module,
+        [str(seconds)],
+        timeout=120 + 20 * seconds,
+        prefix="dpop-bench-async-",
+    )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"worker failed: {tail[0]}")

@@ -173,14 +173,18 @@ def _worker(uri: str, pin: str, seconds: float) -> Rows:
     ]
 
 
-def bench_pkcs11(seconds: float) -> Rows:
-    """Measure for about ``seconds`` on a throwaway SoftHSM2 token; returns (name, value) rows."""
+def run_softhsm_worker(
+    script: str, module: str, args: list[str], *, timeout: float, prefix: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script --worker URI ARGS…`` against a throwaway SoftHSM2 token of its own.
+
+    The token directory and config live in a temporary directory, ``SOFTHSM2_CONF`` is set
+    before the child loads the module, and the PIN travels in the environment, never argv.
+    """
     sys.path.insert(0, str(REPO))
-    from dpop_hsm.signers.pkcs11.locate import resolve_module_name
     from dpop_hsm.signers.pkcs11.uri import Pkcs11Uri
 
-    module = resolve_module_name("softhsm2")
-    with tempfile.TemporaryDirectory(prefix="dpop-bench-softhsm-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         base = Path(tmp)
         (base / "store").mkdir()
         conf = base / "softhsm2.conf"
@@ -192,10 +196,23 @@ def bench_pkcs11(seconds: float) -> Rows:
             os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
         )
         uri = str(Pkcs11Uri(token="dpop", object="bench", module_path=module))
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", uri, str(seconds)],
-            env=env, check=True, capture_output=True, text=True, timeout=120 + 4 * seconds,
+        return subprocess.run(
+            [sys.executable, script, "--worker", uri, *args],
+            env=env, check=False, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
+
+
+def bench_pkcs11(seconds: float) -> Rows:
+    """Measure for about ``seconds`` on a throwaway SoftHSM2 token; returns (name, value) rows."""
+    sys.path.insert(0, str(REPO))
+    from dpop_hsm.signers.pkcs11.locate import resolve_module_name
+
+    module = resolve_module_name("softhsm2")
+    proc = run_softhsm_worker(
+        __file__, module, [str(seconds)], timeout=120 + 4 * seconds, prefix="dpop-bench-softhsm-"
+    )
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
     return [(name, float(value)) for name, value in json.loads(proc.stdout.splitlines()[-1])]
 
 
