@@ -107,22 +107,17 @@ class FileTokenCache(SharedTokenCache):
     ) -> None:
         if fcntl is None:  # pragma: no cover
             raise ConfigurationError("FileTokenCache needs fcntl (POSIX)")
-        if not 0.001 <= poll_interval <= 5:
-            raise ConfigurationError("poll_interval must be within [0.001, 5] seconds")
         self.directory = Path(directory)
         self._prepare_directory()
-        try:
-            super().__init__(
-                what=f"directory {self.directory.name!r}",
-                lease=lease,
-                backoff=backoff,
-                share_refresh_tokens=share_refresh_tokens,
-                share_nonces=share_nonces,
-                max_entries=max_entries,
-            )
-        except ValueError as e:
-            raise ConfigurationError(str(e)) from e
-        self.poll_interval = poll_interval
+        super().__init__(
+            what=f"directory {self.directory.name!r}",
+            lease=lease,
+            backoff=backoff,
+            share_refresh_tokens=share_refresh_tokens,
+            share_nonces=share_nonces,
+            max_entries=max_entries,
+            poll_interval=poll_interval,
+        )
 
     def _prepare_directory(self) -> None:
         try:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from .challenges import find_challenge
 from .errors import ConfigurationError
 from .htu import origin_of
-from .token_http import header_values
+from .sansio import header_values
 
 __all__ = [
     "DEFAULT_MAX_ORIGINS",

@@ -163,25 +163,20 @@ class RedisTokenCache(SharedTokenCache):
             raise ConfigurationError("client must be a redis.Redis instance")
         if not isinstance(prefix, str) or not prefix.isprintable() or len(prefix) > 200:
             raise ConfigurationError("prefix must be a printable string of at most 200 chars")
-        if not 0.001 <= poll_interval <= 5:
-            raise ConfigurationError("poll_interval must be within [0.001, 5] seconds")
         kwargs = client.connection_pool.connection_kwargs
         where = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
-        try:
-            super().__init__(
-                what=f"redis at {where}",
-                lease=lease,
-                backoff=backoff,
-                share_refresh_tokens=share_refresh_tokens,
-                share_nonces=share_nonces,
-                max_entries=max_entries,
-            )
-        except ValueError as e:
-            raise ConfigurationError(str(e)) from e
+        super().__init__(
+            what=f"redis at {where}",
+            lease=lease,
+            backoff=backoff,
+            share_refresh_tokens=share_refresh_tokens,
+            share_nonces=share_nonces,
+            max_entries=max_entries,
+            poll_interval=poll_interval,
+        )
         self._errors = (redis.RedisError, OSError)
         self.client = client
         self.prefix = prefix
-        self.poll_interval = poll_interval
         self._pubsub_refused_at: float | None = None
         self._release_script = client.register_script(_RELEASE)
         self._publish_script = client.register_script(_PUBLISH)

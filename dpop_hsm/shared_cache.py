@@ -38,11 +38,12 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .errors import ConfigurationError
 from .htu import origin_of
 from .nonces import NonceStore, is_valid_nonce
+from .sansio import HttpRequest, HttpResponse
 from .shared_entry import MAX_ENTRY, Decoded, decode_entry, digest, encode_entry, entry_id
 from .token import CacheKey, Token, TokenCache, TokenClient
-from .token_http import HttpRequest, HttpResponse
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -259,14 +260,22 @@ class SharedTokenCache(TokenCache):
         share_refresh_tokens: bool = False,
         share_nonces: bool = False,
         max_entries: int = 1024,
+        poll_interval: float = 0.02,
     ) -> None:
+        """The options every shared cache has; bad values are a ConfigurationError."""
         super().__init__(max_entries=max_entries)
         if lease is not None and not 0.1 <= lease <= 600:
-            raise ValueError("lease must be within [0.1, 600] seconds")
+            raise ConfigurationError("lease must be within [0.1, 600] seconds")
+        if not 0.001 <= poll_interval <= 5:
+            raise ConfigurationError("poll_interval must be within [0.001, 5] seconds")
         self.lease = lease
+        self.poll_interval = poll_interval
         self.share_refresh_tokens = share_refresh_tokens
         self.share_nonces = share_nonces
-        self.outage = Outage(what, backoff=backoff)
+        try:
+            self.outage = Outage(what, backoff=backoff)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
         self._meta = threading.Lock()
         self._known: OrderedDict[CacheKey, tuple[Token, bytes]] = OrderedDict()
         self._rejected: OrderedDict[CacheKey, str] = OrderedDict()
