@@ -2,8 +2,14 @@
 
 httpx.AsyncClient and aiohttp, against the local servers over real sockets: a software key
 signs on the loop thread (a thread hop costs more than its 25 µs signature), a signer that
-sleeps 40 ms per signature never stalls the loop for 50 ms, 200 tasks with no token cause
-exactly one token, and a blocking signer's signatures queue in its own bounded pool.
+blocks 40 ms per signature never runs on the loop and the loop serves other work while each of
+its signatures is in progress, 200 tasks with no token cause exactly one token, and a blocking
+signer's signatures queue in its own bounded pool.
+
+The loop is proved free by a handshake, not by a stopwatch: every signature waits until the
+loop has run a callback it scheduled, which it can only do if the signature is not blocking it.
+How long the loop may stall (the "under 50 ms with a 40 ms signer" figure) is a measurement and
+lives in ``scripts/bench`` (async section), where a loaded machine cannot fail the suite.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -29,8 +35,15 @@ from dpop_hsm.httpx import DPoPAuth  # noqa: E402
 SECRET = "offload-secret-21c4"  # a fixture value the local AS registers
 
 
+LOOP_ANSWER_BOUND = 10.0  # seconds a signature waits for the loop's answer before it gives up
+
+
 class SlowSigner:
-    """A signer that blocks like a busy YubiKey: 40 ms per signature, at most 2 at a time."""
+    """A signer that blocks like a busy YubiKey: 40 ms per signature, at most 2 at a time.
+
+    Given the test's event loop (``watch``), each signature also asks the loop to run a callback
+    and waits for it: a signature that blocked the loop would never see it run.
+    """
 
     blocking = True
     concurrency = 2
@@ -41,7 +54,24 @@ class SlowSigner:
         self.threads: set[int] = set()
         self.active = 0
         self.most_active = 0
+        self.signatures = 0
+        self.loop_served = 0  # signatures during which the loop ran a callback
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._lock = threading.Lock()
+
+    def watch_running_loop(self) -> None:
+        """Call on the loop: its signatures will check that this loop keeps running."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+
+    def _loop_answers(self) -> bool:
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            return False  # on the loop thread itself: waiting would only deadlock
+        answered = threading.Event()
+        loop.call_soon_threadsafe(answered.set)
+        return answered.wait(LOOP_ANSWER_BOUND)
 
     @property
     def alg(self) -> str:
@@ -61,8 +91,11 @@ class SlowSigner:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
         time.sleep(self._delay)
+        served = self._loop_answers()
         with self._lock:
             self.active -= 1
+            self.signatures += 1
+            self.loop_served += served
         return self._inner.sign(signing_input)
 
 
@@ -118,27 +151,6 @@ async def via_aiohttp(tc: TokenClient, url: str, count: int) -> list[int]:
 ADAPTERS: dict[str, Fetch] = {"httpx": via_httpx, "aiohttp": via_aiohttp}
 
 
-async def with_stall_monitor(work: Awaitable[list[int]]) -> tuple[list[int], float]:
-    """Run ``work`` while a ticker measures the loop's worst delay between 5 ms ticks."""
-    worst = 0.0
-    done = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal worst
-        while not done.is_set():
-            before = time.monotonic()
-            await asyncio.sleep(0.005)
-            worst = max(worst, time.monotonic() - before - 0.005)
-
-    monitor = asyncio.create_task(ticker())
-    try:
-        result = await work
-    finally:
-        done.set()
-        await monitor
-    return result, worst
-
-
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_software_keys_sign_on_the_event_loop(
     name: str, local: LocalDPoPServers, key: SoftwareSigner
@@ -156,20 +168,25 @@ def test_software_keys_sign_on_the_event_loop(
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))
-def test_a_slow_signer_never_stalls_the_loop_and_queues_in_its_own_pool(
+def test_a_slow_signer_never_blocks_the_loop_and_queues_in_its_own_pool(
     name: str, local: LocalDPoPServers, key: SoftwareSigner
 ) -> None:
     signer = SlowSigner(key)
 
-    async def main() -> tuple[tuple[list[int], float], int]:
-        fetch = ADAPTERS[name](client_for(local, signer), local.api_url, 16)
-        return await with_stall_monitor(fetch), threading.get_ident()
+    async def main() -> tuple[list[int], int]:
+        signer.watch_running_loop()
+        return await ADAPTERS[name](client_for(local, signer), local.api_url, 16), (
+            threading.get_ident()
+        )
 
-    (statuses, worst), loop_thread = asyncio.run(main())
+    statuses, loop_thread = asyncio.run(main())
     assert statuses == [200] * 16
     assert loop_thread not in signer.threads
     assert signer.most_active <= SlowSigner.concurrency  # the signer's own bound, not 16
-    assert worst < 0.05, f"event loop stalled for {worst * 1000:.0f} ms"
+    # 16 resource proofs plus the token request's (and its nonce retry's): all off the loop,
+    # and the loop answered during every one of them.
+    assert signer.signatures >= 16
+    assert signer.loop_served == signer.signatures
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))
