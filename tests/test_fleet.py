@@ -131,7 +131,9 @@ def test_short_lived_tokens_renew_once_per_window_for_the_whole_fleet(
 def test_sigkill_of_the_lock_holder_costs_at_most_one_lease(
     fleet_key: dict[str, Any], redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    lease, delay = 2.0, 1.0
+    # The takeover comes about one lease after the dead holder's request, a lease-late bug
+    # about two leases after: the bound sits half a lease from each, slack for a busy box.
+    lease, delay = 3.0, 1.0
     small = Fleet(3, fleet_key)
     try:
         with _servers(as_nonce=False, rs_nonce=False) as srv:
@@ -171,7 +173,7 @@ def test_sigkill_of_the_lock_holder_costs_at_most_one_lease(
         assert srv.counters.tokens_issued == 2
         first, second = srv.tokens_issued_at
         # The takeover started when the dead holder's lease ran out, not a lease later.
-        assert second - first < lease + 1.5
+        assert second - first < 1.5 * lease
     finally:
         small.close()
 
