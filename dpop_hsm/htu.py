@@ -4,9 +4,15 @@
 query and fragment, with a lowercase scheme and host, no default port, ``/`` for an empty path,
 and dot segments removed (RFC 3986 §5.2.4 — requests/urllib3 and httpx remove them before
 sending, so the path on the wire has none); the rest of the path is kept exactly as it goes on
-the wire, percent-encoding included, because that is what the server sees. Verifiers
-additionally compare percent-encoding case-insensitively and decode unreserved characters
-(RFC 3986 §6.2.2.1, §6.2.2.2) via :func:`comparable_htu`.
+the wire, percent-encoding included, because that is what the server sees. Characters no URI
+may hold raw (RFC 3986 §2: ``" < > ` { }`` and non-ASCII) are percent-encoded as UTF-8 with
+uppercase hex, as requests, httpx and aiohttp (yarl) all encode them before sending, so a
+proof made from an unencoded URL names the path the server receives. ``| ^ [ ]`` are left as
+given: the transports disagree (requests and yarl encode them, httpx sends them raw), and the
+adapters sign the URL their transport sends. Verifiers additionally compare percent-encoding
+case-insensitively, decode unreserved characters (RFC 3986 §6.2.2.1, §6.2.2.2) and treat
+``| ^ [ ]`` in a path as their encodings, via :func:`comparable_htu`, so proofs from clients
+on any of the three transports compare equal to the path they sent.
 
 Parser differentials: ``urllib.parse`` and the transports (urllib3, httpx) disagree on URLs
 with a backslash (``http://evil.example\\@127.0.0.1/`` is host 127.0.0.1 to urllib, host
@@ -41,9 +47,17 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Whitespace, C0 controls, DEL and the backslash: parsers disagree on every one of them.
-_DIFFERENTIAL = re.compile(r"[\x00-\x20\x7f\\]")
+_DIFFERENTIAL = re.compile(r"[\x00-\x20\x7f\\\ud800-\udfff]")
 _MAX_URL = 8192
 _HOST_NAME = re.compile(r"[a-z0-9._-]+")  # LDH labels (and IPv4 literals), lowercased
+# Never raw in a URI (RFC 3986 §2); every transport percent-encodes them alike (docstring).
+_NEVER_RAW = re.compile(r"[\x22<>\x60{}\x80-\U0010ffff]")
+# Not allowed raw in a path either, but sent raw by httpx and encoded by requests and yarl.
+_DISPUTED = re.compile(r"[|^\[\]]")
+
+
+def _percent_encode(match: re.Match[str]) -> str:
+    return "".join(f"%{byte:02X}" for byte in match.group().encode())
 
 
 def safe_url(url: object) -> str:
@@ -66,7 +80,10 @@ def _check_transport_safe(url: str) -> None:
         raise ConfigurationError(f"URL longer than {_MAX_URL} characters")
     bad = _DIFFERENTIAL.search(url)
     if bad is not None:
-        what = "a backslash" if bad.group() == "\\" else "whitespace or a control character"
+        char = bad.group()
+        if "\ud800" <= char <= "\udfff":
+            raise ConfigurationError("URL contains a lone surrogate, which no transport can encode")
+        what = "a backslash" if char == "\\" else "whitespace or a control character"
         raise ConfigurationError(f"URL contains {what}, which HTTP libraries parse differently")
 
 
@@ -140,7 +157,10 @@ def _cut_query(url: str) -> str:
 @lru_cache(maxsize=512)
 def _normalize(base: str) -> str:
     parts, scheme, authority = _split(base, strict=True)
-    return f"{scheme}://{authority}{_remove_dot_segments(parts.path or '/')}"
+    path = _remove_dot_segments(parts.path or "/")
+    if _NEVER_RAW.search(path) is not None:
+        path = _NEVER_RAW.sub(_percent_encode, path)
+    return f"{scheme}://{authority}{path}"
 
 
 def normalize_htu(url: str) -> str:
@@ -189,6 +209,10 @@ def comparable_htu(url: str) -> str:
     characters or a backslash never compare equal to anything: they raise.
     """
     normalized = normalize_htu(url)
+    scheme, _, rest = normalized.partition("://")
+    authority, slash, path = rest.partition("/")
+    if _DISPUTED.search(path) is not None:
+        normalized = f"{scheme}://{authority}/{_DISPUTED.sub(_percent_encode, path)}"
     if "%" not in normalized:
         return normalized
     decoded = _PCT.sub(_pct_normalize, normalized)

@@ -115,6 +115,16 @@ def test_authorization_dpop_and_a_proof_bound_to_the_token(
     assert proof.claims["nonce"] == reply.headers["dpop-nonce"]
 
 
+def test_a_path_with_characters_no_uri_holds_raw_verifies_on_every_adapter(
+    adapter: Driver, local: LocalDPoPServers
+) -> None:
+    # { } and non-ASCII: every transport percent-encodes them; | ^ [ ]: httpx sends them raw,
+    # requests and yarl encode them. The RS compares htu as RFC 3986 §6.2.2 says: 200 on each.
+    reply = adapter.send("GET", local.api_url + "/items/{id}|a^[b]/caf\u00e9")
+    assert reply.status == 200, reply.body[:200]
+    assert "/items/%7Bid%7D" in to_api(adapter, local)[-1].url
+
+
 def test_every_request_gets_a_fresh_proof(adapter: Driver, local: LocalDPoPServers) -> None:
     for _ in range(5):
         assert adapter.send("GET", local.api_url).status == 200

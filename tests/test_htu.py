@@ -39,6 +39,12 @@ from dpop_hsm.htu import comparable_htu, is_loopback_host, normalize_htu, origin
             "https://as.example/a%2Fb/%7euser/%e2%82%ac",
             "https://as.example/a%2Fb/%7euser/%e2%82%ac",
         ),
+        # what no URI holds raw is encoded as every transport sends it (UTF-8, uppercase hex)
+        ("https://as.example/items/{id}", "https://as.example/items/%7Bid%7D"),
+        ("https://as.example/caf\u00e9/\u20ac", "https://as.example/caf%C3%A9/%E2%82%AC"),
+        ('https://as.example/a"<>`b', "https://as.example/a%22%3C%3E%60b"),
+        # ... but not what the transports disagree on: the adapters sign their own wire URL
+        ("https://as.example/a|b^[c]", "https://as.example/a|b^[c]"),
         # dot segments removed (RFC 3986 §5.2.4), as urllib3 and httpx do before sending
         ("https://as.example/a/./b/../c", "https://as.example/a/c"),
         ("https://as.example/a/..", "https://as.example/"),
@@ -107,6 +113,7 @@ def test_messages_never_show_userinfo_or_secret_query_fields() -> None:
         "https://as.example:port/",
         "",
         "javascript:alert(1)",
+        "https://as.example/a\ud800b",  # a lone surrogate: no transport can encode it
     ],
 )
 def test_normalize_htu_rejects(url: str) -> None:
@@ -130,6 +137,10 @@ def test_normalize_htu_rejects_non_strings() -> None:
         ("https://as.example/a/../b", "https://as.example/b"),
         ("https://as.example/a/%2E%2E/b", "https://as.example/b"),
         ("https://as.example/a/%2e/b", "https://as.example/a/b"),
+        # httpx sends | ^ [ ] raw, requests and yarl encode them: the same request either way
+        ("https://as.example/a|b^[c]", "https://as.example/a%7Cb%5E%5Bc%5D"),
+        ("https://as.example/a|b", "https://as.example/a%7cb"),
+        ("https://as.example/caf\u00e9", "https://as.example/caf%c3%a9"),
     ],
 )
 def test_comparable_htu_equal(a: str, b: str) -> None:
@@ -145,6 +156,7 @@ def test_comparable_htu_equal(a: str, b: str) -> None:
         ("http://as.example/token", "https://as.example/token"),
         ("https://as.example:8443/token", "https://as.example/token"),
         ("https://as.example/token", "https://evil.example/token"),
+        ("https://as.example/a|b", "https://as.example/a/b"),
     ],
 )
 def test_comparable_htu_different(a: str, b: str) -> None:

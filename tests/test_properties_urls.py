@@ -98,3 +98,41 @@ def test_refusals_never_show_userinfo_or_secret_query_values(url: str) -> None:
 def test_the_review_cases_are_refused_before_any_secret_is_sent(url: str) -> None:
     with pytest.raises(ConfigurationError):
         require_https(url, "token_endpoint")
+
+
+# Path text a caller may write unencoded: anything but what ends a path (?, #), what is refused
+# outright (whitespace, controls, backslash, lone surrogates) and "%" (an escape already).
+PATH_TEXT = st.text(
+    st.characters(
+        blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), blacklist_characters="?#%\\"
+    ),
+    max_size=24,
+)
+
+
+def _wire_urls(url: str) -> dict[str, str]:
+    """The URL each transport puts on the wire for ``url`` (requests, httpx, aiohttp's yarl)."""
+    import requests
+
+    httpx = pytest.importorskip("httpx")
+    yarl = pytest.importorskip("yarl")
+    prepared = requests.Request("GET", url).prepare().url
+    assert prepared is not None
+    return {"requests": prepared, "httpx": str(httpx.URL(url)), "yarl": str(yarl.URL(url))}
+
+
+@FAST
+@given(PATH_TEXT, PATH_TEXT)
+def test_a_proof_from_an_unencoded_url_names_the_path_every_transport_sends(
+    first: str, second: str
+) -> None:
+    from dpop_hsm.htu import comparable_htu
+
+    url = f"https://api.example/{first}/{second}"
+    ours = normalize_htu(url)
+    for transport, wire in _wire_urls(url).items():
+        # What a verifier compares (RFC 3986 §6.2.2): equal for every transport.
+        assert comparable_htu(wire) == comparable_htu(ours), transport
+        if not any(c in "|^[]" for c in first + second):
+            # Where the transports agree, the htu is the wire path to the letter.
+            assert normalize_htu(wire) == ours, transport

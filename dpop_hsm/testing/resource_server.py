@@ -66,7 +66,7 @@ class ResourceServer(ServerRole):
             target = dict(parse_qsl(urlsplit(h.path).query)).get("to", API_PATH)
             h.send(307, b"", [("Location", target), *headers])
             return
-        if path != API_PATH:
+        if path != API_PATH and not path.startswith(API_PATH + "/"):  # the API and below
             h.send(404, b"not found", [("Content-Type", "text/plain")])
             return
         self.counters.add("api_requests")
