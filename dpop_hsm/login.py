@@ -68,6 +68,7 @@ from .login_session import (
     load_profile,
     logout,
     run_flow,
+    warn_if_bearer,
 )
 from .loopback import LoopbackListener
 from .nonces import NonceStore
@@ -76,7 +77,7 @@ from .proof import ProofFactory
 from .sansio import HttpRequest, HttpResponse, Sender
 from .secret_sources import SecretSource
 from .signers.base import Signer
-from .token import DEFAULT_TIMEOUT
+from .token import DEFAULT_TIMEOUT, timeout_pair
 from .token_endpoint import TokenEndpoint, TokenResponse
 
 if TYPE_CHECKING:
@@ -111,12 +112,6 @@ def _requests_sender(
         return send_http_request(http, request, timeout=timeout)
 
     return send, http
-
-
-def _timeout_pair(timeout: float | tuple[float, float]) -> tuple[float, float]:
-    if isinstance(timeout, int | float):
-        return (float(timeout), float(timeout))
-    return (float(timeout[0]), float(timeout[1]))
 
 
 def _client_auth(
@@ -374,7 +369,7 @@ def login(
         raise ConfigurationError("login_timeout must be positive")
     start = time.monotonic()
     deadline = start + login_timeout
-    times = _timeout_pair(timeout)
+    times = timeout_pair(timeout)
     send, http = _requests_sender(session, times)
     try:
         if metadata is None:
@@ -442,13 +437,7 @@ def login(
             _close(signer)
         raise
     token = response.token
-    if not token.is_dpop:
-        log.warning(
-            "client %r: the authorization server issued a %s access token (not DPoP); accepted "
-            "only because allow_bearer is set for this login",
-            client_id,
-            token.token_type[:20],
-        )
+    warn_if_bearer(client_id, token)
     if response.refresh_token is None:
         log.warning("the authorization server issued no refresh token: log in again on expiry")
     result = LoginSession(

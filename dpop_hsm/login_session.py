@@ -129,6 +129,18 @@ def token_from_profile(
     )
 
 
+def warn_if_bearer(client_id: str, token: Token) -> None:
+    """Log an access token that is not DPoP-bound: only ``allow_bearer`` lets one through (the
+    token endpoint refuses it otherwise, RFC 9449 §5), and that downgrade is never silent."""
+    if not token.is_dpop:
+        log.warning(
+            "client %r: the authorization server issued a %s access token (not DPoP); "
+            "accepted only because allow_bearer is set for this login",
+            client_id,
+            token.token_type[:20],
+        )
+
+
 def _expiry_wall(token: Token) -> float:
     return time.time() + token.expires_in()
 
@@ -268,13 +280,7 @@ class LoginSession(TokenClient):
                     "the login expired, was revoked, or belongs to another key"
                 ) from e
             raise
-        if not response.token.is_dpop:
-            log.warning(
-                "client %r: the authorization server issued a %s access token (not DPoP); "
-                "accepted only because allow_bearer is set for this login",
-                self.client_id,
-                response.token.token_type[:20],
-            )
+        warn_if_bearer(self.client_id, response.token)
         return response
 
     def token_flow(self) -> Generator[HttpRequest, HttpResponse, Token]:

@@ -78,6 +78,13 @@ log = logging.getLogger("dpop_hsm.token")
 DEFAULT_TIMEOUT = (10.0, 10.0)
 
 
+def timeout_pair(timeout: float | tuple[float, float]) -> tuple[float, float]:
+    """A ``timeout`` option as the (connect, read) seconds requests takes: one number is both."""
+    if isinstance(timeout, int | float):
+        return (float(timeout), float(timeout))
+    return (float(timeout[0]), float(timeout[1]))
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """What a cached token is filed under: endpoint, client, scope, resource and key.
@@ -289,11 +296,7 @@ class TokenClient:
         self.scope: str | None = self.grant.scope
         self.resource: tuple[str, ...] = tuple(getattr(self.grant, "resource", ()))
         self.allow_bearer = allow_bearer
-        self.timeout: tuple[float, float] = (
-            (float(timeout), float(timeout))
-            if isinstance(timeout, int | float)
-            else (float(timeout[0]), float(timeout[1]))
-        )
+        self.timeout = timeout_pair(timeout)
         self.clock_offset = clock_offset
         self.cache = cache if cache is not None else TokenCache()
         # A shared cache may share nonces too, so a new worker needs no nonce round trip.

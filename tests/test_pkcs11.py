@@ -200,6 +200,29 @@ def _relabel(softhsm: SoftHsm, key_id: bytes, label: str) -> None:
         session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)[Attribute.LABEL] = label
 
 
+def _generate_pin_per_signature_key(softhsm: SoftHsm, label: str, key_id: bytes) -> None:
+    """A P-256 pair with CKA_ALWAYS_AUTHENTICATE, like a YubiKey PIV slot 9c key (a login
+    before each signature), which ``Pkcs11Signer.generate`` does not make. The token must be
+    logged in already (through the es256 fixture's signer)."""
+    import pkcs11
+    from asn1crypto import core
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
+    with token.open(rw=True) as session:
+        session.generate_keypair(
+            KeyType.EC,
+            mechanism=Mechanism.EC_KEY_PAIR_GEN,
+            store=True,
+            label=label,
+            id=key_id,
+            public_template={
+                Attribute.EC_PARAMS: core.ObjectIdentifier("1.2.840.10045.3.1.7").dump()
+            },
+            private_template={Attribute.ALWAYS_AUTHENTICATE: True, Attribute.SIGN: True},
+        )
+
+
 # --- threads -------------------------------------------------------------------------------
 
 _STRESS = textwrap.dedent(
@@ -517,26 +540,9 @@ def test_pin_value_uri_warns_and_never_shows_the_pin(
 
 
 def test_always_authenticate_key_and_wrong_context_pin(softhsm: SoftHsm, es256: Any) -> None:
-    import pkcs11
-    from asn1crypto import core
-    from pkcs11 import Attribute, KeyType, Mechanism
-
     from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 
-    # Like a YubiKey PIV slot 9c key: CKA_ALWAYS_AUTHENTICATE (a login before each signature).
-    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
-    with token.open(rw=True) as session:  # logged in through es256's login
-        session.generate_keypair(
-            KeyType.EC,
-            mechanism=Mechanism.EC_KEY_PAIR_GEN,
-            store=True,
-            label="test-always-auth",
-            id=b"\x9c",
-            public_template={
-                Attribute.EC_PARAMS: core.ObjectIdentifier("1.2.840.10045.3.1.7").dump()
-            },
-            private_template={Attribute.ALWAYS_AUTHENTICATE: True, Attribute.SIGN: True},
-        )
+    _generate_pin_per_signature_key(softhsm, "test-always-auth", b"\x9c")
     pins = [softhsm.pin]
     asked = []
 
@@ -772,29 +778,13 @@ def test_private_key_replaced_under_a_live_signer_is_refused(softhsm: SoftHsm) -
 def test_key_with_a_pin_per_signature_is_proven_on_its_first_signature(
     softhsm: SoftHsm, es256: Any
 ) -> None:
-    import pkcs11
-    from asn1crypto import core
-    from pkcs11 import Attribute, KeyType, Mechanism
-
     from dpop_hsm.errors import KeyMismatchError
     from dpop_hsm.signers.pkcs11 import Pkcs11Signer
 
     # A PIV-9c-like key (a PIN per signature) is not signed with at load — that would ask for
     # the PIN (and a touch) just to open it — so its first signature is the proof.
     _sign_ok(es256)  # es256's login (re-made if an earlier test closed all sessions) is ours
-    token = pkcs11.lib(softhsm.module).get_token(token_label="dpop")
-    with token.open(rw=True) as session:  # logged in through es256's login
-        session.generate_keypair(
-            KeyType.EC,
-            mechanism=Mechanism.EC_KEY_PAIR_GEN,
-            store=True,
-            label="always-mismatch",
-            id=b"\x9d",
-            public_template={
-                Attribute.EC_PARAMS: core.ObjectIdentifier("1.2.840.10045.3.1.7").dump()
-            },
-            private_template={Attribute.ALWAYS_AUTHENTICATE: True, Attribute.SIGN: True},
-        )
+    _generate_pin_per_signature_key(softhsm, "always-mismatch", b"\x9d")
     Pkcs11Signer.generate(
         softhsm.uri(object="always-donor", id=b"\x9e"), secret=softhsm.pin
     ).close()
