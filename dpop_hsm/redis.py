@@ -19,15 +19,24 @@ nonce retry; a lease shorter than the AS's response time only risks a second tok
 Degraded mode (see :mod:`dpop_hsm.shared_cache`): with the defaults of :meth:`from_url` — a
 0.5 s timeout per operation, no client-side retries, 5 s of skipping Redis after a failure —
 a down, frozen or refusing Redis adds at most one operation timeout to a request per back-off
-period, and sharing resumes within about 10 s of its recovery. A client passed in directly
-keeps its own timeouts and retries: give it ``socket_timeout``/``socket_connect_timeout`` and
-``retry=Retry(NoBackoff(), 0)`` for the same bound.
+period, and sharing resumes within about 10 s of its recovery. A ``redis.Redis`` passed in
+directly keeps its own timeouts and retries: give it ``socket_timeout``/``socket_connect_timeout``
+and ``retry=Retry(NoBackoff(), 0)`` for the same bound. A ``redis.asyncio.Redis`` lends its
+timeouts to the cache's twin of it (below), whose retries are already off: give the async client
+the same timeouts.
 
-Asyncio: the client is redis-py's *synchronous* client on purpose. Nothing on an event loop
-touches Redis: ``get()`` (the cache hit) reads only the in-process layer, and the renewal
-flow, invalidation and nonce look-ups run where the async adapters already run every step
-that may block (a worker thread, ``anyio.to_thread``); a lock release that happens on the loop
-(an error or cancellation) is handed to a thread. A ``redis.asyncio`` client is refused.
+Asyncio: the cache talks to Redis through redis-py's *synchronous* client on purpose. Nothing
+on an event loop touches Redis: ``get()`` (the cache hit) reads only the in-process layer, and
+the renewal flow, invalidation and nonce look-ups run where the async adapters already run
+every step that may block (a worker thread, ``anyio.to_thread``); a lock release that happens
+on the loop (an error or cancellation) is handed to a thread. An application that holds a
+``redis.asyncio.Redis`` passes it as it is: ``RedisTokenCache(async_client)`` builds a
+synchronous twin on a pool of its own with the same connection settings (server, TLS or unix
+socket, db, credentials, timeouts) and never uses the async client or its pool, which belong to
+the loop: count one more pool of connections. The twin's retries are off unless the async
+client was given a retry policy of its own; settings that cannot be copied faithfully (cluster,
+Sentinel, custom connection classes, an async-only credential provider) are refused with
+:class:`ConfigurationError`. See :mod:`dpop_hsm._redis_twin` for the details.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._optional import requires_extra
+from ._redis_twin import sync_twin
 from .errors import ConfigurationError
 from .jose import compact_json
 from .shared_cache import (
@@ -54,6 +64,8 @@ from .token import CacheKey, Token
 with requires_extra("redis"):
     import redis
     import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
@@ -138,8 +150,17 @@ class RedisTokenCache(SharedTokenCache):
 
     ``prefix`` namespaces every key (one per deployment); ``lease`` (s) overrides the default
     lease; ``backoff`` (s) is how long Redis is skipped after a failure; ``poll_interval`` (s)
-    paces waiters where pub/sub is refused. Raises :class:`ConfigurationError` for bad options
-    or an asyncio client, :class:`MissingDependencyError` without the ``redis`` extra.
+    paces waiters where pub/sub is refused.
+
+    ``client`` is a ``redis.Redis``, used as it is (``close()`` closes it), or a
+    ``redis.asyncio.Redis``, for which the cache builds and owns a synchronous twin with the
+    same connection settings and connections of its own (``close()`` closes the twin; the async
+    client stays the application's to close), because the cache calls Redis from worker
+    threads, never on the event loop.
+
+    Raises :class:`ConfigurationError` for bad options, a cluster client, or an asyncio client
+    whose settings cannot be copied (the message names the setting, never its value), and
+    :class:`MissingDependencyError` without the ``redis`` extra.
     """
 
     def __init__(
@@ -154,13 +175,15 @@ class RedisTokenCache(SharedTokenCache):
         poll_interval: float = 0.05,
         max_entries: int = 1024,
     ) -> None:
-        if isinstance(client, redis.asyncio.Redis):
+        if isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
             raise ConfigurationError(
-                "RedisTokenCache needs a synchronous redis.Redis client: the async adapters "
-                "call it from worker threads, never on the event loop"
+                "RedisTokenCache needs one Redis server, not a RedisCluster client: pass a "
+                "redis.Redis or redis.asyncio.Redis for the server that holds the cache"
             )
+        if isinstance(client, redis.asyncio.Redis):
+            client = sync_twin(client)  # the cache's own connections: see the module docstring
         if not isinstance(client, redis.Redis):
-            raise ConfigurationError("client must be a redis.Redis instance")
+            raise ConfigurationError("client must be a redis.Redis or redis.asyncio.Redis instance")
         if not isinstance(prefix, str) or not prefix.isprintable() or len(prefix) > 200:
             raise ConfigurationError("prefix must be a printable string of at most 200 chars")
         kwargs = client.connection_pool.connection_kwargs
@@ -222,7 +245,9 @@ class RedisTokenCache(SharedTokenCache):
         )
 
     def close(self) -> None:
-        """Close the client's connections (a cache from :meth:`from_url` owns its client)."""
+        """Close the client's connections (a cache from :meth:`from_url` owns its client, and a
+        cache given a ``redis.asyncio.Redis`` its synchronous twin; the async client is left
+        open)."""
         self.client.close()
 
     def __repr__(self) -> str:

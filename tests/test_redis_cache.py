@@ -2,7 +2,9 @@
 entries, secrets, degraded mode (down, frozen with SIGSTOP, restarted), nonces, async.
 
 Several caches in one test process stand for several processes: each has its own in-process
-layer and its own connection pool, so everything between them goes through Redis.
+layer and its own connection pool, so everything between them goes through Redis. The tests
+that take ``caches`` run twice: over caches from ``from_url`` and over caches given an
+application's ``redis.asyncio`` client (the synchronous twin, ``dpop_hsm._redis_twin``).
 """
 
 from __future__ import annotations
@@ -50,24 +52,37 @@ def signer() -> SoftwareSigner:
 
 
 class Caches:
-    """Caches made by a test (standing for processes), closed after it."""
+    """Caches made by a test (standing for processes), closed after it; ``via`` is how: from a
+    URL, or from a ``redis.asyncio`` client as an async application holds one."""
 
-    def __init__(self, url: str, prefix: str) -> None:
-        self.url, self.prefix = url, prefix
+    def __init__(self, url: str, prefix: str, via: str) -> None:
+        self.url, self.prefix, self.via = url, prefix, via
         self.made: list[Any] = []
 
     def __call__(self, **options: Any) -> Any:
-        from dpop_hsm.redis import RedisTokenCache
+        from dpop_hsm.redis import DEFAULT_OP_TIMEOUT, RedisTokenCache
 
         options.setdefault("prefix", self.prefix)
-        cache = RedisTokenCache.from_url(options.pop("url", self.url), **options)
+        url = options.pop("url", self.url)
+        if self.via == "url":
+            cache = RedisTokenCache.from_url(url, **options)
+        else:
+            import redis.asyncio
+
+            timeout = DEFAULT_OP_TIMEOUT
+            app = redis.asyncio.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+            cache = RedisTokenCache(app, **options)
         self.made.append(cache)
         return cache
 
 
-@pytest.fixture
-def caches(redis_server: RedisServer, redis_prefix: str) -> Iterator[Caches]:
-    made = Caches(redis_server.url, redis_prefix)
+@pytest.fixture(params=["url", "asyncio client"])
+def caches(
+    redis_server: RedisServer, redis_prefix: str, request: pytest.FixtureRequest
+) -> Iterator[Caches]:
+    made = Caches(redis_server.url, redis_prefix, request.param)
     yield made
     for cache in made.made:
         cache.close()
@@ -464,8 +479,12 @@ def test_configuration_errors(redis_server: RedisServer) -> None:
 
     from dpop_hsm.redis import RedisTokenCache
 
-    with pytest.raises(ConfigurationError, match="synchronous"):
-        RedisTokenCache(redis_py.asyncio.Redis(port=redis_server.port))
+    # An asyncio client is accepted: the cache mirrors it (tests/test_redis_async_client.py).
+    mirrored = RedisTokenCache(redis_py.asyncio.Redis(port=redis_server.port))
+    assert type(mirrored.client) is redis_py.Redis
+    mirrored.close()
+    with pytest.raises(ConfigurationError, match="RedisCluster"):
+        RedisTokenCache(redis_py.asyncio.RedisCluster(host="127.0.0.1", port=redis_server.port))
     with pytest.raises(ConfigurationError, match=r"redis\.Redis"):
         RedisTokenCache(object())
     with pytest.raises(ConfigurationError, match="URL"):
