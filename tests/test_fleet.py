@@ -165,6 +165,11 @@ def test_sigkill_of_the_lock_holder_costs_at_most_one_lease(
             assert owner is not None, "no process took the fleet lock"
             holder = int(owner.split(b":")[0])
             assert holder in small.pids
+            # Kill it in the middle of the renewal: its token request is at the (slow) AS.
+            # Killed before the request arrives, it would leave one token issued, not two.
+            while srv.counters.token_requests < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert srv.counters.token_requests == 1, "the lock holder sent no token request"
             os.kill(holder, signal.SIGKILL)
             survivors = [p for p in small.procs if p.pid != holder]
             answers = small.collect(survivors)
