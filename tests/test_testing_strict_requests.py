@@ -1,0 +1,134 @@
+"""The local AS/RS read requests exactly as the RFCs say, and answer hostile ones with an error.
+
+Users test their clients against these servers, so leniency here hides client bugs: a form
+must be one ``application/x-www-form-urlencoded`` body (RFC 6749 §3.2) whose parameters appear
+once (§3.1; ``resource`` may repeat, RFC 8707 §2) and count as omitted when empty (§3.1); a
+request uses one client authentication method (§2.3, §5.2); client_credentials is for
+confidential clients (§4.4). Inputs that used to reach a crash (a non-ASCII nonce, an
+unparsable request target or redirect URI, a malformed device-page query) get a 4xx answer.
+Everything goes over real sockets; :func:`send_raw` sends what no HTTP library would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from urllib.parse import urlencode
+
+import pytest
+import requests
+
+from dpop_hsm.proof import ProofFactory
+from dpop_hsm.signers.software import SoftwareSigner
+from dpop_hsm.testing import DEFAULT_PUBLIC_CLIENT_ID, ClientRegistration, LocalDPoPServers
+from tests.support.login import claims
+from tests.support.oauth import M2M_SECRET, Flow, callback_params
+from tests.support.raw_http import send_raw
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.fixture(scope="module")
+def key() -> SoftwareSigner:
+    return SoftwareSigner.generate("ES256")
+
+
+@pytest.fixture
+def srv(key: SoftwareSigner) -> Iterator[LocalDPoPServers]:
+    servers = LocalDPoPServers(
+        clients=[
+            ClientRegistration("basic", client_secret=M2M_SECRET),
+            ClientRegistration("post", "client_secret_post", M2M_SECRET),
+            ClientRegistration("jwt", "private_key_jwt", jwk=dict(key.public_jwk)),
+            ClientRegistration(DEFAULT_PUBLIC_CLIENT_ID, "none"),
+        ],
+        as_nonce=False,
+        rs_nonce=False,
+    )
+    with servers:
+        yield servers
+
+
+def _basic(client_id: str, secret: str = M2M_SECRET) -> str:
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def _token_request(
+    srv: LocalDPoPServers, key: SoftwareSigner, body: str, headers: list[tuple[str, str]]
+) -> tuple[int, bytes, dict[str, str]]:
+    """POST ``body`` to the token endpoint with exactly these header fields, plus a proof."""
+    proof = ProofFactory(key).create("POST", srv.token_endpoint)
+    fields = [("Host", "x"), ("DPoP", proof), *headers, ("Content-Length", str(len(body)))]
+    head = "".join(f"{k}: {v}\r\n" for k, v in fields)
+    raw = f"POST /connect/token HTTP/1.1\r\n{head}Connection: close\r\n\r\n{body}".encode()
+    response, content = send_raw(srv.as_url, raw)
+    return response.status, content, {k.lower(): v for k, v in response.getheaders()}
+
+
+M2M = "grant_type=client_credentials"
+
+
+# --- the form: one media type, each parameter once, empty means omitted ----------------------
+
+
+@pytest.mark.parametrize(
+    ("content_types", "status"),
+    [
+        ([FORM], 200),
+        ([FORM + "; charset=UTF-8"], 200),
+        (["Application/X-WWW-Form-URLEncoded"], 200),  # RFC 9110 §8.3.1: case-insensitive
+        (["text/plain; x=" + FORM], 400),  # the media type is compared, not searched for
+        (["application/x-www-form-urlencoded-not"], 400),
+        ([FORM, FORM], 400),  # two Content-Type fields: which one is the body?
+        ([], 400),
+    ],
+)
+def test_the_form_media_type_is_compared_exactly(
+    srv: LocalDPoPServers, key: SoftwareSigner, content_types: list[str], status: int
+) -> None:
+    headers = [("Authorization", _basic("basic"))] + [("Content-Type", t) for t in content_types]
+    got, body, _ = _token_request(srv, key, M2M, headers)
+    assert got == status, body
+    if status == 400:
+        assert srv.counters.rejections["content_type"] == 1 and srv.counters.tokens_issued == 0
+
+
+def test_an_empty_parameter_is_treated_as_omitted(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    # RFC 6749 §3.1: "scope=" asks for the default scope, not for a token with no scope.
+    headers = [("Authorization", _basic("basic")), ("Content-Type", FORM)]
+    status, body, _ = _token_request(srv, key, M2M + "&scope=", headers)
+    assert status == 200, body
+    assert claims(json.loads(body)["access_token"])["scope"] == "api"
+    # ... and "state=" is no state: the redirect carries none back.
+    flow = Flow(srv, key, DEFAULT_PUBLIC_CLIENT_ID)
+    location = srv.complete_login(flow.authorization_url(state=""))
+    params = callback_params(location)
+    assert "state" not in params and params["code"] and params["iss"] == srv.issuer
+
+
+def test_percent_escapes_must_decode_to_utf8(srv: LocalDPoPServers, key: SoftwareSigner) -> None:
+    headers = [("Authorization", _basic("basic")), ("Content-Type", FORM)]
+    status, body, _ = _token_request(srv, key, M2M + "&scope=%FF", headers)
+    assert status == 400 and b"invalid_request" in body and b"malformed" in body
+
+
+def test_resource_may_repeat_where_rfc8707_says_and_nothing_else(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    two = [("resource", "https://a.example/"), ("resource", "https://b.example/")]
+    flow = Flow(srv, key, DEFAULT_PUBLIC_CLIENT_ID)
+    par_form = [*flow.authorization_params().items(), *two]
+    par = requests.post(srv.par_endpoint, data=par_form, timeout=5)
+    assert par.status_code == 201, par.text
+    device_form = [("client_id", DEFAULT_PUBLIC_CLIENT_ID), *two]
+    device = requests.post(srv.device_authorization_endpoint, data=device_form, timeout=5)
+    assert device.status_code == 200, device.text
+    headers = [("Authorization", _basic("basic")), ("Content-Type", FORM)]
+    status, body, _ = _token_request(srv, key, M2M + "&" + urlencode(two), headers)
+    assert status == 200, body
+    status, body, _ = _token_request(srv, key, M2M + "&scope=api&scope=api", headers)
+    assert status == 400 and b"repeated parameter scope" in body
