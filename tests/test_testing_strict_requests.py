@@ -19,11 +19,12 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
+from dpop_hsm.client_auth import PrivateKeyJwt
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import DEFAULT_PUBLIC_CLIENT_ID, ClientRegistration, LocalDPoPServers
 from tests.support.login import claims
-from tests.support.oauth import M2M_SECRET, Flow, callback_params
+from tests.support.oauth import M2M_SECRET, Flow, callback_params, error_of
 from tests.support.raw_http import send_raw
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -132,3 +133,78 @@ def test_resource_may_repeat_where_rfc8707_says_and_nothing_else(
     assert status == 200, body
     status, body, _ = _token_request(srv, key, M2M + "&scope=api&scope=api", headers)
     assert status == 400 and b"repeated parameter scope" in body
+
+
+# --- client authentication: one method, one client ---------------------------------------------
+
+
+def _assertion(srv: LocalDPoPServers, key: SoftwareSigner) -> str:
+    return PrivateKeyJwt(key, audience=srv.token_endpoint).assertion("jwt")
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["basic+post", "basic+assertion", "post+assertion", "basic+other_client_id", "two_basic"],
+)
+def test_one_client_authentication_method_per_request(
+    srv: LocalDPoPServers, key: SoftwareSigner, case: str
+) -> None:
+    # RFC 6749 §2.3: "MUST NOT use more than one authentication method in each request";
+    # §5.2 invalid_request: "includes multiple credentials, utilizes more than one mechanism".
+    assertion = {"client_assertion_type": ASSERTION_TYPE, "client_assertion": _assertion(srv, key)}
+    form: dict[str, str] = {"grant_type": "client_credentials"}
+    headers = [("Content-Type", FORM)]
+    if case.startswith("basic") or case == "two_basic":
+        headers.append(("Authorization", _basic("basic")))
+    if case == "two_basic":
+        headers.append(("Authorization", _basic("post")))
+    if "post" in case:
+        form |= {"client_id": "post", "client_secret": M2M_SECRET}
+    if "assertion" in case:
+        form |= assertion
+    if case == "basic+other_client_id":
+        form["client_id"] = "post"
+    status, body, _ = _token_request(srv, key, urlencode(form), headers)
+    assert status == 400 and b"invalid_request" in body, body
+    assert srv.counters.rejections["client_auth_methods"] == 1
+    assert srv.counters.tokens_issued == 0
+
+
+def test_basic_with_its_own_client_id_in_the_form_is_fine(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    headers = [("Authorization", _basic("basic")), ("Content-Type", FORM)]
+    status, body, _ = _token_request(srv, key, M2M + "&client_id=basic", headers)
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "DPoP"])
+def test_an_unsupported_authorization_scheme_is_invalid_client(
+    srv: LocalDPoPServers, key: SoftwareSigner, scheme: str
+) -> None:
+    # An access token sent to the token endpoint is a client bug this server should show,
+    # not ignore (RFC 6749 §5.2 invalid_client: "unsupported authentication method").
+    token = srv.issue_token(client_id="post", jkt=key.thumbprint, scope="api")
+    form = urlencode({"grant_type": "client_credentials", "client_id": "post"})
+    headers = [("Authorization", f"{scheme} {token}"), ("Content-Type", FORM)]
+    status, body, response_headers = _token_request(srv, key, form + "&client_secret=x", headers)
+    assert status == 401 and b"invalid_client" in body
+    assert response_headers["www-authenticate"].startswith("Basic")
+
+
+@pytest.mark.parametrize("endpoint", ["par", "device_authorization", "revoke"])
+def test_the_other_back_channel_endpoints_refuse_two_methods(
+    srv: LocalDPoPServers, key: SoftwareSigner, endpoint: str
+) -> None:
+    # Each request is good but for the second method: Basic plus client_secret in the form.
+    url, form, ok = {
+        "par": (srv.par_endpoint, Flow(srv, key, "basic").authorization_params(), 201),
+        "device_authorization": (srv.device_authorization_endpoint, {"scope": "api"}, 200),
+        "revoke": (srv.revocation_endpoint, {"token": "unknown-token"}, 200),
+    }[endpoint]
+    good = requests.post(url, data=form, auth=("basic", M2M_SECRET), timeout=5)
+    assert good.status_code == ok, good.text
+    two = form | {"client_secret": M2M_SECRET}
+    answer = requests.post(url, data=two, auth=("basic", M2M_SECRET), timeout=5)
+    assert answer.status_code == 400 and error_of(answer) == "invalid_request"
+    assert srv.counters.rejections["client_auth_methods"] == 1

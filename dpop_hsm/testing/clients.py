@@ -197,16 +197,31 @@ class ClientAuthenticator:
         """The client that the ``Authorization`` header or the form authenticates.
 
         ``endpoint`` is the URL the request went to: a client assertion may name it as its
-        audience besides the issuer and token endpoint (RFC 9126 §2). Raises :class:`Reject`
-        (401 ``invalid_client``) for any failure.
+        audience besides the issuer and token endpoint (RFC 9126 §2). Raises :class:`Reject`:
+        401 ``invalid_client`` for a failed or unsupported authentication (an ``Authorization``
+        scheme other than Basic included, RFC 6749 §5.2), 400 ``invalid_request`` for a
+        request using more than one method or naming two clients (§2.3: "MUST NOT use more
+        than one authentication method in each request"; §5.2).
         """
-        if authorization[:6].lower() == "basic ":
+        basic = authorization[:6].lower() == "basic "
+        if authorization and not basic:
+            raise _invalid_client("client_auth_scheme", "only Basic client authentication")
+        methods = [basic, "client_secret" in form, "client_assertion" in form]
+        if sum(methods) > 1:
+            raise Reject(
+                400, "client_auth_methods", "invalid_request", "more than one client auth method"
+            )
+        if basic:
             try:
                 decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
                 raw_id, _, raw_secret = decoded.partition(":")
                 client_id, secret = unquote(raw_id), unquote(raw_secret)
             except (ValueError, UnicodeDecodeError) as e:
                 raise _invalid_client("client_auth", "bad Basic header") from e
+            if form.get("client_id", client_id) != client_id:
+                raise Reject(
+                    400, "client_auth_methods", "invalid_request", "client_id is not the Basic one"
+                )
             return self._check_secret(client_id, secret, "client_secret_basic")
         client_id = form.get("client_id", "")
         if "client_assertion" in form:

@@ -150,9 +150,16 @@ class ASContext:
         return parse_pairs(text, repeatable=repeatable)
 
     def client(self, h: Handler, form: Mapping[str, str], path: str) -> ClientRegistration:
-        """The authenticated client of a back-channel request to ``path``."""
+        """The authenticated client of a back-channel request to ``path``.
+
+        Two ``Authorization`` fields are two credentials (RFC 6749 §5.2 ``invalid_request``);
+        reading only the first would let the second slip past unexamined.
+        """
+        authorization = h.headers.get_all("Authorization") or []
+        if len(authorization) > 1:
+            raise Reject(400, "client_auth_methods", "invalid_request", "one Authorization field")
         return self.client_auth.authenticate(
-            h.headers.get("Authorization", ""), form, endpoint=self.endpoint(path)
+            authorization[0] if authorization else "", form, endpoint=self.endpoint(path)
         )
 
     def proof(self, h: Handler, path: str, *, required: bool) -> VerifiedProof | None:
