@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from dpop_hsm.client_auth import PrivateKeyJwt
+from dpop_hsm.errors import ConfigurationError
 from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import DEFAULT_PUBLIC_CLIENT_ID, ClientRegistration, LocalDPoPServers
@@ -208,3 +209,20 @@ def test_the_other_back_channel_endpoints_refuse_two_methods(
     answer = requests.post(url, data=two, auth=("basic", M2M_SECRET), timeout=5)
     assert answer.status_code == 400 and error_of(answer) == "invalid_request"
     assert srv.counters.rejections["client_auth_methods"] == 1
+
+
+# --- client_credentials: confidential clients only (RFC 6749 §4.4) ---------------------------
+
+
+def test_a_public_client_cannot_use_client_credentials(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    srv.register_client(ClientRegistration("native", "none"))  # every grant it may have
+    flow = Flow(srv, key, "native")
+    answer = flow.token({"grant_type": "client_credentials"})
+    assert answer.status_code == 400 and error_of(answer) == "unauthorized_client"
+    assert srv.counters.tokens_issued == 0
+    with pytest.raises(ConfigurationError, match="public client"):
+        srv.register_client(
+            ClientRegistration("m2m", "none", grant_types=frozenset({"client_credentials"}))
+        )

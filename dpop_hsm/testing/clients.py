@@ -80,7 +80,10 @@ class ClientRegistration:
         return self.auth_method == "none"
 
     def allows(self, grant_type: str) -> bool:
-        """Whether this client may use ``grant_type``."""
+        """Whether this client may use ``grant_type``; never ``client_credentials`` for a
+        public client (RFC 6749 §4.4: "MUST only be used by confidential clients")."""
+        if grant_type == "client_credentials" and self.public:
+            return False
         return self.grant_types is None or grant_type in self.grant_types
 
 
@@ -164,6 +167,10 @@ def validate_registration(client: ClientRegistration) -> None:
     unknown = set(client.grant_types or ()) - set(GRANT_TYPES)
     if unknown:
         raise ConfigurationError(f"unknown grant types {sorted(unknown)}")
+    if client.public and "client_credentials" in (client.grant_types or ()):
+        raise ConfigurationError(
+            "a public client (auth_method 'none') cannot use client_credentials (RFC 6749 §4.4)"
+        )
 
 
 def _invalid_client(reason: str, description: str) -> Reject:
