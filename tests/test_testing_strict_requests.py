@@ -226,3 +226,59 @@ def test_a_public_client_cannot_use_client_credentials(
         srv.register_client(
             ClientRegistration("m2m", "none", grant_types=frozenset({"client_credentials"}))
         )
+
+
+# --- hostile inputs that used to crash the servers (HTTP 500) ---------------------------------
+
+
+def test_a_non_ascii_nonce_is_use_dpop_nonce_at_the_as(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    srv.as_nonce = True
+    proof = ProofFactory(key).create("POST", srv.token_endpoint, nonce="é")
+    answer = requests.post(
+        srv.token_endpoint,
+        data={"grant_type": "client_credentials"},
+        headers={"DPoP": proof},
+        auth=("basic", M2M_SECRET),
+        timeout=5,
+    )
+    assert answer.status_code == 400 and error_of(answer) == "use_dpop_nonce"
+    assert answer.headers["DPoP-Nonce"] == srv.as_nonces.current()
+
+
+def test_a_non_ascii_nonce_is_use_dpop_nonce_at_the_rs(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    srv.rs_nonce = True
+    token = srv.issue_token(client_id="basic", jkt=key.thumbprint, scope="api")
+    proof = ProofFactory(key).create("GET", srv.api_url, access_token=token, nonce="é")
+    answer = requests.get(
+        srv.api_url, headers={"Authorization": f"DPoP {token}", "DPoP": proof}, timeout=5
+    )
+    assert answer.status_code == 401
+    assert 'error="use_dpop_nonce"' in answer.headers["WWW-Authenticate"]
+
+
+@pytest.mark.parametrize("server", ["as", "rs"])
+def test_an_unparsable_request_target_is_a_400(srv: LocalDPoPServers, server: str) -> None:
+    url = srv.as_url if server == "as" else srv.rs_url
+    raw = b"GET http://[bad/connect/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    response, body = send_raw(url, raw)
+    assert response.status == 400 and b"malformed request target" in body
+
+
+@pytest.mark.parametrize("query", ["x", "user_code=A&user_code=B", "user_code=%FF"])
+def test_a_malformed_device_page_query_is_a_400_page(srv: LocalDPoPServers, query: str) -> None:
+    answer = requests.get(f"{srv.as_url}/device?{query}", timeout=5)
+    assert answer.status_code == 400 and answer.headers["Content-Type"].startswith("text/html")
+
+
+def test_an_unparsable_redirect_uri_is_shown_a_page(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    flow = Flow(srv, key, DEFAULT_PUBLIC_CLIENT_ID)
+    url = flow.authorization_url(redirect_uri="http://[::1/callback")
+    answer = requests.get(url, allow_redirects=False, timeout=5)
+    assert answer.status_code == 400 and "redirect_uri is not registered" in answer.text
+    assert "Location" not in answer.headers  # never redirected to (RFC 6749 §4.1.2.1)

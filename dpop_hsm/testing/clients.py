@@ -130,7 +130,10 @@ def redirect_uri_matches(registered: str, requested: str) -> bool:
         return False
     if requested == registered:
         return True
-    reg, req = urlsplit(registered), urlsplit(requested)
+    try:
+        reg, req = urlsplit(registered), urlsplit(requested)
+    except ValueError:  # e.g. "http://[::1/cb": an authority no browser could follow
+        return False
     if reg.scheme != "http" or req.scheme != "http" or reg.port is not None:
         return False
     host = reg.hostname or ""
