@@ -55,6 +55,8 @@ MIN_INTERVAL = 1.0
 MAX_INTERVAL = 300.0
 MAX_EXPIRES_IN = 86400.0
 _MAX_RESPONSE = 64 * 1024
+# JSON integers have no size limit and float() overflows past ~1.8e308: clamp before converting.
+_HUGE_SECONDS = 10**12
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def _seconds(value: Any, member: str, *, default: float | None) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DeviceFlowError(f"the device authorization response's {member} is not a number")
-    seconds = float(value)
+    seconds = float(min(value, _HUGE_SECONDS) if isinstance(value, int) else value)
     if not math.isfinite(seconds) or seconds <= 0:
         raise DeviceFlowError(f"the device authorization response's {member} must be positive")
     return seconds

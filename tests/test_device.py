@@ -107,8 +107,9 @@ def test_device_endpoint_error_is_an_oauth_error() -> None:
         parse_device_authorization(HttpResponse(500, ()), issuer=ISSUER)
 
 
-def test_huge_values_are_bounded() -> None:
-    auth = parse_device_authorization(answer(body(expires_in=10**9, interval=10**9)), issuer=ISSUER)
+@pytest.mark.parametrize("huge", [10**9, 10**400])  # 10**400: float() overflows
+def test_huge_values_are_bounded(huge: int) -> None:
+    auth = parse_device_authorization(answer(body(expires_in=huge, interval=huge)), issuer=ISSUER)
     assert auth.expires_in == 86400 and auth.interval == 300
 
 
