@@ -283,7 +283,9 @@ def _authorize_on_device(
         endpoint.post_form(url, pairs, dpop=False, what="the device authorization endpoint"),
         send,
     )
-    authorization = parse_device_authorization(exchange.response, issuer=metadata.issuer)
+    authorization = parse_device_authorization(
+        exchange.response, issuer=metadata.issuer, secrets=exchange.secrets
+    )
     poller = DevicePoller(
         authorization,
         started=exchange.sent_monotonic,

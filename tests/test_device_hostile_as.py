@@ -24,6 +24,7 @@ from dpop_hsm.errors import (
     DeviceFlowError,
     DPoPError,
     LoginTimeoutError,
+    OAuthError,
 )
 from dpop_hsm.login import login
 from dpop_hsm.login_prompt import TerminalPrompt
@@ -184,3 +185,33 @@ def test_unusable_device_authorizations_end_before_the_first_poll(
     run = run_login(key, server)
     assert isinstance(run.error, DeviceFlowError) and server.polls == 0
     assert run.printed == ""  # nothing shown to the user from a response we refused
+
+
+# --- our secret echoed back -------------------------------------------------------------------
+
+
+def test_an_error_echoing_the_client_secret_is_redacted(
+    hostile: Callable[..., HostileAS], key: SoftwareSigner
+) -> None:
+    def refuse(url: str) -> tuple[int, dict[str, Any]]:
+        return 401, {"error": "invalid_client", "error_description": f"bad secret {SECRET}"}
+
+    run = run_login(key, hostile(refuse, oauth_error("authorization_pending")))
+    assert isinstance(run.error, OAuthError) and run.error.error == "invalid_client"
+    assert "****" in str(run.error)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"user_code": SECRET},
+        {"verification_uri_complete": "https://as.example/device?c=" + SECRET},
+        {"verification_uri": "http://evil.example/?" + SECRET},  # refused, and quoted
+    ],
+)
+def test_a_secret_in_what_would_be_printed_is_never_shown(
+    hostile: Callable[..., HostileAS], key: SoftwareSigner, changes: dict[str, Any]
+) -> None:
+    server = hostile(device_answer(**changes), oauth_error("authorization_pending"))
+    run = run_login(key, server)
+    assert isinstance(run.error, DeviceFlowError) and server.polls == 0
