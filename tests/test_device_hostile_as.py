@@ -215,3 +215,40 @@ def test_a_secret_in_what_would_be_printed_is_never_shown(
     server = hostile(device_answer(**changes), oauth_error("authorization_pending"))
     run = run_login(key, server)
     assert isinstance(run.error, DeviceFlowError) and server.polls == 0
+
+
+# --- polls that never end ---------------------------------------------------------------------
+
+
+def test_a_poll_the_as_never_answers_ends_at_the_login_deadline(
+    hostile: Callable[..., HostileAS], key: SoftwareSigner
+) -> None:
+    # The read timeout (600 s) is far past the login deadline and the suite's own timeout:
+    # only the login deadline can end this poll.
+    server = hostile(device_answer(interval=1), lambda seen: None)
+    screen = io.StringIO()
+    with pytest.raises(LoginTimeoutError):
+        login(
+            key,
+            client_id="device-client",
+            issuer=server.url,
+            device=True,
+            prompt=TerminalPrompt(open_browser=False, stream=screen),
+            login_timeout=3,
+            timeout=(5.0, 600.0),
+            device_min_interval=0,
+            sleep=lambda seconds: None,
+        )
+    assert server.polls == 1
+
+
+def test_a_slow_down_storm_adds_five_seconds_per_poll_until_the_deadline(
+    hostile: Callable[..., HostileAS], key: SoftwareSigner
+) -> None:
+    server = hostile(device_answer(interval=5), oauth_error("slow_down"))
+    run = run_login(key, server, login_timeout=60)
+    assert isinstance(run.error, LoginTimeoutError)
+    # RFC 8628 §3.5: +5 s for this and every later poll; the sleeps are asked of us, the
+    # poller's clock is real, so each wait is the interval less the few ms a poll took.
+    assert [round(w) for w in run.waits] == list(range(5, 60, 5))
+    assert server.polls == len(run.waits)
