@@ -67,9 +67,7 @@ def parse_pairs(text: str, *, repeatable: Iterable[str] = REPEATABLE) -> dict[st
     Raises :class:`Reject` (400 ``invalid_request``).
     """
     try:
-        pairs = parse_qsl(
-            text, keep_blank_values=True, strict_parsing=bool(text), errors="strict"
-        )
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
     except ValueError as e:  # UnicodeDecodeError included
         raise Reject(400, "form", "invalid_request", "malformed form body") from e
     allowed = set(repeatable)
