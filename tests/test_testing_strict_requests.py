@@ -282,3 +282,20 @@ def test_an_unparsable_redirect_uri_is_shown_a_page(
     answer = requests.get(url, allow_redirects=False, timeout=5)
     assert answer.status_code == 400 and "redirect_uri is not registered" in answer.text
     assert "Location" not in answer.headers  # never redirected to (RFC 6749 §4.1.2.1)
+
+
+def test_a_body_that_never_arrives_is_a_408_not_a_held_thread(
+    srv: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    # The client promises 64 bytes, sends 10 and waits (no half-close): before, the server
+    # waited with it until one of them gave up.
+    assert srv.authorization_server.server is not None
+    srv.authorization_server.server.body_timeout = 0.2
+    proof = ProofFactory(key).create("POST", srv.token_endpoint)
+    raw = (
+        f"POST /connect/token HTTP/1.1\r\nHost: x\r\nDPoP: {proof}\r\n"
+        f"Content-Type: {FORM}\r\nContent-Length: 64\r\n\r\ngrant_type"
+    ).encode()
+    response, body = send_raw(srv.as_url, raw)
+    assert response.status == 408 and b"not received in time" in body
+    assert srv.counters.token_requests == 0

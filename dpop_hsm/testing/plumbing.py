@@ -272,6 +272,11 @@ class LoopbackServer(ThreadingHTTPServer):
     allow_reuse_address = True
     # The stdlib default backlog (5) drops SYNs under 32 concurrent clients: 1 s retransmits.
     request_queue_size = 128
+    # Seconds a request body may take to arrive once its headers did. A client whose
+    # Content-Length promises more than it sends would otherwise hold a handler thread, and
+    # itself, until one side gives up; it gets 408 instead (RFC 9110 §15.5.9). Idle
+    # keep-alive connections between requests are not bounded by this.
+    body_timeout = 10.0
 
     def __init__(self, app: Role, host: str, port: int) -> None:
         self.app = app
@@ -318,7 +323,13 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         try:
             self._check_target()
-            body = self._read_body()
+            self.connection.settimeout(self.server.body_timeout)
+            try:
+                body = self._read_body()
+            except TimeoutError as e:
+                raise BodyError(408, "request body not received in time") from e
+            finally:
+                self.connection.settimeout(None)
         except BodyError as e:
             self.close_connection = True  # the framing is lost: the next bytes mean nothing
             error = {"error": "invalid_request", "error_description": e.description}
