@@ -352,10 +352,11 @@ def login(
     of the browser; ``par`` None uses PAR whenever the AS offers it, False never (an error when
     the AS requires it). ``login_timeout`` bounds the wait for the user (in the device flow,
     every request after discovery too: a poll still unanswered then ends the login);
-    ``timeout`` each HTTP request. ``profile`` stores the login (``key_reference`` is then required unless
-    ``signer`` is a reference; ``client_secret_source`` may name a secret's ``env:``/``file:``
-    source, never the secret). ``allow_bearer`` accepts Bearer access tokens (only the refresh
-    token is then bound to the key): an explicit, per-client opt-in that is logged.
+    ``timeout`` each HTTP request. ``profile`` stores the login (``key_reference`` is then
+    required unless ``signer`` is a reference; ``client_secret_source`` may name a secret's
+    ``env:``/``file:`` source, never the secret). ``allow_bearer`` accepts Bearer access tokens
+    (only the refresh token is then bound to the key): an explicit, per-client opt-in that is
+    logged.
 
     Raises :class:`ConfigurationError` subclasses (bad options,
     :class:`UnsupportedAlgorithmError`, :class:`LoopbackListenerError`, :class:`ProfileError`),
