@@ -182,14 +182,25 @@ class _Exchange:
 
 
 def send_http_request(
-    session: requests.Session, request: HttpRequest, *, timeout: tuple[float, float]
+    session: requests.Session,
+    request: HttpRequest,
+    *,
+    timeout: tuple[float, float],
+    deadline: float | None = None,
 ) -> HttpResponse:
     """Send a sans-IO request through ``session`` (its proxies, TLS, adapters, cookies apply).
+
+    ``deadline`` (a ``time.monotonic()`` value) ends the exchange earlier than ``timeout``
+    would: a caller's own bound, such as the end of an interactive login.
 
     Raises :class:`TransportError` on connection errors, timeouts and a missed total deadline
     (module docstring); never follows redirects.
     """
-    deadline = time.monotonic() + timeout[0] + 2 * timeout[1]
+    now = time.monotonic()
+    if deadline is not None and now >= deadline:
+        raise RequestsTransportError(f"{origin_of(request.url)}: the caller's deadline passed")
+    own = now + timeout[0] + 2 * timeout[1]
+    deadline = own if deadline is None else min(own, deadline)
     if _hung.full(origin_of(request.url)):
         raise RequestsTransportError(
             f"{origin_of(request.url)}: {MAX_HUNG_PER_ORIGIN} earlier requests still hang there"

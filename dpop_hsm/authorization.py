@@ -222,6 +222,9 @@ def parse_par_response(response: HttpResponse, *, secrets: Sequence[str] = ()) -
     ):
         raise PushedAuthorizationError("the pushed authorization response has no request_uri")
     expires_in = parsed.get("expires_in")
+    if isinstance(expires_in, int) and not isinstance(expires_in, bool):
+        # JSON integers are unbounded; math.isfinite(10**400) raises OverflowError.
+        expires_in = min(expires_in, MAX_PAR_LIFETIME)
     if (
         isinstance(expires_in, bool)
         or not isinstance(expires_in, int | float)

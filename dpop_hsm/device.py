@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from .errors import (
 )
 from .sansio import HttpResponse
 from .strict_json import StrictJsonError, loads_strict
+from .token_endpoint import redact
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -55,6 +56,8 @@ MIN_INTERVAL = 1.0
 MAX_INTERVAL = 300.0
 MAX_EXPIRES_IN = 86400.0
 _MAX_RESPONSE = 64 * 1024
+# JSON integers have no size limit and float() overflows past ~1.8e308: clamp before converting.
+_HUGE_SECONDS = 10**12
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def _seconds(value: Any, member: str, *, default: float | None) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DeviceFlowError(f"the device authorization response's {member} is not a number")
-    seconds = float(value)
+    seconds = float(min(value, _HUGE_SECONDS) if isinstance(value, int) else value)
     if not math.isfinite(seconds) or seconds <= 0:
         raise DeviceFlowError(f"the device authorization response's {member} must be positive")
     return seconds
@@ -94,29 +97,52 @@ def _display_text(value: Any, member: str, limit: int) -> str:
     return value
 
 
-def parse_device_authorization(response: HttpResponse, *, issuer: str) -> DeviceAuthorization:
+def _not_a_secret(value: str, member: str, secrets: Sequence[str]) -> str:
+    """``value`` unless it repeats one of our secrets: it is about to be printed for the user
+    (and into CI logs), and an AS echoing the client secret there must not get it shown."""
+    if redact(value, secrets) != value:
+        raise DeviceFlowError(
+            f"the device authorization response's {member} repeats a secret of this client; "
+            "not shown"
+        )
+    return value
+
+
+def parse_device_authorization(
+    response: HttpResponse, *, issuer: str, secrets: Sequence[str] = ()
+) -> DeviceAuthorization:
     """A :class:`DeviceAuthorization` from the device endpoint's answer, or a typed error.
 
-    Raises :class:`OAuthError` for an OAuth error response (RFC 8628 §3.2, RFC 6749 §5.2) and
-    :class:`DeviceFlowError` for an unusable body; ``issuer`` decides whether plain-http
-    verification URIs are acceptable (only for a loopback test issuer).
+    Raises :class:`OAuthError` for an OAuth error response (RFC 8628 §3.2, RFC 6749 §5.2; its
+    text redacted of ``secrets``, what the request carried: the client secret or assertion)
+    and :class:`DeviceFlowError` for an unusable body, a value meant for the user's screen
+    that repeats one of ``secrets``, or numbers that are not positive; ``issuer`` decides
+    whether plain-http verification URIs are acceptable (only for a loopback test issuer).
     """
     if len(response.body) > _MAX_RESPONSE:
         raise DeviceFlowError("the device authorization response is too large")
+    strict = True
     try:
         parsed = loads_strict(response.body) if response.body else None
     except StrictJsonError:
-        parsed = None
+        parsed, strict = None, False
     if response.status != 200:
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
             description = parsed.get("error_description")
             raise OAuthError(
                 "device authorization request rejected",
-                error=parsed["error"],
-                error_description=description if isinstance(description, str) else None,
+                error=redact(parsed["error"], secrets),
+                error_description=redact(description, secrets)
+                if isinstance(description, str)
+                else None,
                 status=response.status,
             )
         raise DeviceFlowError(f"the device authorization endpoint answered HTTP {response.status}")
+    if not strict:
+        raise DeviceFlowError(
+            "the device authorization response is not strict JSON (RFC 8259: UTF-8, unique "
+            "member names, finite numbers)"
+        )
     if not isinstance(parsed, dict):
         raise DeviceFlowError("the device authorization response is not a JSON object")
     device_code = parsed.get("device_code")
@@ -128,13 +154,18 @@ def parse_device_authorization(response: HttpResponse, *, issuer: str) -> Device
     ):
         raise DeviceFlowError("the device authorization response has no usable device_code")
     user_code = _display_text(parsed.get("user_code"), "user_code", 64)
+    _not_a_secret(user_code, "user_code", secrets)
     try:
         uri = check_endpoint(parsed.get("verification_uri"), "verification_uri", issuer=issuer)
         complete = parsed.get("verification_uri_complete")
         if complete is not None:
             complete = check_endpoint(complete, "verification_uri_complete", issuer=issuer)
-    except DPoPError as e:
-        raise DeviceFlowError(f"the device authorization response: {e.message}") from e
+    except DPoPError as e:  # the message quotes the URI: our secrets are masked in it
+        reason = redact(e.message, secrets)
+        raise DeviceFlowError(f"the device authorization response: {reason}") from e
+    _not_a_secret(uri, "verification_uri", secrets)
+    if complete is not None:
+        _not_a_secret(complete, "verification_uri_complete", secrets)
     expires_in = _seconds(parsed.get("expires_in"), "expires_in", default=None)
     interval = _seconds(parsed.get("interval"), "interval", default=DEFAULT_INTERVAL)
     return DeviceAuthorization(

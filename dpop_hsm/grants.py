@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from .device import DEVICE_CODE_GRANT
-from .errors import ConfigurationError
+from .errors import ConfigurationError, TokenResponseError
 from .pkce import validate_verifier
 from .token_endpoint import Grant, TokenResponse
 
@@ -33,8 +33,11 @@ def _resources(resource: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(resource or ())
 
 
+MAX_VALUE = 65536  # characters: far beyond any real code or token, small enough to store
+
+
 def _check_value(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value or not value.isprintable() or len(value) > 65536:
+    if not isinstance(value, str) or not value or not value.isprintable() or len(value) > MAX_VALUE:
         raise ConfigurationError(f"{what} must be a non-empty printable string")
     return value
 
@@ -133,9 +136,19 @@ class RefreshTokenGrant(Grant):
         return pairs
 
     def accept(self, response: TokenResponse) -> None:
+        """Adopt the rotated refresh token, if any, and hand it to ``on_rotate``.
+
+        A rotated token longer than :data:`MAX_VALUE` is refused (TokenResponseError) before
+        it is kept or persisted: :meth:`replace` and the constructor refuse it too, so
+        adopting it would store a profile that no later process could load.
+        """
         new = response.refresh_token
         if new is None:  # no rotation: the old refresh token stays valid (RFC 6749 §6)
             return
+        if len(new) > MAX_VALUE:
+            raise TokenResponseError(
+                f"the rotated refresh_token is longer than {MAX_VALUE} characters"
+            )
         with self._lock:
             self._refresh_token = new
         if self.on_rotate is not None:

@@ -100,8 +100,13 @@ DEFAULT_LOGIN_TIMEOUT = 300.0
 
 
 def _requests_sender(
-    session: _requests.Session | None, timeout: tuple[float, float]
+    session: _requests.Session | None,
+    timeout: tuple[float, float],
+    *,
+    deadline: float | None = None,
 ) -> tuple[Sender, _requests.Session]:
+    """A sender through ``session`` (a new one if None); each exchange ends within its
+    ``timeout`` and, when given, by ``deadline`` (monotonic)."""
     import requests
 
     from ._requests_sender import send_http_request
@@ -109,7 +114,7 @@ def _requests_sender(
     http = session if session is not None else requests.Session()
 
     def send(request: HttpRequest) -> HttpResponse:
-        return send_http_request(http, request, timeout=timeout)
+        return send_http_request(http, request, timeout=timeout, deadline=deadline)
 
     return send, http
 
@@ -278,7 +283,9 @@ def _authorize_on_device(
         endpoint.post_form(url, pairs, dpop=False, what="the device authorization endpoint"),
         send,
     )
-    authorization = parse_device_authorization(exchange.response, issuer=metadata.issuer)
+    authorization = parse_device_authorization(
+        exchange.response, issuer=metadata.issuer, secrets=exchange.secrets
+    )
     poller = DevicePoller(
         authorization,
         started=exchange.sent_monotonic,
@@ -338,11 +345,13 @@ def login(
     ``auth_method``/``client_auth`` say otherwise; ``private_key_jwt`` assertions are signed by
     ``assertion_signer`` or the DPoP key itself. ``device=True`` uses the device grant instead
     of the browser; ``par`` None uses PAR whenever the AS offers it, False never (an error when
-    the AS requires it). ``login_timeout`` bounds the wait for the user; ``timeout`` each HTTP
-    request. ``profile`` stores the login (``key_reference`` is then required unless
-    ``signer`` is a reference; ``client_secret_source`` may name a secret's ``env:``/``file:``
-    source, never the secret). ``allow_bearer`` accepts Bearer access tokens (only the refresh
-    token is then bound to the key): an explicit, per-client opt-in that is logged.
+    the AS requires it). ``login_timeout`` bounds the wait for the user (in the device flow,
+    every request after discovery too: a poll still unanswered then ends the login);
+    ``timeout`` each HTTP request. ``profile`` stores the login (``key_reference`` is then
+    required unless ``signer`` is a reference; ``client_secret_source`` may name a secret's
+    ``env:``/``file:`` source, never the secret). ``allow_bearer`` accepts Bearer access tokens
+    (only the refresh token is then bound to the key): an explicit, per-client opt-in that is
+    logged.
 
     Raises :class:`ConfigurationError` subclasses (bad options,
     :class:`UnsupportedAlgorithmError`, :class:`LoopbackListenerError`, :class:`ProfileError`),
@@ -408,10 +417,13 @@ def login(
         )
         chosen = prompt if prompt is not None else TerminalPrompt()
         if device:
+            # Every device request, polls included, ends by the login deadline: a poll the
+            # AS holds open must not outlast login_timeout by its own HTTP timeout.
+            bounded, _ = _requests_sender(http, times, deadline=deadline)
             response = _authorize_on_device(
                 endpoint,
                 metadata,
-                send,
+                bounded,
                 scope=scope_text,
                 resource=resources,
                 deadline=deadline,

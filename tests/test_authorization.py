@@ -132,6 +132,11 @@ def test_rfc9126_example_response() -> None:
     assert parse_par_response(answer({"request_uri": "r", "expires_in": 90}, 200)).expires_in == 90
 
 
+def test_a_par_lifetime_beyond_the_float_range_is_bounded() -> None:
+    # A JSON integer has no size limit; math.isfinite(10**400) raises OverflowError.
+    assert parse_par_response(answer({"request_uri": "r", "expires_in": 10**400})).expires_in == 600
+
+
 @pytest.mark.parametrize(
     "document",
     [

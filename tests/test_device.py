@@ -107,9 +107,26 @@ def test_device_endpoint_error_is_an_oauth_error() -> None:
         parse_device_authorization(HttpResponse(500, ()), issuer=ISSUER)
 
 
-def test_huge_values_are_bounded() -> None:
-    auth = parse_device_authorization(answer(body(expires_in=10**9, interval=10**9)), issuer=ISSUER)
+@pytest.mark.parametrize("huge", [10**9, 10**400])  # 10**400: float() overflows
+def test_huge_values_are_bounded(huge: int) -> None:
+    auth = parse_device_authorization(answer(body(expires_in=huge, interval=huge)), issuer=ISSUER)
     assert auth.expires_in == 86400 and auth.interval == 300
+
+
+def test_a_body_that_is_not_strict_json_says_so() -> None:
+    with pytest.raises(DeviceFlowError, match="not strict JSON"):
+        parse_device_authorization(HttpResponse(200, (), b'{"a":1,"a":2}'), issuer=ISSUER)
+
+
+def test_secrets_are_masked_in_errors_and_never_shown() -> None:
+    secret = "s3cret-of-the-client"
+    echo = answer({"error": "invalid_client", "error_description": f"got {secret}"}, 401)
+    with pytest.raises(OAuthError) as info:
+        parse_device_authorization(echo, issuer=ISSUER, secrets=[secret])
+    assert secret not in str(info.value) and "****" in str(info.value)
+    with pytest.raises(DeviceFlowError, match="repeats a secret") as shown:
+        parse_device_authorization(answer(body(user_code=secret)), issuer=ISSUER, secrets=[secret])
+    assert secret not in str(shown.value)
 
 
 class Clock:

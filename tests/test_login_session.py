@@ -25,8 +25,14 @@ from dpop_hsm.errors import (
     OAuthError,
     ProfileError,
     RevocationError,
+    TokenResponseError,
 )
-from dpop_hsm.grants import AuthorizationCodeGrant, DeviceCodeGrant, RefreshTokenGrant
+from dpop_hsm.grants import (
+    MAX_VALUE,
+    AuthorizationCodeGrant,
+    DeviceCodeGrant,
+    RefreshTokenGrant,
+)
 from dpop_hsm.login_session import (
     LoginSession,
     load_profile,
@@ -281,6 +287,19 @@ def test_refresh_updates_the_profile_before_the_token_is_used(
     on_disk = store.load("dev")
     assert on_disk.access_token == "at-2" and on_disk.expires_at is not None
     assert abs(on_disk.expires_at - (time.time() + 1200)) < 30
+
+
+def test_a_rotated_refresh_token_too_long_to_store_is_refused(
+    signer: SoftwareSigner, store: ProfileStore
+) -> None:
+    # A hostile AS rotating to a 64 KiB+ refresh token: the constructor and replace() refuse
+    # such a token, so a profile holding it could never be loaded again.
+    store.save(stored(signer))
+    client = load_profile("dev", signer, store=store)
+    huge = "r" * (MAX_VALUE + 1)
+    with pytest.raises(TokenResponseError, match="longer than"):
+        client.get_token(Server(ok(access_token="at-2", refresh_token=huge)))
+    assert store.load("dev").refresh_token == "rt-1"
 
 
 def test_another_process_refreshed_meanwhile(signer: SoftwareSigner, store: ProfileStore) -> None:

@@ -23,7 +23,7 @@ from dpop_hsm.testing import (
     LocalDPoPServers,
 )
 from dpop_hsm.token import TokenClient
-from tests.support.oauth import Flow, api, callback_params, claims_of, error_of
+from tests.support.oauth import M2M_SECRET, Flow, api, callback_params, claims_of, error_of
 
 
 @pytest.fixture(scope="module")
@@ -312,9 +312,8 @@ def test_repeated_parameters_are_refused(public: Flow) -> None:
 def test_a_client_without_the_grant_is_unauthorized(
     srv: LocalDPoPServers, key: SoftwareSigner
 ) -> None:
-    srv.register_client(
-        ClientRegistration("m2m", "none", grant_types=frozenset({"client_credentials"}))
-    )
+    only_m2m = frozenset({"client_credentials"})
+    srv.register_client(ClientRegistration("m2m", client_secret=M2M_SECRET, grant_types=only_m2m))
     assert _redirected_error(Flow(srv, key, "m2m"))["error"] == "unauthorized_client"
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 from collections.abc import Callable, Iterator
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -22,6 +21,8 @@ from dpop_hsm.proof import ProofFactory
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import MAX_BODY, ClientRegistration, LocalDPoPServers
 from dpop_hsm.token import TokenClient
+from tests.support.oauth import M2M_SECRET
+from tests.support.raw_http import send_raw
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -36,7 +37,7 @@ def srv(key: SoftwareSigner) -> Iterator[LocalDPoPServers]:
     servers = LocalDPoPServers(
         clients=[
             ClientRegistration("jwt", auth_method="private_key_jwt", jwk=dict(key.public_jwk)),
-            ClientRegistration("public", auth_method="none"),
+            ClientRegistration("m2m", auth_method="client_secret_post", client_secret=M2M_SECRET),
         ],
         as_nonce=False,
         rs_nonce=False,
@@ -47,17 +48,7 @@ def srv(key: SoftwareSigner) -> Iterator[LocalDPoPServers]:
 
 def exchange(url: str, raw: bytes, *, close_write: bool = False) -> http.client.HTTPResponse:
     """Send ``raw`` bytes to the server of ``url``; the parsed response (5 s to answer)."""
-    parts = urlsplit(url)
-    assert parts.hostname and parts.port
-    sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
-    sock.sendall(raw)
-    if close_write:
-        sock.shutdown(socket.SHUT_WR)
-    response = http.client.HTTPResponse(sock)
-    response.begin()
-    response.read()
-    sock.close()
-    return response
+    return send_raw(url, raw, close_write=close_write)[0]
 
 
 # --- the RS uses its own origin for htu ------------------------------------------------------
@@ -65,7 +56,11 @@ def exchange(url: str, raw: bytes, *, close_write: bool = False) -> http.client.
 
 def _token(srv: LocalDPoPServers, key: SoftwareSigner) -> str:
     client = TokenClient(
-        key, token_endpoint=srv.token_endpoint, client_id="public", auth_method="none"
+        key,
+        token_endpoint=srv.token_endpoint,
+        client_id="m2m",
+        client_secret=M2M_SECRET,
+        auth_method="client_secret_post",
     )
     return client.get_token().access_token
 
@@ -218,7 +213,9 @@ def _form_request(srv: LocalDPoPServers, key: SoftwareSigner, framing: str, body
     ).encode() + body
 
 
-GOOD_FORM = urlencode({"grant_type": "client_credentials", "client_id": "public"}).encode()
+GOOD_FORM = urlencode(
+    {"grant_type": "client_credentials", "client_id": "m2m", "client_secret": M2M_SECRET}
+).encode()
 
 
 def test_a_well_framed_chunked_body_is_read(srv: LocalDPoPServers, key: SoftwareSigner) -> None:

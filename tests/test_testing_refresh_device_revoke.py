@@ -22,7 +22,7 @@ from dpop_hsm.testing import (
     ClientRegistration,
     LocalDPoPServers,
 )
-from tests.support.oauth import Flow, api, claims_of, error_of
+from tests.support.oauth import M2M_SECRET, Flow, api, claims_of, error_of
 
 
 @pytest.fixture(scope="module")
@@ -270,10 +270,11 @@ def test_device_codes_belong_to_their_client(
 def test_device_authorization_checks_client_and_scope(
     srv: LocalDPoPServers, key: SoftwareSigner, public: Flow
 ) -> None:
-    srv.register_client(
-        ClientRegistration("m2m", "none", grant_types=frozenset({"client_credentials"}))
+    only_m2m = frozenset({"client_credentials"})
+    srv.register_client(ClientRegistration("m2m", client_secret=M2M_SECRET, grant_types=only_m2m))
+    m2m = Flow(srv, key, "m2m", M2M_SECRET).post(
+        srv.device_authorization_endpoint, {"scope": "api"}, proof=False
     )
-    m2m = Flow(srv, key, "m2m").post(srv.device_authorization_endpoint, {}, proof=False)
     assert m2m.status_code == 400 and error_of(m2m) == "unauthorized_client"
     wide = public.post(srv.device_authorization_endpoint, {"scope": "admin"}, proof=False)
     assert wide.status_code == 400 and error_of(wide) == "invalid_scope"

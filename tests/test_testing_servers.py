@@ -16,6 +16,7 @@ from dpop_hsm.signers.base import Signer
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import ClientRegistration, Counters, LocalDPoPServers
 from dpop_hsm.token import TokenClient
+from tests.support.oauth import M2M_SECRET
 from tests.support.servers import CLIENT_SECRET, token_client
 
 
@@ -221,7 +222,9 @@ def test_as_rejects_a_replayed_client_assertion(
 
 def test_jwks_endpoints_and_standalone_lifecycle(dpop_signer: Signer) -> None:
     srv = LocalDPoPServers(
-        clients=[ClientRegistration("c", auth_method="none")], as_nonce=False, rs_nonce=False
+        clients=[ClientRegistration("c", "client_secret_post", M2M_SECRET)],
+        as_nonce=False,
+        rs_nonce=False,
     )
     srv.start()
     try:
@@ -229,7 +232,7 @@ def test_jwks_endpoints_and_standalone_lifecycle(dpop_signer: Signer) -> None:
         assert keys[0]["kid"] == srv.kid and "d" not in keys[0]
         text = srv.endpoints()
         assert srv.token_endpoint in text and srv.api_url in text and "client" in text
-        tc = token_client_none(srv, dpop_signer)
+        tc = token_client_post(srv, dpop_signer)
         assert tc.get_token().is_dpop
         assert srv.counters.token_requests == 1  # no nonce required: one request
     finally:
@@ -238,10 +241,16 @@ def test_jwks_endpoints_and_standalone_lifecycle(dpop_signer: Signer) -> None:
         _ = srv.api_url
 
 
-def token_client_none(srv: LocalDPoPServers, signer: Signer) -> Any:
+def token_client_post(srv: LocalDPoPServers, signer: Signer) -> Any:
     from dpop_hsm.token import TokenClient
 
-    return TokenClient(signer, token_endpoint=srv.token_endpoint, client_id="c", auth_method="none")
+    return TokenClient(
+        signer,
+        token_endpoint=srv.token_endpoint,
+        client_id="c",
+        client_secret=M2M_SECRET,
+        auth_method="client_secret_post",
+    )
 
 
 def test_registration_is_validated() -> None:

@@ -264,7 +264,12 @@ class FrontChannel:
     # --- /device (RFC 8628 §3.3) ------------------------------------------------------------
 
     def device_form(self, h: Handler) -> None:
-        query = parse_pairs(urlsplit(h.path).query, repeatable=("user_code",))
+        """The page to type a user code into, prefilled from ``verification_uri_complete``."""
+        try:
+            query = parse_pairs(urlsplit(h.path).query)
+        except Reject as e:  # a malformed or repeated query is the browser's error, not ours
+            h.send(400, message_page("Connect a device", e.description), PAGE_HEADERS)
+            return
         h.send(200, device_page(user_code=query.get("user_code", "")), PAGE_HEADERS)
 
     def device_decide(self, h: Handler, body: bytes, *, approve: bool) -> None:

@@ -80,7 +80,10 @@ class ClientRegistration:
         return self.auth_method == "none"
 
     def allows(self, grant_type: str) -> bool:
-        """Whether this client may use ``grant_type``."""
+        """Whether this client may use ``grant_type``; never ``client_credentials`` for a
+        public client (RFC 6749 §4.4: "MUST only be used by confidential clients")."""
+        if grant_type == "client_credentials" and self.public:
+            return False
         return self.grant_types is None or grant_type in self.grant_types
 
 
@@ -127,7 +130,10 @@ def redirect_uri_matches(registered: str, requested: str) -> bool:
         return False
     if requested == registered:
         return True
-    reg, req = urlsplit(registered), urlsplit(requested)
+    try:
+        reg, req = urlsplit(registered), urlsplit(requested)
+    except ValueError:  # e.g. "http://[::1/cb": an authority no browser could follow
+        return False
     if reg.scheme != "http" or req.scheme != "http" or reg.port is not None:
         return False
     host = reg.hostname or ""
@@ -164,6 +170,10 @@ def validate_registration(client: ClientRegistration) -> None:
     unknown = set(client.grant_types or ()) - set(GRANT_TYPES)
     if unknown:
         raise ConfigurationError(f"unknown grant types {sorted(unknown)}")
+    if client.public and "client_credentials" in (client.grant_types or ()):
+        raise ConfigurationError(
+            "a public client (auth_method 'none') cannot use client_credentials (RFC 6749 §4.4)"
+        )
 
 
 def _invalid_client(reason: str, description: str) -> Reject:
@@ -197,16 +207,31 @@ class ClientAuthenticator:
         """The client that the ``Authorization`` header or the form authenticates.
 
         ``endpoint`` is the URL the request went to: a client assertion may name it as its
-        audience besides the issuer and token endpoint (RFC 9126 §2). Raises :class:`Reject`
-        (401 ``invalid_client``) for any failure.
+        audience besides the issuer and token endpoint (RFC 9126 §2). Raises :class:`Reject`:
+        401 ``invalid_client`` for a failed or unsupported authentication (an ``Authorization``
+        scheme other than Basic included, RFC 6749 §5.2), 400 ``invalid_request`` for a
+        request using more than one method or naming two clients (§2.3: "MUST NOT use more
+        than one authentication method in each request"; §5.2).
         """
-        if authorization[:6].lower() == "basic ":
+        basic = authorization[:6].lower() == "basic "
+        if authorization and not basic:
+            raise _invalid_client("client_auth_scheme", "only Basic client authentication")
+        methods = [basic, "client_secret" in form, "client_assertion" in form]
+        if sum(methods) > 1:
+            raise Reject(
+                400, "client_auth_methods", "invalid_request", "more than one client auth method"
+            )
+        if basic:
             try:
                 decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
                 raw_id, _, raw_secret = decoded.partition(":")
                 client_id, secret = unquote(raw_id), unquote(raw_secret)
             except (ValueError, UnicodeDecodeError) as e:
                 raise _invalid_client("client_auth", "bad Basic header") from e
+            if form.get("client_id", client_id) != client_id:
+                raise Reject(
+                    400, "client_auth_methods", "invalid_request", "client_id is not the Basic one"
+                )
             return self._check_secret(client_id, secret, "client_secret_basic")
         client_id = form.get("client_id", "")
         if "client_assertion" in form:

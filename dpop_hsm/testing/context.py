@@ -50,23 +50,45 @@ METADATA_PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/openi
 NONCE_DESCRIPTION = "Authorization server requires nonce in DPoP proof"
 
 
-def parse_pairs(text: str, *, repeatable: Iterable[str] = ()) -> dict[str, str]:
-    """``application/x-www-form-urlencoded`` pairs, each name at most once unless
-    ``repeatable`` (RFC 6749 §3.1, §3.2: parameters MUST NOT be included more than once).
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+# RFC 8707 §2: a client names several resources with several ``resource`` parameters, in the
+# authorization request (and PAR), the device authorization request and the token request.
+REPEATABLE = ("resource",)
+
+
+def parse_pairs(text: str, *, repeatable: Iterable[str] = REPEATABLE) -> dict[str, str]:
+    """``application/x-www-form-urlencoded`` pairs, read as RFC 6749 §3.1 says.
+
+    Each name at most once unless ``repeatable`` (§3.1, §3.2: "parameters MUST NOT be included
+    more than once"; a repeated ``resource`` keeps its last value: this server ignores it);
+    a parameter sent without a value is treated as omitted (§3.1), so ``scope=`` asks for the
+    default scope and ``state=`` is no state; percent-escapes must decode to UTF-8 (Appendix B).
 
     Raises :class:`Reject` (400 ``invalid_request``).
     """
     try:
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
-    except ValueError as e:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
+    except ValueError as e:  # UnicodeDecodeError included
         raise Reject(400, "form", "invalid_request", "malformed form body") from e
     allowed = set(repeatable)
+    seen: set[str] = set()
     out: dict[str, str] = {}
     for k, v in pairs:
-        if k in out and k not in allowed:
+        if k in seen and k not in allowed:
             raise Reject(400, "form", "invalid_request", f"repeated parameter {k[:40]}")
-        out[k] = v
+        seen.add(k)
+        if v:
+            out[k] = v
     return out
+
+
+def media_type(h: Handler) -> str | None:
+    """The request's media type (RFC 9110 §8.3.1: type/subtype, case-insensitive, parameters
+    dropped), or None when there is no ``Content-Type`` or more than one."""
+    values = h.headers.get_all("Content-Type") or []
+    if len(values) != 1:
+        return None
+    return values[0].split(";", 1)[0].strip(" \t").lower()
 
 
 class ASContext:
@@ -107,10 +129,18 @@ class ASContext:
 
     # --- requests -------------------------------------------------------------------------
 
-    def form(self, h: Handler, body: bytes, *, repeatable: Iterable[str] = ()) -> dict[str, str]:
-        """The form body of a POST; Reject 400 unless it is a well-formed urlencoded form."""
-        if "application/x-www-form-urlencoded" not in h.headers.get("Content-Type", ""):
-            raise Reject(400, "content_type", "invalid_request", "form body expected")
+    def form(
+        self, h: Handler, body: bytes, *, repeatable: Iterable[str] = REPEATABLE
+    ) -> dict[str, str]:
+        """The form body of a POST; Reject 400 unless it is a well-formed urlencoded form.
+
+        The media type is compared exactly, not searched for: ``text/plain;
+        x=application/x-www-form-urlencoded`` is not a form (RFC 6749 §3.2, §4.1.3).
+        """
+        if media_type(h) != FORM_MEDIA_TYPE:
+            raise Reject(
+                400, "content_type", "invalid_request", f"one Content-Type: {FORM_MEDIA_TYPE}"
+            )
         try:
             text = body.decode("ascii")
         except UnicodeDecodeError as e:  # urlencoded bodies are ASCII by construction
@@ -118,9 +148,16 @@ class ASContext:
         return parse_pairs(text, repeatable=repeatable)
 
     def client(self, h: Handler, form: Mapping[str, str], path: str) -> ClientRegistration:
-        """The authenticated client of a back-channel request to ``path``."""
+        """The authenticated client of a back-channel request to ``path``.
+
+        Two ``Authorization`` fields are two credentials (RFC 6749 §5.2 ``invalid_request``);
+        reading only the first would let the second slip past unexamined.
+        """
+        authorization = h.headers.get_all("Authorization") or []
+        if len(authorization) > 1:
+            raise Reject(400, "client_auth_methods", "invalid_request", "one Authorization field")
         return self.client_auth.authenticate(
-            h.headers.get("Authorization", ""), form, endpoint=self.endpoint(path)
+            authorization[0] if authorization else "", form, endpoint=self.endpoint(path)
         )
 
     def proof(self, h: Handler, path: str, *, required: bool) -> VerifiedProof | None:

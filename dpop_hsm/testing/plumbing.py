@@ -130,15 +130,24 @@ class Nonces:
             return self._current
 
     def accepts(self, nonce: str) -> bool:
-        current = self.current()
+        """Whether ``nonce`` (a proof's claim: any JSON string) is the current or previous one.
+
+        Compared as bytes: ``hmac.compare_digest`` refuses non-ASCII ``str`` with a TypeError,
+        which would turn a proof with ``"nonce": "é"`` into a 500 instead of the
+        ``use_dpop_nonce`` answer RFC 9449 §8 and §9 call for.
+        """
+        sent = nonce.encode("utf-8", "surrogatepass")  # a lone "\ud800" is a mismatch
+        current = self.current().encode()
         with self._lock:
-            return hmac.compare_digest(nonce, current) or (
-                self._previous is not None and hmac.compare_digest(nonce, self._previous)
-            )
+            previous = self._previous
+        return hmac.compare_digest(sent, current) or (
+            previous is not None and hmac.compare_digest(sent, previous.encode())
+        )
 
 
 class BodyError(Exception):
-    """The request body is framed wrongly or too large; ``status`` is the answer to send."""
+    """The request cannot be read: its target or body framing is wrong, or the body too large;
+    ``status`` is the answer to send (and the connection is closed after it)."""
 
     def __init__(self, status: int, description: str) -> None:
         super().__init__(description)
@@ -263,6 +272,11 @@ class LoopbackServer(ThreadingHTTPServer):
     allow_reuse_address = True
     # The stdlib default backlog (5) drops SYNs under 32 concurrent clients: 1 s retransmits.
     request_queue_size = 128
+    # Seconds a request body may take to arrive once its headers did. A client whose
+    # Content-Length promises more than it sends would otherwise hold a handler thread, and
+    # itself, until one side gives up; it gets 408 instead (RFC 9110 §15.5.9). Idle
+    # keep-alive connections between requests are not bounded by this.
+    body_timeout = 10.0
 
     def __init__(self, app: Role, host: str, port: int) -> None:
         self.app = app
@@ -308,7 +322,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         try:
-            body = self._read_body()
+            self._check_target()
+            self.connection.settimeout(self.server.body_timeout)
+            try:
+                body = self._read_body()
+            except TimeoutError as e:
+                raise BodyError(408, "request body not received in time") from e
+            finally:
+                self.connection.settimeout(None)
         except BodyError as e:
             self.close_connection = True  # the framing is lost: the next bytes mean nothing
             error = {"error": "invalid_request", "error_description": e.description}
@@ -323,6 +344,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send(500, b"internal error", [("Content-Type", "text/plain")])
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch  # noqa: N815
+
+    def _check_target(self) -> None:
+        """RFC 9112 §3.2, §3.3: a request target the server cannot parse is a 400, not a crash
+        in whatever code reads the path later (``http://[bad/…`` has no valid authority)."""
+        try:
+            target_path(self.path)
+        except ValueError as e:
+            raise BodyError(400, "malformed request target") from e
 
     def _read_body(self) -> bytes:
         """The request body, at most :data:`MAX_BODY` bytes, framed exactly (RFC 9112 §6).

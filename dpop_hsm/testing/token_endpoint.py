@@ -89,7 +89,7 @@ class TokenEndpoint:
 
     def _token(self, h: Handler, body: bytes) -> Answer:
         ctx = self.ctx
-        form = ctx.form(h, body, repeatable=("resource",))  # RFC 8707 §2
+        form = ctx.form(h, body)  # resource may repeat (RFC 8707 §2)
         grant_type = form.get("grant_type")
         if not grant_type:
             raise Reject(400, "grant_type", "invalid_request", "grant_type is required")

@@ -6,7 +6,7 @@
 - ``servers``: pytest plugin, the local AS/RS (``dpop_hsm.testing``) and the signer matrix.
 - ``children``: entry points run in a child process, their job as JSON on stdin.
 - ``verifier``: the independent proof verifier (``cryptography`` only, no ``dpop_hsm`` code).
-- ``raw_http``: a raw-socket HTTP server for hostile-server tests.
+- ``raw_http``: a raw-socket HTTP server for hostile-server tests, and a raw-bytes client.
 - ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
 - ``oauth``: drives the local AS's login, PAR, device and refresh endpoints like a browser would.
 - ``redis``: pytest plugin, a private redis-server on a free 127.0.0.1 port.

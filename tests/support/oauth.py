@@ -22,6 +22,9 @@ from dpop_hsm.signers.base import Signer
 from dpop_hsm.testing import LocalDPoPServers
 
 REDIRECT_URI = "http://127.0.0.1:8765/callback"
+# A fixture value, not a credential: the secret of the tests' confidential machine clients
+# (RFC 6749 §4.4: client_credentials is for confidential clients only).
+M2M_SECRET = "local-m2m-secret-9c1e"
 
 
 def pkce_pair() -> tuple[str, str]:

@@ -1,4 +1,6 @@
-"""A raw-socket HTTP/1.1 server on 127.0.0.1 for hostile-server tests (threads, no framework).
+"""Raw-socket HTTP/1.1 for hostile tests: a server on 127.0.0.1 (threads, no framework), and
+:func:`send_raw`, a client that sends bytes no HTTP library would (two fields of one name,
+malformed request targets, lying framing) to a real server and parses its answer.
 
 Its handler writes bytes, so it can do what no well-behaved framework would: close mid-response,
 never answer, stream an endless body, send two ``DPoP-Nonce`` fields, loop redirects. Every
@@ -7,16 +9,18 @@ request it reads is kept as a :class:`Seen`, in order, for the test to assert on
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from tests.support.verifier import b64d
 
-__all__ = ["Handler", "RawServer", "Seen", "response"]
+__all__ = ["Handler", "RawServer", "Seen", "response", "send_raw"]
 
 
 @dataclass
@@ -117,3 +121,20 @@ def response(
     all_headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
     lines += [f"{k}: {v}" for k, v in all_headers + (headers or [])]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def send_raw(
+    url: str, raw: bytes, *, close_write: bool = False, method: str = "GET"
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """Send ``raw`` bytes to the server of ``url``; its parsed response and body (5 s to
+    answer). ``close_write`` half-closes after sending; ``method`` says whether a body follows
+    (none for HEAD)."""
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(raw)
+        if close_write:
+            sock.shutdown(socket.SHUT_WR)
+        answer = http.client.HTTPResponse(sock, method=method)
+        answer.begin()
+        return answer, answer.read()
