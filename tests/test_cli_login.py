@@ -39,11 +39,20 @@ def test_hostile_profile_names(pem_key: str, state: dict[str, str], name: str) -
 
 
 def test_key_with_a_pin_is_refused_before_anything(state: dict[str, str]) -> None:
+    # On the command line a pin-value is refused for every command (ps shows it); from the
+    # environment, login still refuses to store it in a profile.
     key = "pkcs11:token=t;object=k?module-name=libsofthsm2.so&pin-value=271828"
     result = run_cli(*login(key), env=state)
+    assert result.returncode == EXIT_CODES["usage"]
+    error = json_error(result)
+    assert error["code"] == "usage" and "271828" not in result.stdout + result.stderr
+    args = login(key)
+    del args[args.index("--key") : args.index("--key") + 2]
+    result = run_cli(*args, env={**state, "DPOP_HSM_KEY": key})
     assert result.returncode == EXIT_CODES["configuration"]
     error = json_error(result)
     assert error["code"] == "profile_error" and "271828" not in result.stdout + result.stderr
+    assert not Path(state["DPOP_HSM_STATE_DIR"]).exists()
 
 
 @pytest.mark.parametrize(
