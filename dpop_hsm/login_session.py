@@ -19,7 +19,8 @@ profile forgets the dead refresh token so later runs say so without asking the A
 
 Logout (RFC 7009): revoke the refresh token (``token_type_hint=refresh_token``), then the
 access token; an AS answering ``unsupported_token_type`` for the access token has nothing to
-revoke there and that is not an error; then the profile is deleted.
+revoke there and that is not an error; then the profile is deleted. A profile that a later
+login replaced (another issuer or client) is never refreshed, revoked or deleted by this one.
 """
 
 from __future__ import annotations
@@ -251,6 +252,16 @@ class LoginSession(TokenClient):
             self._dead_tokens.append(current.access_token)
         super().invalidate(token)
 
+    def _same_login(self, stored: Profile) -> bool:
+        # A later `login --profile NAME` (same key, another issuer or client) may have replaced
+        # the profile: its refresh token never goes to our token endpoint, and stays intact.
+        return (
+            stored.jkt == self.signer.thumbprint
+            and stored.issuer == self.issuer
+            and stored.client_id == self.client_id
+            and stored.metadata.get("token_endpoint") == self.metadata.token_endpoint
+        )
+
     def _adopt_from_profile(self) -> None:
         if self.profile_name is None or self.store is None:
             return
@@ -259,7 +270,7 @@ class LoginSession(TokenClient):
         except DPoPError:
             return  # the renewal itself reports what is wrong with the profile
         grant = self.grant
-        if stored.jkt != self.signer.thumbprint or not isinstance(grant, RefreshTokenGrant):
+        if not self._same_login(stored) or not isinstance(grant, RefreshTokenGrant):
             return
         theirs = token_from_profile(
             stored, renew_before=self.renew_before, allow_bearer=self.allow_bearer
@@ -296,6 +307,11 @@ class LoginSession(TokenClient):
                 )
             if stored.jkt != self.signer.thumbprint:
                 raise ProfileError(f"profile {self.profile_name!r} now belongs to another key")
+            if not self._same_login(stored):
+                raise ProfileError(
+                    f"profile {self.profile_name!r} now holds another login (issuer "
+                    f"{stored.issuer[:200]!r}, client {stored.client_id[:100]!r}): load it again"
+                )
             grant = self.grant
             if isinstance(grant, RefreshTokenGrant) and stored.refresh_token is None:
                 raise LoginRequiredError(
@@ -376,12 +392,25 @@ class LoginSession(TokenClient):
 
     def logout(self, send: Sender | None = None) -> LogoutResult:
         """Revoke the tokens, then delete the profile (if any). Raises :class:`RevocationError`
-        (the profile is then kept, so the logout can be retried)."""
+        (the profile is then kept, so the logout can be retried).
+
+        With a profile, all of it happens under the profile's lock, after re-reading it: the
+        refresh token revoked is the live one even if another process rotated it since this
+        session loaded it (revoking a dead one succeeds too, RFC 7009 §2.2, and would leave
+        the grant alive), and a profile that now holds another login is left alone.
+        """
         sender = send or self._default_sender()
-        flow = self.logout_flow()
-        result: LogoutResult = run_flow(flow, sender)
-        if self.profile_name is not None and self.store is not None:
-            self.store.delete(self.profile_name)
+        if self.profile_name is None or self.store is None:
+            return run_flow(self.logout_flow(), sender)
+        with self.store.locked(self.profile_name, timeout=self._lock_timeout) as handle:
+            stored = handle.load()
+            ours = stored is not None and self._same_login(stored)
+            live = stored.refresh_token if ours and stored is not None else None
+            if live is not None and isinstance(self.grant, RefreshTokenGrant):
+                self.grant.replace(live)
+            result: LogoutResult = run_flow(self.logout_flow(), sender)
+            if ours:
+                handle.delete()
         return result
 
     def close(self) -> None:
