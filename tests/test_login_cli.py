@@ -169,6 +169,33 @@ def test_login_request_refresh_logout(
     assert json_error(result)["code"] == "profile_not_found"
 
 
+def test_verbose_session_logs_and_json_hold_no_token(
+    servers: LocalDPoPServers, pem_key: str, state: Path
+) -> None:
+    # -v is the masked session log people paste into bug reports: login (code, verifier,
+    # tokens), refresh (old and new refresh token, proof) and logout (the revoked token).
+    env = {"DPOP_HSM_STATE_DIR": str(state)}
+    done = run_cli_login(login_args(servers, pem_key, "-v"), env=env, servers=servers)
+    assert done.returncode == 0, done.stderr
+    profiles = ProfileStore(state)
+    first = profiles.load("dev")
+    profiles.save(replace(first, expires_at=time.time() - 1))
+    refresh = run_cli("request", "--profile", "dev", "-v", "--json", servers.api_url, env=env)
+    assert refresh.returncode == 0, refresh.stderr
+    second = profiles.load("dev")
+    assert second.refresh_token != first.refresh_token
+    logout = run_cli("logout", "--profile", "dev", "-v", "--json", env=env)
+    assert logout.returncode == 0, logout.stderr
+    assert "code=****" in done.stderr and "code_verifier=****" in done.stderr
+    assert "refresh_token=****" in refresh.stderr and "DPoP: ****" in refresh.stderr
+    assert "token=****" in logout.stderr
+    tokens = [first.refresh_token, first.access_token, second.refresh_token, second.access_token]
+    assert all(tokens)
+    for result in (done, refresh, logout):
+        for token in tokens:
+            assert token is not None and token not in result.stdout + result.stderr
+
+
 def test_without_par_and_text_output(servers: LocalDPoPServers, pem_key: str, state: Path) -> None:
     env = {"DPOP_HSM_STATE_DIR": str(state)}
     args = [a for a in login_args(servers, pem_key, "--no-par") if a != "--json"]
