@@ -280,6 +280,15 @@ def test_a_pin_value_on_the_command_line_is_refused(args: list[str]) -> None:
     assert_no_secret(result, pin)
 
 
+def test_a_malformed_header_is_not_echoed(pem_key: str) -> None:
+    secret = "hunter2-api-key-0815"
+    for header in (f"X-Api-Key {secret}", secret):
+        result = run_cli("request", "--key", pem_key, "-H", header, "http://127.0.0.1:1/")
+        assert result.returncode == EXIT_CODES["configuration"], result.stderr
+        assert "'Name: value'" in result.stderr
+        assert_no_secret(result, secret)
+
+
 @pytest.mark.softhsm
 def test_a_pin_value_in_the_environment_is_no_argv_problem(softhsm: Any) -> None:
     # $DPOP_HSM_KEY is readable by this user only: the PIN works there, with the warning.

@@ -127,7 +127,10 @@ def cmd_token(args: argparse.Namespace, out: Output) -> int:
 def _parse_header(raw: str) -> tuple[str, str]:
     name, sep, value = raw.partition(":")
     if not sep or not name.strip() or any(c in name for c in " \t\r\n"):
-        raise ConfigurationError(f"header must look like 'Name: value', got {raw[:60]!r}")
+        # Not echoed: a malformed header is often a credential (-H 'X-Api-Key abc…').
+        raise ConfigurationError(
+            f"a -H header ({len(raw)} characters) must look like 'Name: value'"
+        )
     if "\r" in value or "\n" in value:
         raise ConfigurationError(f"header {name!r} contains a line break")
     lower = name.strip().lower()
