@@ -317,8 +317,19 @@ class LoginSession(TokenClient):
                 and stored.refresh_token is not None
                 and stored.refresh_token != grant.refresh_token
             ):
-                # Another process rotated meanwhile: its refresh token is the live one.
+                # Another process rotated meanwhile (while we waited for the lock, say): its
+                # refresh token is the live one, and the access token it stored with it, still
+                # fresh, saves this process a refresh of its own.
                 grant.replace(stored.refresh_token)
+                theirs = token_from_profile(
+                    stored, renew_before=self.renew_before, allow_bearer=self.allow_bearer
+                )
+                if (
+                    theirs is not None
+                    and not theirs.needs_renewal()
+                    and theirs.access_token not in self._dead_tokens
+                ):
+                    return theirs
             try:
                 response = yield from self._refresh()
             except LoginRequiredError:

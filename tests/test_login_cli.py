@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -27,7 +28,7 @@ from dpop_hsm.testing import (
     ClientRegistration,
     LocalDPoPServers,
 )
-from tests.support.cli import json_error, one_json, run_cli
+from tests.support.cli import CLI, cli_env, json_error, one_json, run_cli
 from tests.support.login import claims, run_cli_login
 
 SECRET = "conf-secret-7d1e"  # a fixture value the local AS registers, not a credential
@@ -194,6 +195,37 @@ def test_verbose_session_logs_and_json_hold_no_token(
     for result in (done, refresh, logout):
         for token in tokens:
             assert token is not None and token not in result.stdout + result.stderr
+
+
+def test_concurrent_requests_share_one_refresh(
+    servers: LocalDPoPServers, pem_key: str, state: Path
+) -> None:
+    # Four `request --profile` at once with an expired access token: the profile lock lets one
+    # refresh; the others wait and take its rotated refresh token and fresh access token. The
+    # local AS treats a reused refresh token as theft (RFC 9700 §4.14.2) and revokes the grant:
+    # a lost rotation would make every later refresh fail.
+    env = {"DPOP_HSM_STATE_DIR": str(state)}
+    assert run_cli_login(login_args(servers, pem_key), env=env, servers=servers).returncode == 0
+    profiles = ProfileStore(state)
+    profiles.save(replace(profiles.load("dev"), expires_at=time.time() - 1))
+    procs = [
+        subprocess.Popen(
+            [*CLI, "request", "--profile", "dev", "--json", servers.api_url],
+            env=cli_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, outputs
+    assert servers.counters.tokens_refresh_token == 1
+    profiles.save(replace(profiles.load("dev"), expires_at=time.time() - 1))
+    again = run_cli("request", "--profile", "dev", "--json", servers.api_url, env=env)
+    assert again.returncode == 0, again.stderr  # the stored refresh token is the live one
+    assert servers.counters.tokens_refresh_token == 2
 
 
 def test_without_par_and_text_output(servers: LocalDPoPServers, pem_key: str, state: Path) -> None:

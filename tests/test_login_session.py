@@ -301,6 +301,34 @@ def test_another_process_refreshed_meanwhile(signer: SoftwareSigner, store: Prof
     assert server.sent == [] and token.access_token == "at-9" and client.refresh_token == "rt-9"
 
 
+def test_another_process_refreshed_while_we_waited_for_the_lock(
+    signer: SoftwareSigner, store: ProfileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    store.save(stored(signer))
+    client = load_profile("dev", signer, store=store)
+    waiting = threading.Event()
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        waiting.set()  # the client polls for the profile lock: it is past its first look
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)  # the module profiles.py polls the lock with
+    server = Server()
+    got: list[str] = []
+    with store.locked("dev") as handle:
+        thread = threading.Thread(target=lambda: got.append(client.get_token(server).access_token))
+        thread.start()
+        assert waiting.wait(10)
+        # Meanwhile the other process refreshes: rotated refresh token, fresh access token.
+        rotated = stored(signer, refresh_token="rt-9", access_token="at-9")
+        handle.save(replace(rotated, expires_at=time.time() + 900, updated_at=time.time()))
+    thread.join(10)
+    assert got == ["at-9"] and server.sent == [] and client.refresh_token == "rt-9"
+
+
 def test_another_process_rotated_but_token_expired(
     signer: SoftwareSigner, store: ProfileStore
 ) -> None:
