@@ -277,6 +277,34 @@ def test_confidential_client(servers: LocalDPoPServers, pem_key: str, state: Pat
     assert result.returncode == EXIT_CODES["configuration"]
 
 
+def test_a_profile_keeps_its_own_client_secret_and_key(
+    servers: LocalDPoPServers, pem_key: str, state: Path, tmp_path: Path
+) -> None:
+    # A CI environment (or config file) set up for another client must not leak into a stored
+    # login: its client secret would go to this profile's AS, its key would replace the
+    # profile's. Only flags override a profile's own settings.
+    env = {"DPOP_HSM_STATE_DIR": str(state), "MY_CLIENT_SECRET": SECRET}
+    args = login_args(servers, pem_key, "--client-secret-source", "env:MY_CLIENT_SECRET")
+    args[args.index(DEFAULT_PUBLIC_CLIENT_ID)] = "conf-basic"
+    assert run_cli_login(args, env=env, servers=servers).returncode == 0
+    other_key = str(tmp_path / "ci.pem")
+    assert run_cli("keygen", "--key", other_key).returncode == 0
+    ci = {
+        "DPOP_HSM_CLIENT_SECRET_SOURCE": "env:CI_SECRET",
+        "CI_SECRET": "secret-of-another-client-4711",
+        "DPOP_HSM_TOKEN_ENDPOINT": "http://127.0.0.1:1/another-as",
+    }
+    profiles = ProfileStore(state)
+    profiles.save(replace(profiles.load("dev"), expires_at=time.time() - 1))
+    result = run_cli("request", "--profile", "dev", servers.api_url, "--json", env={**env, **ci})
+    assert result.returncode == 0, result.stderr  # refreshed with the profile's own secret
+    assert servers.counters.tokens_refresh_token == 1
+    ci["DPOP_HSM_KEY"] = other_key
+    result = run_cli("token", "--profile", "dev", "--json", env={**env, **ci})
+    assert result.returncode == 0, result.stderr
+    assert one_json(result)["jkt"] == thumbprint(pem_key, {})
+
+
 def test_profile_copied_to_another_key_cannot_refresh(
     servers: LocalDPoPServers, pem_key: str, state: Path, tmp_path: Path
 ) -> None:

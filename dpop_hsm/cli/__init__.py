@@ -241,7 +241,10 @@ def _run(parser: argparse.ArgumentParser, arguments: list[str], out: Output) -> 
         verbose = bool(args.verbose)
         restore = _configure_logging(verbose)
         _refuse_pins_on_the_command_line(args)
-        resolve_settings(args, getattr(args, "settings", None) or ())
+        names = getattr(args, "settings", None) or ()
+        if getattr(args, "profile", None) and getattr(args, "profile_settings", None):
+            names = args.profile_settings  # see settings.PROFILE_SETTINGS
+        resolve_settings(args, names)
         code: int = args.func(args, out)
         return code
     except _HelpRequested as e:

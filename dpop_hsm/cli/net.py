@@ -21,7 +21,7 @@ from .common import (
     load_key,
     secret_from_options,
 )
-from .settings import CLIENT_SETTINGS, missing
+from .settings import CLIENT_SETTINGS, PROFILE_SETTINGS, missing
 
 if TYPE_CHECKING:
     from ..signers.base import Signer
@@ -332,7 +332,7 @@ def register(sub: Any) -> None:
     add_client_options(p)
     p.add_argument("--show-token", action="store_true", help="print the access token itself")
     _add_profile_option(p)
-    p.set_defaults(func=cmd_token, settings=CLIENT_SETTINGS)
+    p.set_defaults(func=cmd_token, settings=CLIENT_SETTINGS, profile_settings=PROFILE_SETTINGS)
 
     p = sub.add_parser("request", help="a curl-like request with DPoP")
     add_key_options(p)
@@ -343,7 +343,7 @@ def register(sub: Any) -> None:
     p.add_argument("-i", "--include", action="store_true", help="print the response headers")
     p.add_argument("url")
     _add_profile_option(p)
-    p.set_defaults(func=cmd_request, settings=CLIENT_SETTINGS)
+    p.set_defaults(func=cmd_request, settings=CLIENT_SETTINGS, profile_settings=PROFILE_SETTINGS)
 
     p = sub.add_parser("serve", help="run the local authorization + resource server")
     p.add_argument("--as-port", type=int, default=0, metavar="P", help="default 0: any free port")

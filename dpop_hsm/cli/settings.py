@@ -136,6 +136,10 @@ SETTINGS: dict[str, Setting] = {
     )
 }
 KEY_SETTINGS = ("key", "pin_source")
+# With --profile a stored login brings its own key, client, endpoint and secret source: the
+# environment and the config file (set up for another client, say in CI) must not replace them
+# — their client secret would go to the profile's AS. Flags still do.
+PROFILE_SETTINGS = ("pin_source", "timeout")
 CLIENT_SETTINGS = (
     *KEY_SETTINGS,
     "token_endpoint",
