@@ -38,6 +38,20 @@ def test_hostile_profile_names(pem_key: str, state: dict[str, str], name: str) -
     assert not Path(state["DPOP_HSM_STATE_DIR"]).exists()
 
 
+def test_an_open_state_directory_is_refused_before_the_login(
+    pem_key: str, state: dict[str, str]
+) -> None:
+    # Refused before the issuer is contacted (nothing listens there: that would be a
+    # transport_error), so nobody logs in for tokens that could not be stored.
+    directory = Path(state["DPOP_HSM_STATE_DIR"])
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    result = run_cli(*login(pem_key), env=state)
+    assert result.returncode == EXIT_CODES["configuration"]
+    assert json_error(result)["code"] == "profile_insecure_permissions"
+    assert os.listdir(directory) == []
+
+
 def test_key_with_a_pin_is_refused_before_anything(state: dict[str, str]) -> None:
     # On the command line a pin-value is refused for every command (ps shows it); from the
     # environment, login still refuses to store it in a profile.
