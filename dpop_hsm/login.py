@@ -362,6 +362,10 @@ def login(
     """
     if profile is not None:
         validate_profile_name(profile)
+        # An unusable state directory (other users can reach it, not ours) is refused now,
+        # before a PIN is asked for and the user logs in for tokens that have nowhere to go.
+        store = store if store is not None else ProfileStore()
+        store.names()
     owns_signer = isinstance(signer, str)
     if isinstance(signer, str):
         from .signers import load_signer

@@ -19,7 +19,8 @@ profile forgets the dead refresh token so later runs say so without asking the A
 
 Logout (RFC 7009): revoke the refresh token (``token_type_hint=refresh_token``), then the
 access token; an AS answering ``unsupported_token_type`` for the access token has nothing to
-revoke there and that is not an error; then the profile is deleted.
+revoke there and that is not an error; then the profile is deleted. A profile that a later
+login replaced (another issuer or client) is never refreshed, revoked or deleted by this one.
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import urlencode
+from typing import TYPE_CHECKING
 
-from .client_auth import ClientAuth, Form, NoClientAuth, PrivateKeyJwt, SecretBasic, SecretPost
+from .client_auth import ClientAuth, NoClientAuth, PrivateKeyJwt, SecretBasic, SecretPost
 from .discovery import ServerMetadata
 from .errors import (
     ConfigurationError,
@@ -41,12 +40,12 @@ from .errors import (
     LoginRequiredError,
     OAuthError,
     ProfileError,
-    RevocationError,
 )
 from .grants import RefreshTokenGrant
 from .nonces import NonceStore
 from .profiles import Profile, ProfileStore
 from .proof import ProofFactory
+from .revocation import LogoutResult, revocation_flow, run_flow
 from .sansio import HttpRequest, HttpResponse, Sender
 from .secret_sources import SecretSource
 from .signers.base import Signer
@@ -56,8 +55,6 @@ from .token_endpoint import (
     Grant,
     Token,
     TokenResponse,
-    error_body,
-    redact,
 )
 
 if TYPE_CHECKING:
@@ -75,7 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dpop_hsm.login")
-T = TypeVar("T")
 
 
 class _NoRefreshGrant(Grant):
@@ -251,6 +247,16 @@ class LoginSession(TokenClient):
             self._dead_tokens.append(current.access_token)
         super().invalidate(token)
 
+    def _same_login(self, stored: Profile) -> bool:
+        # A later `login --profile NAME` (same key, another issuer or client) may have replaced
+        # the profile: its refresh token never goes to our token endpoint, and stays intact.
+        return (
+            stored.jkt == self.signer.thumbprint
+            and stored.issuer == self.issuer
+            and stored.client_id == self.client_id
+            and stored.metadata.get("token_endpoint") == self.metadata.token_endpoint
+        )
+
     def _adopt_from_profile(self) -> None:
         if self.profile_name is None or self.store is None:
             return
@@ -259,7 +265,7 @@ class LoginSession(TokenClient):
         except DPoPError:
             return  # the renewal itself reports what is wrong with the profile
         grant = self.grant
-        if stored.jkt != self.signer.thumbprint or not isinstance(grant, RefreshTokenGrant):
+        if not self._same_login(stored) or not isinstance(grant, RefreshTokenGrant):
             return
         theirs = token_from_profile(
             stored, renew_before=self.renew_before, allow_bearer=self.allow_bearer
@@ -296,6 +302,11 @@ class LoginSession(TokenClient):
                 )
             if stored.jkt != self.signer.thumbprint:
                 raise ProfileError(f"profile {self.profile_name!r} now belongs to another key")
+            if not self._same_login(stored):
+                raise ProfileError(
+                    f"profile {self.profile_name!r} now holds another login (issuer "
+                    f"{stored.issuer[:200]!r}, client {stored.client_id[:100]!r}): load it again"
+                )
             grant = self.grant
             if isinstance(grant, RefreshTokenGrant) and stored.refresh_token is None:
                 raise LoginRequiredError(
@@ -306,8 +317,19 @@ class LoginSession(TokenClient):
                 and stored.refresh_token is not None
                 and stored.refresh_token != grant.refresh_token
             ):
-                # Another process rotated meanwhile: its refresh token is the live one.
+                # Another process rotated meanwhile (while we waited for the lock, say): its
+                # refresh token is the live one, and the access token it stored with it, still
+                # fresh, saves this process a refresh of its own.
                 grant.replace(stored.refresh_token)
+                theirs = token_from_profile(
+                    stored, renew_before=self.renew_before, allow_bearer=self.allow_bearer
+                )
+                if (
+                    theirs is not None
+                    and not theirs.needs_renewal()
+                    and theirs.access_token not in self._dead_tokens
+                ):
+                    return theirs
             try:
                 response = yield from self._refresh()
             except LoginRequiredError:
@@ -376,12 +398,25 @@ class LoginSession(TokenClient):
 
     def logout(self, send: Sender | None = None) -> LogoutResult:
         """Revoke the tokens, then delete the profile (if any). Raises :class:`RevocationError`
-        (the profile is then kept, so the logout can be retried)."""
+        (the profile is then kept, so the logout can be retried).
+
+        With a profile, all of it happens under the profile's lock, after re-reading it: the
+        refresh token revoked is the live one even if another process rotated it since this
+        session loaded it (revoking a dead one succeeds too, RFC 7009 §2.2, and would leave
+        the grant alive), and a profile that now holds another login is left alone.
+        """
         sender = send or self._default_sender()
-        flow = self.logout_flow()
-        result: LogoutResult = run_flow(flow, sender)
-        if self.profile_name is not None and self.store is not None:
-            self.store.delete(self.profile_name)
+        if self.profile_name is None or self.store is None:
+            return run_flow(self.logout_flow(), sender)
+        with self.store.locked(self.profile_name, timeout=self._lock_timeout) as handle:
+            stored = handle.load()
+            ours = stored is not None and self._same_login(stored)
+            live = stored.refresh_token if ours and stored is not None else None
+            if live is not None and isinstance(self.grant, RefreshTokenGrant):
+                self.grant.replace(live)
+            result: LogoutResult = run_flow(self.logout_flow(), sender)
+            if ours:
+                handle.delete()
         return result
 
     def close(self) -> None:
@@ -396,73 +431,6 @@ class LoginSession(TokenClient):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass(frozen=True)
-class LogoutResult:
-    """What logout achieved: whether the AS can revoke, and what it revoked."""
-
-    revocation_endpoint: bool
-    refresh_token_revoked: bool = False
-    access_token_revoked: bool = False
-
-
-def run_flow(flow: Generator[HttpRequest, HttpResponse, T], send: Sender) -> T:
-    """Drive a sans-IO flow with a blocking ``send``; a flow may finish without a request."""
-    try:
-        request = next(flow)
-    except StopIteration as stop:
-        done: T = stop.value
-        return done
-    while True:
-        response = send(request)
-        try:
-            request = flow.send(response)
-        except StopIteration as stop:
-            result: T = stop.value
-            return result
-
-
-def _shown(text: str, limit: int = 120) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
-
-
-def revocation_flow(
-    url: str, *, client_id: str, client_auth: ClientAuth, token: str, hint: str
-) -> Generator[HttpRequest, HttpResponse, bool]:
-    """One RFC 7009 §2.1 revocation request; True when revoked, False for an access token the
-    AS cannot revoke (``unsupported_token_type``, §2.2.1). Raises :class:`RevocationError`.
-
-    No DPoP proof: RFC 7009 and RFC 9449 define none for this endpoint; the client
-    authenticates as at the token endpoint.
-    """
-    form = Form(
-        pairs=[("token", token), ("token_type_hint", hint)],
-        headers=[
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Accept", "application/json"),
-        ],
-        secrets=[token],
-    )
-    client_auth.prepare(client_id)(form)
-    request = HttpRequest("POST", url, tuple(form.headers), urlencode(form.pairs).encode("ascii"))
-    response = yield request
-    if response.status == 200:  # §2.2: also for tokens the AS does not know
-        return True
-    try:
-        parsed = error_body(response)
-    except DPoPError:
-        parsed = None
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    if response.status == 400 and error == "unsupported_token_type" and hint == "access_token":
-        return False
-    detail = (
-        f", error={_shown(redact(error, form.secrets) or '')!r}" if isinstance(error, str) else ""
-    )
-    raise RevocationError(
-        f"the revocation endpoint refused to revoke the {hint.replace('_', ' ')} "
-        f"(HTTP {response.status}{detail}); the profile is kept"
-    )
 
 
 def client_auth_from_profile(

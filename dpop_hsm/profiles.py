@@ -12,11 +12,18 @@ only an absolute ``XDG_STATE_HOME`` counts), else ``~/.local/state/dpop-hsm``.
 How, and why:
 
 * The directory is ``0700`` and each file ``0600`` *from creation* (``os.open`` with the mode,
-  no ``chmod`` afterwards, so there is no moment when another user could open it). A directory
-  or file that other users can reach, or that is not ours, is refused, like ssh refuses keys.
+  no ``chmod`` afterwards, so there is no moment when another user could open it), whatever the
+  umask; missing parent directories are created ``0700`` too (XDG Base Directory).
+* A directory or file that other users can reach, or that is not ours, is refused, not
+  repaired, like ssh refuses a private key others can read: what others could read may have
+  been read, and the message says how to fix the mode. A profile that is a symbolic link is
+  refused (``O_NOFOLLOW``).
+* The directory is opened and checked once per operation and every file is opened relative to
+  that descriptor, so the directory cannot be swapped between the check and the write.
 * Writes are atomic: a temporary file in the same directory, ``fsync``, ``rename`` over the
   old file, ``fsync`` of the directory. A crash leaves the old profile or the new one, never a
-  torn file; readers need no lock.
+  torn file; readers need no lock. The temporary file a crash leaves behind (it holds a
+  refresh token) is removed by the profile's next writer, or by its deletion.
 * Writers lock the profile with ``fcntl.flock`` on a sibling ``.lock`` file: a rotated refresh
   token kills the old one (RFC 9700 §4.14.2), so two processes refreshing with the same old token
   would lose the grant. Hold :meth:`ProfileStore.locked` around load → refresh → save.
@@ -68,6 +75,7 @@ DEFAULT_PROFILE = "default"
 MAX_PROFILE_SIZE = 1024 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _JKT = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256 digest (RFC 7638 §3)
+_TEMP = re.compile(r"[0-9a-f]{16}\.tmp")  # what _write appends to ".NAME."
 _AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post", "private_key_jwt")
 _LOCK_POLL = 0.05
 
@@ -267,30 +275,47 @@ def _validate(p: Profile) -> None:
 
 
 class LockedProfile:
-    """A profile while its lock is held: load, save and delete without another writer."""
+    """A profile while its lock is held: load, save and delete without another writer.
 
-    def __init__(self, store: ProfileStore, name: str) -> None:
+    Everything goes through the directory descriptor the lock was taken in, so a state
+    directory swapped (renamed, re-linked) while the lock is held changes nothing: the lock,
+    the reads and the writes all stay in the directory that was checked.
+    """
+
+    def __init__(self, store: ProfileStore, name: str, dir_fd: int) -> None:
         self._store = store
+        self._dir_fd = dir_fd
         self.name = name
 
     def load(self) -> Profile | None:
         """The stored profile, or None when there is none yet."""
         try:
-            return self._store.load(self.name)
+            return self._store._load_at(self._dir_fd, self.name)
         except ProfileNotFoundError:
             return None
 
     def save(self, profile: Profile) -> None:
         if profile.name != self.name:
             raise ProfileError("saving a profile under another profile's lock")
-        self._store._write(profile)
+        self._store._write(self._dir_fd, profile)
 
     def delete(self) -> bool:
-        return self._store._unlink(self.name)
+        return self._store._unlink(self._dir_fd, self.name)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ProfileStore:
-    """The profiles of one state directory (default: :func:`default_state_dir`)."""
+    """The profiles of one state directory (default: :func:`default_state_dir`).
+
+    Each operation opens the directory once, checks *that descriptor* (``fstat``: a directory
+    of ours, mode ``0700`` or stricter) and does everything else relative to it (``dir_fd``):
+    there is no gap between the check and the use in which another user could swap the
+    directory for one of theirs. A symbolic link to a directory of ours is followed (dotfile
+    setups link ``~/.local/state``); one to anybody else's directory is refused by the check.
+    """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_state_dir()
@@ -303,35 +328,68 @@ class ProfileStore:
     def path_for(self, name: str) -> Path:
         return self.directory / f"{validate_profile_name(name)}.json"
 
-    def _check_dir(self) -> None:
+    def _where(self) -> str:
+        return repr(str(self.directory))
+
+    def _open_dir(self) -> int:
+        """A descriptor of the checked state directory; FileNotFoundError when there is none."""
         try:
-            st = os.stat(self.directory)
+            fd = os.open(self.directory, _DIR_FLAGS)
         except FileNotFoundError:
             raise
+        except NotADirectoryError:
+            raise ProfileError(f"the state directory {self._where()} is not a directory") from None
         except OSError as e:
             raise ProfileError(
-                f"cannot use the state directory {str(self.directory)!r}: {e.strerror}"
+                f"cannot use the state directory {self._where()}: {e.strerror}"
             ) from e
-        if not stat.S_ISDIR(st.st_mode):
-            raise ProfileError(f"{str(self.directory)!r} is not a directory")
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise ProfilePermissionError(
-                f"the state directory {str(self.directory)!r} is accessible to other users or "
-                f"not yours (mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it"
-            )
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise ProfilePermissionError(
+                    f"the state directory {self._where()} is accessible to other users or "
+                    f"not yours (mode {stat.S_IMODE(st.st_mode):o}); it holds refresh tokens: "
+                    "chmod 700 it if it is yours"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _make_dirs(self) -> None:
+        """Create the state directory and its missing parents, each ``0700``.
+
+        XDG Base Directory: a missing base directory is created 0700. ``mkdir -p`` would give
+        the parents the umask's mode — under ``umask 000`` a world-writable
+        ``~/.local/state``, in which another user could swap our directory for theirs.
+        """
+        missing = []
+        path = self.directory
+        while not os.path.lexists(path) and path != path.parent:
+            missing.append(path)
+            path = path.parent
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                pass  # created meanwhile, or a dangling symlink: the check decides
+            except OSError as e:
+                raise ProfileError(
+                    f"cannot create the state directory {self._where()}: {e.strerror}"
+                ) from e
+
+    def _open_dir_creating(self) -> int:
+        self._make_dirs()
+        try:
+            return self._open_dir()
+        except FileNotFoundError:  # a symbolic link to nowhere
+            raise ProfileError(
+                f"the state directory {self._where()} is a symbolic link to nothing"
+            ) from None
 
     def ensure_dir(self) -> Path:
-        """Create the state directory 0700 (parents with the default mode) and check it."""
-        try:
-            self.directory.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(self.directory, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise ProfileError(
-                f"cannot create the state directory {str(self.directory)!r}: {e.strerror}"
-            ) from e
-        self._check_dir()
+        """Create the state directory 0700 (missing parents 0700 too) and check it."""
+        os.close(self._open_dir_creating())
         return self.directory
 
     # --- reading -------------------------------------------------------------------------------
@@ -339,13 +397,22 @@ class ProfileStore:
     def load(self, name: str) -> Profile:
         """The profile ``name``. Raises :class:`ProfileNotFoundError`,
         :class:`ProfilePermissionError` or :class:`ProfileCorruptError`."""
-        path = self.path_for(name)
+        validate_profile_name(name)
         try:
-            self._check_dir()
+            dir_fd = self._open_dir()
         except FileNotFoundError:
             raise ProfileNotFoundError(f"no profile {name!r}: log in first") from None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return self._load_at(dir_fd, name)
+        finally:
+            os.close(dir_fd)
+
+    def _load_at(self, dir_fd: int, name: str) -> Profile:
+        try:
+            # O_NONBLOCK: a FIFO in the profile's place is refused below instead of blocking
+            # the open until somebody writes to it (no effect on a regular file).
+            flags = os.O_RDONLY | os.O_NONBLOCK | _FILE_FLAGS
+            fd = os.open(f"{name}.json", flags, dir_fd=dir_fd)
         except FileNotFoundError:
             raise ProfileNotFoundError(f"no profile {name!r}: log in first") from None
         except OSError as e:
@@ -357,9 +424,12 @@ class ProfileStore:
             if not stat.S_ISREG(st.st_mode):
                 raise ProfileCorruptError(f"profile {name!r} is not a regular file")
             if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                # Like ssh with a private key: refused, not repaired — a file others could
+                # read may already have been read; the user decides (chmod 600, or log in).
                 raise ProfilePermissionError(
                     f"profile {name!r} is accessible to other users or not yours "
-                    f"(mode {stat.S_IMODE(st.st_mode):o}); it may hold a refresh token"
+                    f"(mode {stat.S_IMODE(st.st_mode):o}); it may hold a refresh token: "
+                    f"chmod 600 {str(self.path_for(name))!r} if it is yours, or log in again"
                 )
             if st.st_size > MAX_PROFILE_SIZE:
                 raise ProfileCorruptError(f"profile {name!r} is larger than {MAX_PROFILE_SIZE}")
@@ -374,10 +444,13 @@ class ProfileStore:
     def names(self) -> list[str]:
         """Profile names present, sorted (files that are not profiles are ignored)."""
         try:
-            self._check_dir()
-            entries = os.listdir(self.directory)
+            dir_fd = self._open_dir()
         except FileNotFoundError:
             return []
+        try:
+            entries = os.listdir(dir_fd)
+        finally:
+            os.close(dir_fd)
         return sorted(e[:-5] for e in entries if e.endswith(".json") and _NAME.fullmatch(e[:-5]))
 
     # --- writing -------------------------------------------------------------------------------
@@ -389,31 +462,34 @@ class ProfileStore:
         Raises :class:`ProfileLockedError` when another process holds it beyond ``timeout``.
         """
         validate_profile_name(name)
-        self.ensure_dir()
-        lock_path = self.directory / f"{name}.lock"
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        dir_fd = self._open_dir_creating()
         try:
-            fd = os.open(lock_path, flags, 0o600)
-        except OSError as e:
-            raise ProfileError(f"cannot open the lock of profile {name!r}: {e.strerror}") from e
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise ProfileLockedError(
-                            f"profile {name!r} is locked by another process (waited {timeout:g} s)"
-                        ) from None
-                    time.sleep(_LOCK_POLL)
+            flags = os.O_RDWR | os.O_CREAT | _FILE_FLAGS
             try:
-                yield LockedProfile(self, name)
+                fd = os.open(f"{name}.lock", flags, 0o600, dir_fd=dir_fd)
+            except OSError as e:
+                raise ProfileError(f"cannot open the lock of profile {name!r}: {e.strerror}") from e
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise ProfileLockedError(
+                                f"profile {name!r} is locked by another process "
+                                f"(waited {timeout:g} s)"
+                            ) from None
+                        time.sleep(_LOCK_POLL)
+                try:
+                    yield LockedProfile(self, name, dir_fd)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(dir_fd)
 
     def save(self, profile: Profile) -> None:
         """Write ``profile`` atomically under its lock."""
@@ -425,17 +501,30 @@ class ProfileStore:
         with self.locked(name) as handle:
             return handle.delete()
 
-    def _write(self, profile: Profile) -> None:
-        directory = self.ensure_dir()
-        final = self.path_for(profile.name)
+    def _remove_stale_temporaries(self, dir_fd: int, name: str) -> None:
+        # A crash between creating a temporary file and renaming it leaves the file behind,
+        # with a refresh token in it. Only the holder of name's lock writes ".name.*.tmp", and
+        # the caller holds it: whatever is there is a dead writer's, and goes.
+        prefix = f".{name}."
+        for entry in os.listdir(dir_fd):
+            if entry.startswith(prefix) and _TEMP.fullmatch(entry[len(prefix) :]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry, dir_fd=dir_fd)
+
+    def _write(self, dir_fd: int, profile: Profile) -> None:
+        name = profile.name
         data = profile.to_json()
-        tmp = directory / f".{profile.name}.{secrets.token_hex(8)}.tmp"
-        # Created 0600 in one step (O_EXCL: never someone else's file, never a symlink).
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o600)
+            self._remove_stale_temporaries(dir_fd, name)
         except OSError as e:
-            raise ProfileError(f"cannot write profile {profile.name!r}: {e.strerror}") from e
+            raise ProfileError(f"cannot write profile {name!r}: {e.strerror}") from e
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        # Created 0600 in one step (O_EXCL: never someone else's file, never a symlink).
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        except OSError as e:
+            raise ProfileError(f"cannot write profile {name!r}: {e.strerror}") from e
         try:
             try:
                 view = memoryview(data)
@@ -445,29 +534,22 @@ class ProfileStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+            os.replace(tmp, f"{name}.json", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as e:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise ProfileError(f"cannot write profile {profile.name!r}: {e.strerror}") from e
-        self._sync_dir()
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise ProfileError(f"cannot write profile {name!r}: {e.strerror}") from e
+        os.fsync(dir_fd)  # the rename is durable only once the directory entry is on disk
 
-    def _sync_dir(self) -> None:
-        # The rename is durable only once the directory entry is on disk.
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _unlink(self, name: str) -> bool:
+    def _unlink(self, dir_fd: int, name: str) -> bool:
         # The .lock file is left in place: unlinking it while another process waits on it
         # would let a third process lock a new file and run beside the waiter.
         try:
-            os.unlink(self.path_for(name))
+            self._remove_stale_temporaries(dir_fd, name)
+            os.unlink(f"{name}.json", dir_fd=dir_fd)
         except FileNotFoundError:
             return False
         except OSError as e:
             raise ProfileError(f"cannot delete profile {name!r}: {e.strerror}") from e
-        self._sync_dir()
+        os.fsync(dir_fd)
         return True

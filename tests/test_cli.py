@@ -8,6 +8,8 @@ exit code, the one-line message, and that no secret reached stdout or stderr.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 
 from dpop_hsm.cli import EXIT_CODES
-from tests.support.cli import SECRET, request_args, run_cli
+from tests.support.cli import SECRET, json_error, request_args, run_cli
 
 
 def assert_no_secret(result: Any, *secrets: str) -> None:
@@ -220,6 +222,82 @@ def test_client_secret_is_not_an_option() -> None:
     result = run_cli("token", "--help")
     assert "--client-secret-source" in result.stdout
     assert "--client-secret " not in result.stdout and "--pin " not in result.stdout
+
+
+_SECRET_WORDS = re.compile(r"pin|secret|passw|refresh|access-token|credential|auth-value")
+
+
+def test_no_option_of_any_command_takes_a_secret_value() -> None:
+    # Arguments are visible to every local user (ps): an option named after a secret either
+    # names where the secret comes from (-source, -file) or takes no value at all.
+    import argparse
+
+    from dpop_hsm.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, str, Any]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += walk(sub, f"{path} {name}")
+            for flag in action.option_strings:
+                found.append((path, flag, action))
+        return found
+
+    options = walk(build_parser(), "dpop-hsm")
+    assert len(options) > 50
+    offending = [
+        f"{path} {flag}"
+        for path, flag, action in options
+        if _SECRET_WORDS.search(flag)
+        and action.nargs != 0
+        and not flag.endswith(("-source", "-file"))
+    ]
+    assert offending == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["jwk", "--key", "{uri}"],
+        ["keygen", "--key", "{uri}"],
+        ["token", "--key", "k.pem", "--assertion-key", "{uri}", "--token-endpoint", "x"],
+        ["serve", "--jwt-client-key", "{uri}"],
+        ["login", "--issuer", "https://as.example", "--client-id", "c", "--key", "{uri}"],
+        ["demo", "--key", "{uri}"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_a_pin_value_on_the_command_line_is_refused(args: list[str]) -> None:
+    pin = "271828-on-argv"
+    uri = f"pkcs11:token=t;object=k?module-name=libsofthsm2.so&pin-value={pin}"
+    result = run_cli(*[a.replace("{uri}", uri) for a in args], "--json", timeout=30)
+    assert result.returncode == EXIT_CODES["usage"], result.stderr
+    error = json_error(result)
+    assert error["code"] == "usage" and "pin-value" in error["message"]
+    flag = next(a for a in args if a.startswith("--") and "{uri}" in args[args.index(a) + 1])
+    assert flag in error["message"] and "--pin-source" in error["message"]
+    assert_no_secret(result, pin)
+
+
+def test_a_malformed_header_is_not_echoed(pem_key: str) -> None:
+    secret = "hunter2-api-key-0815"
+    for header in (f"X-Api-Key {secret}", secret):
+        result = run_cli("request", "--key", pem_key, "-H", header, "http://127.0.0.1:1/")
+        assert result.returncode == EXIT_CODES["configuration"], result.stderr
+        assert "'Name: value'" in result.stderr
+        assert_no_secret(result, secret)
+
+
+@pytest.mark.softhsm
+def test_a_pin_value_in_the_environment_is_no_argv_problem(softhsm: Any) -> None:
+    # $DPOP_HSM_KEY is readable by this user only: the PIN works there, with the warning.
+    key = softhsm.uri("dpop", object=f"cli-env-pin-value-{os.urandom(4).hex()}")
+    assert run_cli("keygen", "--key", key, env={"DPOP_HSM_PIN": softhsm.pin}).returncode == 0
+    result = run_cli("jwk", "--json", env={"DPOP_HSM_KEY": f"{key}&pin-value={softhsm.pin}"})
+    assert result.returncode == 0, result.stderr
+    assert "pin-value" in result.stderr  # the backend's warning
+    assert_no_secret(result, softhsm.pin)
 
 
 def test_demo_with_software_key_masks_every_secret() -> None:

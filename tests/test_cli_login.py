@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dpop_hsm.cli import EXIT_CODES
-from tests.support.cli import json_error, run_cli
+from tests.support.cli import json_error, one_json, run_cli
 
 
 @pytest.fixture
@@ -38,12 +38,35 @@ def test_hostile_profile_names(pem_key: str, state: dict[str, str], name: str) -
     assert not Path(state["DPOP_HSM_STATE_DIR"]).exists()
 
 
+def test_an_open_state_directory_is_refused_before_the_login(
+    pem_key: str, state: dict[str, str]
+) -> None:
+    # Refused before the issuer is contacted (nothing listens there: that would be a
+    # transport_error), so nobody logs in for tokens that could not be stored.
+    directory = Path(state["DPOP_HSM_STATE_DIR"])
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    result = run_cli(*login(pem_key), env=state)
+    assert result.returncode == EXIT_CODES["configuration"]
+    assert json_error(result)["code"] == "profile_insecure_permissions"
+    assert os.listdir(directory) == []
+
+
 def test_key_with_a_pin_is_refused_before_anything(state: dict[str, str]) -> None:
+    # On the command line a pin-value is refused for every command (ps shows it); from the
+    # environment, login still refuses to store it in a profile.
     key = "pkcs11:token=t;object=k?module-name=libsofthsm2.so&pin-value=271828"
     result = run_cli(*login(key), env=state)
+    assert result.returncode == EXIT_CODES["usage"]
+    error = json_error(result)
+    assert error["code"] == "usage" and "271828" not in result.stdout + result.stderr
+    args = login(key)
+    del args[args.index("--key") : args.index("--key") + 2]
+    result = run_cli(*args, env={**state, "DPOP_HSM_KEY": key})
     assert result.returncode == EXIT_CODES["configuration"]
     error = json_error(result)
     assert error["code"] == "profile_error" and "271828" not in result.stdout + result.stderr
+    assert not Path(state["DPOP_HSM_STATE_DIR"]).exists()
 
 
 @pytest.mark.parametrize(
@@ -112,6 +135,52 @@ def test_corrupt_and_exposed_profiles(state: dict[str, str]) -> None:
     os.chmod(path, 0o644)
     result = run_cli("token", "--profile", "dev", "--json", env=state)
     assert json_error(result)["code"] == "profile_insecure_permissions"
+
+
+def stored_login(state: dict[str, str], key: str, revocation_endpoint: str) -> Path:
+    """A profile as login leaves it, for an AS that is gone (nothing listens on its port)."""
+    from dpop_hsm import SoftwareSigner
+    from dpop_hsm.discovery import ServerMetadata
+    from dpop_hsm.profiles import Profile, ProfileStore
+
+    issuer = revocation_endpoint.rsplit("/", 1)[0]
+    metadata = ServerMetadata.from_endpoints(
+        issuer, token_endpoint=issuer + "/token", revocation_endpoint=revocation_endpoint
+    )
+    store = ProfileStore(state["DPOP_HSM_STATE_DIR"])
+    store.save(
+        Profile(
+            name="dev",
+            issuer=issuer,
+            metadata=metadata.to_document(),
+            client_id="cli",
+            auth_method="none",
+            key=key,
+            jkt=SoftwareSigner.from_file(key).thumbprint,
+            refresh_token="rt-kept-0815",
+            created_at=1.0,
+            updated_at=1.0,
+        )
+    )
+    return store.path_for("dev")
+
+
+def test_failed_revocation_keeps_the_profile_and_local_logout_deletes_it(
+    pem_key: str, state: dict[str, str]
+) -> None:
+    path = stored_login(state, pem_key, f"http://127.0.0.1:{closed_port()}/revoke")
+    result = run_cli("logout", "--profile", "dev", "--timeout", "2", "--json", env=state)
+    assert result.returncode == EXIT_CODES["server"]
+    assert json_error(result)["code"] == "transport_error"
+    # Kept on purpose (a retry can still revoke it), and the way out is named.
+    assert path.exists() and "logout --local --profile dev" in result.stderr
+    os.unlink(pem_key)  # the key is lost too: --local needs neither key nor network
+    result = run_cli("logout", "--profile", "dev", "--local", "--json", env=state)
+    assert result.returncode == 0, result.stderr
+    assert one_json(result)["revoked_refresh_token"] is False
+    assert not path.exists() and "rt-kept-0815" not in result.stdout + result.stderr
+    result = run_cli("logout", "--profile", "dev", "--local", "--json", env=state)
+    assert json_error(result)["code"] == "profile_not_found"
 
 
 def test_help_lists_the_login_options() -> None:

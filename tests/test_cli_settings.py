@@ -4,6 +4,7 @@ file, and every ``DPOP_HSM_*`` variable the code reads documented in the README.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def namespace(**given: Any) -> argparse.Namespace:
 def write_config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(text, encoding="utf-8")
+    os.chmod(path, 0o644)  # whatever the test runner's umask: readable by all, writable by us
     return path
 
 
@@ -157,6 +159,47 @@ def test_named_files_and_profiles_must_exist(tmp_path: Path) -> None:
     (tmp_path / "bin.toml").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigFileError, match="not UTF-8"):
         resolve_settings(namespace(config=str(tmp_path / "bin.toml")), CLIENT_SETTINGS, {})
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o646, 0o664, 0o620])
+def test_config_writable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    # Like ssh with ~/.ssh/config: whoever can write the file chooses the key reference (and
+    # with it a module-path to load) and the token endpoint (which receives the secret).
+    path = write_config(tmp_path, CONFIG)
+    os.chmod(path, mode)
+    with pytest.raises(ConfigFileError) as caught:
+        resolve_settings(namespace(config=str(path), config_profile="ci"), CLIENT_SETTINGS, {})
+    assert "writable by other users" in caught.value.message
+    assert "chmod go-w" in caught.value.message and str(path) in caught.value.message
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o444])
+def test_config_readable_by_others_is_fine(tmp_path: Path, mode: int) -> None:
+    path = write_config(tmp_path, CONFIG)
+    os.chmod(path, mode)
+    args = namespace(config=str(path), config_profile="ci")
+    resolve_settings(args, CLIENT_SETTINGS, {})
+    assert args.client_id == "ci-client"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_config_of_another_user_is_refused(tmp_path: Path) -> None:
+    path = write_config(tmp_path, CONFIG)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigFileError, match="not yours"):
+        resolve_settings(namespace(config=str(path), config_profile="ci"), CLIENT_SETTINGS, {})
+
+
+def test_cli_refuses_a_shared_config_before_using_its_key(tmp_path: Path) -> None:
+    module = tmp_path / "their-module.so"
+    path = write_config(
+        tmp_path, f'[profiles.default]\nkey = "pkcs11:token=t;object=k?module-path={module}"\n'
+    )
+    os.chmod(path, 0o666)
+    result = run_cli("jwk", "--json", env={"DPOP_HSM_CONFIG": str(path)})
+    assert result.returncode == EXIT_CODES["configuration"]
+    error = json_error(result)
+    assert error["code"] == "invalid_config" and "writable by other users" in error["message"]
 
 
 # --- end to end: a CI job that sets the environment, a developer with a profile --------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -27,7 +28,7 @@ from dpop_hsm.testing import (
     ClientRegistration,
     LocalDPoPServers,
 )
-from tests.support.cli import json_error, one_json, run_cli
+from tests.support.cli import CLI, cli_env, json_error, one_json, run_cli
 from tests.support.login import claims, run_cli_login
 
 SECRET = "conf-secret-7d1e"  # a fixture value the local AS registers, not a credential
@@ -169,6 +170,64 @@ def test_login_request_refresh_logout(
     assert json_error(result)["code"] == "profile_not_found"
 
 
+def test_verbose_session_logs_and_json_hold_no_token(
+    servers: LocalDPoPServers, pem_key: str, state: Path
+) -> None:
+    # -v is the masked session log people paste into bug reports: login (code, verifier,
+    # tokens), refresh (old and new refresh token, proof) and logout (the revoked token).
+    env = {"DPOP_HSM_STATE_DIR": str(state)}
+    done = run_cli_login(login_args(servers, pem_key, "-v"), env=env, servers=servers)
+    assert done.returncode == 0, done.stderr
+    profiles = ProfileStore(state)
+    first = profiles.load("dev")
+    profiles.save(replace(first, expires_at=time.time() - 1))
+    refresh = run_cli("request", "--profile", "dev", "-v", "--json", servers.api_url, env=env)
+    assert refresh.returncode == 0, refresh.stderr
+    second = profiles.load("dev")
+    assert second.refresh_token != first.refresh_token
+    logout = run_cli("logout", "--profile", "dev", "-v", "--json", env=env)
+    assert logout.returncode == 0, logout.stderr
+    assert "code=****" in done.stderr and "code_verifier=****" in done.stderr
+    assert "refresh_token=****" in refresh.stderr and "DPoP: ****" in refresh.stderr
+    assert "token=****" in logout.stderr
+    tokens = [first.refresh_token, first.access_token, second.refresh_token, second.access_token]
+    assert all(tokens)
+    for result in (done, refresh, logout):
+        for token in tokens:
+            assert token is not None and token not in result.stdout + result.stderr
+
+
+def test_concurrent_requests_share_one_refresh(
+    servers: LocalDPoPServers, pem_key: str, state: Path
+) -> None:
+    # Four `request --profile` at once with an expired access token: the profile lock lets one
+    # refresh; the others wait and take its rotated refresh token and fresh access token. The
+    # local AS treats a reused refresh token as theft (RFC 9700 §4.14.2) and revokes the grant:
+    # a lost rotation would make every later refresh fail.
+    env = {"DPOP_HSM_STATE_DIR": str(state)}
+    assert run_cli_login(login_args(servers, pem_key), env=env, servers=servers).returncode == 0
+    profiles = ProfileStore(state)
+    profiles.save(replace(profiles.load("dev"), expires_at=time.time() - 1))
+    procs = [
+        subprocess.Popen(
+            [*CLI, "request", "--profile", "dev", "--json", servers.api_url],
+            env=cli_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, outputs
+    assert servers.counters.tokens_refresh_token == 1
+    profiles.save(replace(profiles.load("dev"), expires_at=time.time() - 1))
+    again = run_cli("request", "--profile", "dev", "--json", servers.api_url, env=env)
+    assert again.returncode == 0, again.stderr  # the stored refresh token is the live one
+    assert servers.counters.tokens_refresh_token == 2
+
+
 def test_without_par_and_text_output(servers: LocalDPoPServers, pem_key: str, state: Path) -> None:
     env = {"DPOP_HSM_STATE_DIR": str(state)}
     args = [a for a in login_args(servers, pem_key, "--no-par") if a != "--json"]
@@ -216,6 +275,34 @@ def test_confidential_client(servers: LocalDPoPServers, pem_key: str, state: Pat
         env={"DPOP_HSM_STATE_DIR": str(state)},
     )
     assert result.returncode == EXIT_CODES["configuration"]
+
+
+def test_a_profile_keeps_its_own_client_secret_and_key(
+    servers: LocalDPoPServers, pem_key: str, state: Path, tmp_path: Path
+) -> None:
+    # A CI environment (or config file) set up for another client must not leak into a stored
+    # login: its client secret would go to this profile's AS, its key would replace the
+    # profile's. Only flags override a profile's own settings.
+    env = {"DPOP_HSM_STATE_DIR": str(state), "MY_CLIENT_SECRET": SECRET}
+    args = login_args(servers, pem_key, "--client-secret-source", "env:MY_CLIENT_SECRET")
+    args[args.index(DEFAULT_PUBLIC_CLIENT_ID)] = "conf-basic"
+    assert run_cli_login(args, env=env, servers=servers).returncode == 0
+    other_key = str(tmp_path / "ci.pem")
+    assert run_cli("keygen", "--key", other_key).returncode == 0
+    ci = {
+        "DPOP_HSM_CLIENT_SECRET_SOURCE": "env:CI_SECRET",
+        "CI_SECRET": "secret-of-another-client-4711",
+        "DPOP_HSM_TOKEN_ENDPOINT": "http://127.0.0.1:1/another-as",
+    }
+    profiles = ProfileStore(state)
+    profiles.save(replace(profiles.load("dev"), expires_at=time.time() - 1))
+    result = run_cli("request", "--profile", "dev", servers.api_url, "--json", env={**env, **ci})
+    assert result.returncode == 0, result.stderr  # refreshed with the profile's own secret
+    assert servers.counters.tokens_refresh_token == 1
+    ci["DPOP_HSM_KEY"] = other_key
+    result = run_cli("token", "--profile", "dev", "--json", env={**env, **ci})
+    assert result.returncode == 0, result.stderr
+    assert one_json(result)["jkt"] == thumbprint(pem_key, {})
 
 
 def test_profile_copied_to_another_key_cannot_refresh(

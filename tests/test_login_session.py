@@ -320,6 +320,34 @@ def test_another_process_refreshed_meanwhile(signer: SoftwareSigner, store: Prof
     assert server.sent == [] and token.access_token == "at-9" and client.refresh_token == "rt-9"
 
 
+def test_another_process_refreshed_while_we_waited_for_the_lock(
+    signer: SoftwareSigner, store: ProfileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    store.save(stored(signer))
+    client = load_profile("dev", signer, store=store)
+    waiting = threading.Event()
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        waiting.set()  # the client polls for the profile lock: it is past its first look
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)  # the module profiles.py polls the lock with
+    server = Server()
+    got: list[str] = []
+    with store.locked("dev") as handle:
+        thread = threading.Thread(target=lambda: got.append(client.get_token(server).access_token))
+        thread.start()
+        assert waiting.wait(10)
+        # Meanwhile the other process refreshes: rotated refresh token, fresh access token.
+        rotated = stored(signer, refresh_token="rt-9", access_token="at-9")
+        handle.save(replace(rotated, expires_at=time.time() + 900, updated_at=time.time()))
+    thread.join(10)
+    assert got == ["at-9"] and server.sent == [] and client.refresh_token == "rt-9"
+
+
 def test_another_process_rotated_but_token_expired(
     signer: SoftwareSigner, store: ProfileStore
 ) -> None:
@@ -463,6 +491,65 @@ def test_failed_logout_keeps_the_profile(signer: SoftwareSigner, store: ProfileS
     with pytest.raises(RevocationError):
         load_profile("dev", signer, store=store).logout(Server(HttpResponse(503, ())))
     assert store.names() == ["dev"]
+
+
+OTHER_ISSUER = "https://other-as.example.net"
+
+
+def another_login(signer: SoftwareSigner, **changes: Any) -> Profile:
+    """What `login --profile dev` with the same key against another AS leaves in the file."""
+    metadata = ServerMetadata.from_endpoints(
+        OTHER_ISSUER, token_endpoint=OTHER_ISSUER + "/token"
+    ).to_document()
+    return stored(
+        signer, issuer=OTHER_ISSUER, metadata=metadata, refresh_token="rt-other", **changes
+    )
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh-access-token", "expired"])
+def test_profile_replaced_by_another_login_is_neither_used_nor_touched(
+    signer: SoftwareSigner, store: ProfileStore, fresh: bool
+) -> None:
+    store.save(stored(signer))
+    client = load_profile("dev", signer, store=store)
+    theirs = another_login(
+        signer,
+        access_token="at-other",
+        expires_at=time.time() + (900 if fresh else -1),
+        updated_at=time.time(),
+    )
+    store.save(theirs)
+    server = Server()
+    with pytest.raises(ProfileError, match="another login"):
+        client.get_token(server)
+    # Their refresh token never went to our AS, their access token is not ours to use, and
+    # their login is intact (an invalid_grant from our AS would have wiped it).
+    assert server.sent == [] and client.refresh_token == "rt-1"
+    assert store.load("dev") == theirs
+
+
+def test_logout_revokes_the_refresh_token_another_process_rotated_in(
+    signer: SoftwareSigner, store: ProfileStore
+) -> None:
+    store.save(stored(signer))
+    client = load_profile("dev", signer, store=store)
+    store.save(stored(signer, refresh_token="rt-9"))  # another process refreshed meanwhile
+    server = Server(HttpResponse(200, ()))
+    assert client.logout(server).refresh_token_revoked
+    # RFC 7009 §2.2 answers 200 for the dead rt-1 too: revoking it would leave rt-9 alive.
+    assert [form(r)["token"] for r in server.sent] == ["rt-9"]
+    assert store.names() == []
+
+
+def test_logout_leaves_another_login_alone(signer: SoftwareSigner, store: ProfileStore) -> None:
+    store.save(stored(signer))
+    client = load_profile("dev", signer, store=store)
+    theirs = another_login(signer)
+    store.save(theirs)
+    server = Server(HttpResponse(200, ()))
+    client.logout(server)
+    assert [(r.url, form(r)["token"]) for r in server.sent] == [(REVOKE_URL, "rt-1")]
+    assert store.load("dev") == theirs
 
 
 def test_logout_without_revocation_endpoint(signer: SoftwareSigner, store: ProfileStore) -> None:

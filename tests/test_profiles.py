@@ -121,16 +121,19 @@ def test_writes_are_fsynced_and_renamed(
         synced.append(fd)
         real_fsync(fd)
 
-    def rename(src: Any, dst: Any) -> None:
+    def rename(src: Any, dst: Any, **dir_fds: int) -> None:
+        # Relative to the one checked directory descriptor, source and target alike.
+        assert set(dir_fds) == {"src_dir_fd", "dst_dir_fd"}
+        assert len(set(dir_fds.values())) == 1
         renamed.append((os.fspath(src), os.fspath(dst)))
-        real_replace(src, dst)
+        real_replace(src, dst, **dir_fds)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", rename)
     store.save(profile())
     assert len(synced) >= 2  # the file, then the directory
-    assert len(renamed) == 1 and renamed[0][1] == str(store.path_for("dev"))
-    assert Path(renamed[0][0]).parent == store.directory
+    assert len(renamed) == 1 and renamed[0][1] == store.path_for("dev").name
+    assert "/" not in renamed[0][0] and renamed[0][0].startswith(".dev.")
 
 
 def test_failed_write_keeps_the_old_profile(
@@ -138,7 +141,7 @@ def test_failed_write_keeps_the_old_profile(
 ) -> None:
     store.save(profile())
 
-    def broken(src: Any, dst: Any) -> None:
+    def broken(src: Any, dst: Any, **dir_fds: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken)

@@ -4,6 +4,8 @@ names the problem (never the secret) for every bad key."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -232,6 +234,50 @@ def test_missing_secret_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
         read_secret_source("file://remote.example/etc/pw", what="key password")
     with pytest.raises(SecretSourceError):
         read_secret_source("literal-secret", what="key password")
+
+
+# --- key files that are not plain files ----------------------------------------------------
+
+
+def test_endless_device_as_key_file_is_refused() -> None:
+    # stat() says 0 bytes for /dev/zero; read_bytes() then read until memory ran out.
+    with pytest.raises(KeyReferenceError, match="larger than 1 MiB"):
+        SoftwareSigner.from_file("/dev/zero")
+
+
+def test_directory_as_key_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeyReferenceError, match="is a directory"):
+        SoftwareSigner.from_file(tmp_path)
+
+
+def test_key_from_a_pipe(keys: dict[str, object]) -> None:
+    # --key /dev/fd/N: a key a secret manager pipes in, never written to disk.
+    pem = keys["ES256"].private_bytes(PEM, PKCS8, PLAIN)  # type: ignore[attr-defined]
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(write_end, "wb") as f:
+            f.write(pem)  # a few hundred bytes: fits in the pipe buffer
+        _works(SoftwareSigner.from_file(f"/dev/fd/{read_end}"), "ES256")
+    finally:
+        os.close(read_end)
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o400, False), (0o644, True)])
+def test_key_file_others_can_read_is_used_with_a_warning(
+    tmp_path: Path,
+    keys: dict[str, object],
+    caplog: pytest.LogCaptureFixture,
+    mode: int,
+    warned: bool,
+) -> None:
+    path = tmp_path / "key.pem"
+    path.write_bytes(keys["ES256"].private_bytes(PEM, PKCS8, PLAIN))  # type: ignore[attr-defined]
+    os.chmod(path, mode)
+    with caplog.at_level(logging.WARNING, logger="dpop_hsm"):
+        _works(SoftwareSigner.from_file(path), "ES256")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert bool(warnings) == warned
+    assert all("chmod 600" in w and str(path) in w for w in warnings)
 
 
 # --- typed errors for bad keys ---------------------------------------------------------------

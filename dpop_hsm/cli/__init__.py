@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -182,6 +183,33 @@ def _print_traceback() -> None:
     traceback.print_exc(file=sys.stderr)
 
 
+_PIN_VALUE = re.compile(r"(^|[;?&])pin-value=")
+
+
+def _refuse_pins_on_the_command_line(args: argparse.Namespace) -> None:
+    """Refuse a ``pkcs11:`` reference with ``pin-value`` given as an argument.
+
+    Arguments are visible to every local user (``ps``, ``/proc/PID/cmdline``) and kept in shell
+    history. Called on the parsed arguments before settings are filled in from the environment
+    and the config file, so only what was typed is checked; ``$DPOP_HSM_KEY`` (readable by this
+    user only) may still carry a ``pin-value``, with the backend's warning. The message names
+    the option, never the value.
+    """
+    for dest, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if (
+                isinstance(item, str)
+                and item[:7].lower() == "pkcs11:"
+                and _PIN_VALUE.search(item[7:].lower())
+            ):
+                flag = "--" + dest.replace("_", "-")
+                raise UsageError(
+                    f"{flag} carries a pin-value: a PIN on the command line is visible to other "
+                    "users (ps) and kept in shell history; put pin-source=env:NAME or "
+                    f"file:PATH in the URI, or use --pin-source or ${PIN_ENV}"
+                )
+
+
 def _wants_json(argv: Sequence[str]) -> bool:
     """``--json`` anywhere before ``--``: known before parsing, so parse errors obey it too."""
     for arg in argv:
@@ -212,7 +240,11 @@ def _run(parser: argparse.ArgumentParser, arguments: list[str], out: Output) -> 
         args = parser.parse_args(arguments)
         verbose = bool(args.verbose)
         restore = _configure_logging(verbose)
-        resolve_settings(args, getattr(args, "settings", None) or ())
+        _refuse_pins_on_the_command_line(args)
+        names = getattr(args, "settings", None) or ()
+        if getattr(args, "profile", None) and getattr(args, "profile_settings", None):
+            names = args.profile_settings  # see settings.PROFILE_SETTINGS
+        resolve_settings(args, names)
         code: int = args.func(args, out)
         return code
     except _HelpRequested as e:

@@ -223,11 +223,49 @@ def run_login(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _forget(args: argparse.Namespace, out: Output) -> int:
+    """``logout --local``: delete the profile; no key, no network, nothing revoked."""
+    from ..errors import ProfileNotFoundError
+    from ..profiles import ProfileStore, validate_profile_name
+
+    name = validate_profile_name(args.profile)
+    if not ProfileStore().delete(name):
+        raise ProfileNotFoundError(f"no profile {name!r}")
+    data = {
+        "profile": name,
+        "revoked_refresh_token": False,
+        "revoked_access_token": False,
+        "revocation_endpoint": None,
+    }
+    out.emit(
+        data,
+        f"profile {name}: deleted without revoking (its refresh token stays valid at the "
+        "authorization server until it expires; it is bound to the key)",
+    )
+    return 0
+
+
 def run_logout(args: argparse.Namespace, out: Output) -> int:
-    """``dpop-hsm logout``: revoke (RFC 7009) and delete the profile."""
+    """``dpop-hsm logout``: revoke (RFC 7009) and delete the profile.
+
+    When revocation fails the profile is kept, refresh token and all: deleting it would leave
+    the grant alive at the AS with nothing left here to revoke it with, and a later
+    ``logout`` can try again. ``--local`` deletes it anyway (a lost key, an AS gone for good).
+    """
+    from ..errors import ProtocolError
+
+    if args.local:
+        return _forget(args, out)
     session = profile_client(args)
     try:
         result = session.logout()
+    except ProtocolError:
+        sys.stderr.write(
+            f"dpop-hsm: profile {args.profile} is kept, its refresh token not revoked: run "
+            f"logout again later, or 'dpop-hsm logout --local --profile {args.profile}' to "
+            "delete it without revoking\n"
+        )
+        raise
     finally:
         session.close()
     if not result.revocation_endpoint:
@@ -335,4 +373,9 @@ def register(sub: Any) -> None:
     p.add_argument("--pin-source", metavar="SRC", help="PIN source for the profile's key")
     p.add_argument("--client-secret-source", metavar="SRC")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="only delete the profile: no key, no network, nothing revoked (a lost key)",
+    )
     p.set_defaults(func=run_logout)

@@ -21,7 +21,7 @@ from .common import (
     load_key,
     secret_from_options,
 )
-from .settings import CLIENT_SETTINGS, missing
+from .settings import CLIENT_SETTINGS, PROFILE_SETTINGS, missing
 
 if TYPE_CHECKING:
     from ..signers.base import Signer
@@ -127,7 +127,10 @@ def cmd_token(args: argparse.Namespace, out: Output) -> int:
 def _parse_header(raw: str) -> tuple[str, str]:
     name, sep, value = raw.partition(":")
     if not sep or not name.strip() or any(c in name for c in " \t\r\n"):
-        raise ConfigurationError(f"header must look like 'Name: value', got {raw[:60]!r}")
+        # Not echoed: a malformed header is often a credential (-H 'X-Api-Key abc…').
+        raise ConfigurationError(
+            f"a -H header ({len(raw)} characters) must look like 'Name: value'"
+        )
     if "\r" in value or "\n" in value:
         raise ConfigurationError(f"header {name!r} contains a line break")
     lower = name.strip().lower()
@@ -329,7 +332,7 @@ def register(sub: Any) -> None:
     add_client_options(p)
     p.add_argument("--show-token", action="store_true", help="print the access token itself")
     _add_profile_option(p)
-    p.set_defaults(func=cmd_token, settings=CLIENT_SETTINGS)
+    p.set_defaults(func=cmd_token, settings=CLIENT_SETTINGS, profile_settings=PROFILE_SETTINGS)
 
     p = sub.add_parser("request", help="a curl-like request with DPoP")
     add_key_options(p)
@@ -340,7 +343,7 @@ def register(sub: Any) -> None:
     p.add_argument("-i", "--include", action="store_true", help="print the response headers")
     p.add_argument("url")
     _add_profile_option(p)
-    p.set_defaults(func=cmd_request, settings=CLIENT_SETTINGS)
+    p.set_defaults(func=cmd_request, settings=CLIENT_SETTINGS, profile_settings=PROFILE_SETTINGS)
 
     p = sub.add_parser("serve", help="run the local authorization + resource server")
     p.add_argument("--as-port", type=int, default=0, metavar="P", help="default 0: any free port")

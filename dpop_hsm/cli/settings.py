@@ -17,6 +17,8 @@ A profile is chosen with ``--config-profile NAME`` (or ``$DPOP_HSM_CONFIG_PROFIL
 one, ``default`` applies when the file has it. The file holds no secret, only where secrets
 come from (``env:NAME`` / ``file:PATH``): a key that looks like a secret, a ``pin-value`` in a
 key reference, or any unknown key is an error that names the file and the key, never a value.
+A file that other users can write, or that belongs to another user (root aside), is refused
+like ssh refuses such a ``~/.ssh/config``: its key references may load code.
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ SETTINGS: dict[str, Setting] = {
     )
 }
 KEY_SETTINGS = ("key", "pin_source")
+# With --profile a stored login brings its own key, client, endpoint and secret source: the
+# environment and the config file (set up for another client, say in CI) must not replace them
+# — their client secret would go to the profile's AS. Flags still do.
+PROFILE_SETTINGS = ("pin_source", "timeout")
 CLIENT_SETTINGS = (
     *KEY_SETTINGS,
     "token_endpoint",
@@ -162,11 +168,30 @@ def config_path(explicit: str | None, environ: Mapping[str, str]) -> tuple[Path,
     return Path(base) / "dpop-hsm" / "config.toml", False
 
 
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """Refuse a config file other users may write, as ssh does for ``~/.ssh/config``.
+
+    It holds no secret, so reading is harmless, but it decides which code and which servers
+    dpop-hsm trusts: a key reference in it may load a PKCS#11 module (``module-path=``, allowed
+    because the user wrote it), and its token endpoint receives the client secret. Whoever can
+    write it can do both. Owner: this user or root; no group or world write bit.
+    """
+    import stat
+
+    if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+        raise ConfigFileError(
+            f"config file {str(path)!r} is writable by other users or not yours (mode "
+            f"{stat.S_IMODE(st.st_mode):o}): it chooses the code and servers dpop-hsm trusts; "
+            "chmod go-w it if it is yours"
+        )
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     import tomllib
 
     try:
         with path.open("rb") as f:
+            _check_owner(path, os.fstat(f.fileno()))
             raw = f.read(_MAX_CONFIG + 1)
     except OSError as e:
         raise ConfigFileError(f"cannot read config file {str(path)!r}: {e.strerror}") from e

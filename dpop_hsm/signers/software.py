@@ -7,7 +7,9 @@ against; everything else in the stack is identical whichever signer is used.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -30,6 +32,7 @@ __all__ = ["SoftwareSigner", "generate_file_reference", "load_file_reference", "
 
 
 _MAX_KEY_FILE = 1 << 20
+log = logging.getLogger("dpop_hsm.signers")
 
 # The one JWK writer (dpop_hsm.jwk), under the name this module has always exported.
 public_jwk_of = jwk_from_public_key
@@ -142,12 +145,7 @@ class SoftwareSigner:
     ) -> SoftwareSigner:
         """Load PEM (PKCS#8, SEC1, PKCS#1; encrypted with ``password``), DER or a JWK file."""
         p = Path(path)
-        try:
-            if p.stat().st_size > _MAX_KEY_FILE:
-                raise KeyReferenceError(f"key file {str(p)!r} is larger than 1 MiB")
-            data = p.read_bytes()
-        except OSError as e:
-            raise KeyReferenceError(f"cannot read key file {str(p)!r}: {e.strerror}") from e
+        data = _read_key_file(p)
         return cls.from_bytes(data, password=password, alg=alg, name=str(p))
 
     @classmethod
@@ -231,6 +229,40 @@ class SoftwareSigner:
         return self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
         )
+
+
+def _read_key_file(path: Path) -> bytes:
+    """At most 1 MiB of one opened file: ``st_size`` says nothing for a device or a pipe
+    (``/dev/zero`` reports 0 and never ends), so the read itself is bounded.
+
+    A key file other users can reach is used, with a warning: ssh refuses such a private key,
+    but secret volumes (Kubernetes mounts them 0644 by default) make a refusal here break
+    working deployments, while the warning still reaches the person who can ``chmod 600``.
+    """
+    shown = repr(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KeyReferenceError(f"cannot read key file {shown}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise KeyReferenceError(f"key file {shown} is a directory")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(_MAX_KEY_FILE + 1)
+    except OSError as e:
+        raise KeyReferenceError(f"cannot read key file {shown}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_KEY_FILE:
+        raise KeyReferenceError(f"key file {shown} is larger than 1 MiB")
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+        log.warning(
+            "key file %s is accessible to other users (mode %o): chmod 600 it",
+            shown,
+            stat.S_IMODE(st.st_mode),
+        )
+    return data
 
 
 def _reject_public_der(data: bytes, name: str) -> None:

@@ -224,4 +224,4 @@ def resolve_auth(
     if auth_source is not None:
         return read_secret_source(auth_source, what=what)
     env = os.environ if environ is None else environ
-    return env.get(AUTH_ENV)
+    return resolve_secret(env.get(AUTH_ENV), what=what)

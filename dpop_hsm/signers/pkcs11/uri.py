@@ -358,8 +358,8 @@ class Pkcs11Uri:
                 "pkcs11 URI for %s carries 'pin-value': prefer pin-source=file:… or env:…",
                 self.describe_token(),
             )
-            return self.pin_value
-        return os.environ.get(PIN_ENV)
+            return resolve_secret(self.pin_value, what=what)
+        return resolve_secret(os.environ.get(PIN_ENV), what=what)
 
     def describe_token(self) -> str:
         """The token attributes a URI selects by, for messages: ``token='dpop', serial='…'``,
