@@ -187,7 +187,10 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("loopback listener: " + format, *args)
+        # The standard handler passes the request line to some of these messages, and the
+        # request line of a callback carries the authorization code: never log a query.
+        shown = [str(a).split("?", 1)[0] + " ?…" if "?" in str(a) else a for a in args]
+        log.debug("loopback listener: " + format, *shown)
 
     def _page(self, status: int, body: bytes) -> None:
         self.send_response_only(status)

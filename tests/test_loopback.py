@@ -272,3 +272,15 @@ def test_idle_connection_does_not_block_the_callback(listener: LoopbackListener)
         assert listener.wait(5).code == CODE
     finally:
         idle.close()
+
+
+def test_the_listener_log_never_shows_a_query(caplog: pytest.LogCaptureFixture) -> None:
+    # http.server hands the request line to log_message (log_request, log_error): a callback's
+    # request line carries the authorization code.
+    from dpop_hsm.loopback import _Handler
+
+    handler = object.__new__(_Handler)
+    caplog.set_level("DEBUG", logger="dpop_hsm")
+    handler.log_message('"%s" %s %s', "GET /callback?code=c0de-s3cret&state=x HTTP/1.1", "400", "-")
+    assert "c0de-s3cret" not in caplog.text
+    assert "/callback" in caplog.text
