@@ -39,7 +39,7 @@ from .errors import DPoPError, TokenResponseError, TransportError
 from .htu import origin_of
 from .logs import http_logger, log_request, log_response
 from .offload import AsyncFlowAdapter
-from .resource_flow import CHALLENGE_STATUSES, Action
+from .resource_flow import CHALLENGE_STATUSES, Action, nonce_fields
 from .sansio import HttpRequest, HttpResponse
 from .token import MAX_TOKEN_RESPONSE, Token
 
@@ -77,15 +77,6 @@ def _advance(gen: Generator[T, Any, Any], value: Any) -> tuple[bool, Any]:
 def _headers(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
     """Every header field as sent, repeats kept (two ``DPoP-Nonce`` fields stay two)."""
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
-
-
-def _nonce_fields(response: aiohttp.ClientResponse) -> list[tuple[str, str]]:
-    """Only the ``DPoP-Nonce`` fields of :func:`_headers`, in order, decoded the same way."""
-    return [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in response.raw_headers
-        if k.lower() == b"dpop-nonce"
-    ]
 
 
 def _loggable_body(request: aiohttp.ClientRequest) -> bytes | str | None:
@@ -165,7 +156,7 @@ class DPoPMiddleware(AsyncFlowAdapter):
                     # decoded (any response may carry the next nonce, RFC 9449 §8.2). The
                     # parsed view holds a field with this ASCII name, in any case, exactly
                     # when raw_headers does: a C lookup first.
-                    headers = _nonce_fields(response)
+                    headers = nonce_fields(response.raw_headers)
                 else:
                     headers = _NO_FIELDS
                 fresh = flow.observe(url, headers) if headers else None
