@@ -33,8 +33,8 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 from ._optional import requires_extra
 
@@ -48,7 +48,7 @@ from .htu import normalize_htu, origin_of
 from .jose import b64url_decode, split_compact
 from .logs import http_logger, log_request, log_response
 from .offload import AsyncFlowAdapter
-from .resource_flow import Action, Stamp
+from .resource_flow import CHALLENGE_STATUSES, Action, Stamp, nonce_fields
 from .sansio import HttpRequest, HttpResponse
 from .token import MAX_TOKEN_RESPONSE, Renewal, Token
 
@@ -58,6 +58,9 @@ _EXT = "dpop_hsm"
 _SENT = "dpop_hsm_sent_proof"
 _TOKEN_REQUEST = "dpop_hsm_token_request"  # noqa: S105 - an extension name
 T = TypeVar("T")
+_DEBUG = logging.DEBUG  # module constants: no module or enum attribute lookup per request
+_PASS = Action.PASS
+_RENEW = Action.RENEW
 
 
 class _NeedToken:
@@ -67,13 +70,17 @@ class _NeedToken:
 _NEED_TOKEN = _NeedToken()
 
 
-@dataclass(frozen=True)
-class _Sign:
+class _Sign(NamedTuple):
     """Flow marker: the driver must answer with ``flow.stamp(method, url, token)``."""
 
     method: str
     url: str
     token: Token
+
+
+# Hot path (one per request): the tuple built directly, not through the NamedTuple's Python
+# ``__new__`` (a frozen dataclass cost ~0.3% of a request).
+_new_sign = partial(tuple.__new__, _Sign)
 
 
 _Op = httpx.Request | _NeedToken | _Sign
@@ -222,29 +229,41 @@ def _proof_target(proof: str) -> tuple[str, str] | None:
     return (htm, htu) if isinstance(htm, str) and isinstance(htu, str) else None
 
 
-def _hop_guard(proof: str, htu: str, inner: Any, is_async: bool) -> Callable[..., Any]:
+class _HopGuard:
     """An httpcore ``trace`` callback that keeps ``proof`` (and its token) off any other URL.
 
-    httpcore calls it right before it writes a request's headers, for every redirect hop too
-    (httpx copies extensions to the hop). A hop whose URL is not the proof's ``htu`` loses the
-    ``DPoP`` header and a ``DPoP`` ``Authorization`` in place, before anything is sent.
-    A ``trace`` the caller set is kept and still called.
-    """
-    ours = proof.encode("ascii")
+    httpcore calls it around every step of sending a request, for every redirect hop too (httpx
+    copies extensions to the hop); right before a request's headers are written, a hop whose URL
+    is not the proof's ``htu`` loses the ``DPoP`` header and a ``DPoP`` ``Authorization`` in
+    place, before anything is sent. A ``trace`` the caller set is kept and still called.
 
-    def strip(info: dict[str, Any]) -> None:
+    The fallback for clients that were not :meth:`DPoPAuth.attach`-ed: on an attached client
+    the request hook sees every hop and takes the guard off before the first send, as httpcore
+    then builds and sends an event per connection step (~4% of a request). A small class built
+    per request: the ``htu`` and the proof's bytes are worked out only when a hop needs them.
+    """
+
+    __slots__ = ("inner", "proof", "url")
+
+    def __init__(self, proof: str, url: str, inner: Any) -> None:
+        self.proof = proof
+        self.url = url
+        self.inner = inner
+
+    def strip(self, info: dict[str, Any]) -> None:
         req = info.get("request")
         headers = getattr(req, "headers", None)
         url = getattr(req, "url", None)
         if not isinstance(headers, list) or url is None:
             return
+        ours = self.proof.encode("ascii")
         if not any(k.lower() == b"dpop" and v == ours for k, v in headers):
             return
         try:
             target = normalize_htu(bytes(url).decode("ascii", "replace"))
         except DPoPError:
             target = ""
-        if target == htu:
+        if target == normalize_htu(self.url):
             return
         headers[:] = [
             (k, v)
@@ -253,26 +272,25 @@ def _hop_guard(proof: str, htu: str, inner: Any, is_async: bool) -> Callable[...
             and not (k.lower() == b"authorization" and v[:5].lower() == b"dpop ")
         ]
 
-    if is_async:
 
-        async def atrace(event: str, info: dict[str, Any]) -> None:
-            if event.endswith("send_request_headers.started"):
-                strip(info)
-            if inner is not None:
-                await inner(event, info)
+class _SyncHopGuard(_HopGuard):
+    __slots__ = ()
 
-        guard: Callable[..., Any] = atrace
-    else:
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event.endswith("send_request_headers.started"):
+            self.strip(info)
+        if self.inner is not None:
+            self.inner(event, info)
 
-        def trace(event: str, info: dict[str, Any]) -> None:
-            if event.endswith("send_request_headers.started"):
-                strip(info)
-            if inner is not None:
-                inner(event, info)
 
-        guard = trace
-    guard.dpop_hsm_inner = inner  # type: ignore[attr-defined]
-    return guard
+class _AsyncHopGuard(_HopGuard):
+    __slots__ = ()
+
+    async def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event.endswith("send_request_headers.started"):
+            self.strip(info)
+        if self.inner is not None:
+            await self.inner(event, info)
 
 
 class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
@@ -295,44 +313,59 @@ class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
         request.headers["DPoP"] = stamp.proof
         ext = dict(request.extensions)
         inner = ext.get("trace")
-        inner = getattr(inner, "dpop_hsm_inner", inner)  # never nest our own guards
-        ext["trace"] = _hop_guard(stamp.proof, normalize_htu(stamp.url), inner, is_async)
+        if isinstance(inner, _HopGuard):  # never nest our own guards
+            inner = inner.inner
+        guard = _AsyncHopGuard if is_async else _SyncHopGuard
+        ext["trace"] = guard(stamp.proof, stamp.url, inner)
         ext[_STAMP] = stamp
         request.extensions = ext
-        _log_sent(request)
+        if http_logger.isEnabledFor(_DEBUG):
+            _log_sent(request)
 
     def _flow(self, request: httpx.Request, is_async: bool) -> Generator[_Op, Any, None]:
+        # Hand-optimised where marked: it runs for every request, and scripts/bench_async.py
+        # compares its client CPU with a hand-made header's; every decision is ResourceFlow's.
         url = str(request.url)
-        self.flow.check_target(url)  # before any token is fetched or sent
+        flow = self.flow
+        flow.check_target(url)  # before any token is fetched or sent
         token: Token = yield _NEED_TOKEN
-        stamp: Stamp = yield _Sign(request.method, url, token)
+        stamp: Stamp = yield _new_sign((request.method, url, token))
         self._apply(request, stamp, is_async=is_async)
         response: httpx.Response = yield request
         replayable = isinstance(request.stream, httpx.ByteStream)
         retried = False
         while True:
-            # Decoded once per response: httpx rebuilds the list on every multi_items() call.
-            headers = response.headers.multi_items()
-            final_url = str(response.request.url)
-            _log_received(response, headers, final_url)
-            fresh = self.flow.observe(final_url, headers)
-            self._check_redirects(request, response)
-            decision = self.flow.classify(
-                response.status_code,
+            status = response.status_code
+            final = response.request
+            final_url = url if final is request else str(final.url)  # str() parses again
+            if status in CHALLENGE_STATUSES or http_logger.isEnabledFor(_DEBUG):
+                # Decoded once per response: httpx rebuilds the list on every multi_items() call.
+                headers = response.headers.multi_items()
+                _log_received(response, headers, final_url)
+            else:
+                # classify() reads no field of such a response: only the nonce is decoded (any
+                # response may carry the next one, RFC 9449 §8.2).
+                headers = nonce_fields(response.headers.raw)
+            fresh = flow.observe(final_url, headers) if headers else None
+            if final is not request:
+                self._check_redirects(request, response)
+            decision = flow.classify(
+                status,
                 headers,
                 stamp=stamp,
                 fresh_nonce=fresh,
                 retried=retried,
                 replayable=replayable,
             )
-            if decision.action is Action.PASS:
+            action = decision.action
+            if action is _PASS:
                 _hide_token_traffic(response)
                 return
-            if decision.action is Action.RENEW:
-                self.flow.invalidate(stamp.token)
+            if action is _RENEW:
+                flow.invalidate(stamp.token)
                 token = yield _NEED_TOKEN
             retried = True
-            stamp = yield _Sign(request.method, url, token)
+            stamp = yield _new_sign((request.method, url, token))
             self._apply(request, stamp, is_async=is_async)
             response = yield request
 
@@ -356,8 +389,11 @@ class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
         done, op = _advance(flow, None)
         while not done:
             value: Any
-            if isinstance(op, _NeedToken):
-                value = yield from self._sync_token()
+            if op is _NEED_TOKEN:
+                # A cached token without a generator for _sync_token (one per request).
+                value = self.token_client.cached_token()
+                if value is None:
+                    value = yield from self._sync_token()
             elif isinstance(op, _Sign):
                 value = self.flow.stamp(op.method, op.url, op.token)
             else:
@@ -470,7 +506,16 @@ class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
             # First send of this request (redirect requests copy the extensions, so a hop
             # still carrying the proof recorded here is recognized below, even to the same URL).
             if proof is not None:
-                request.extensions = {**ext, _SENT: proof}
+                sent = {**ext, _SENT: proof}
+                guard = sent.get("trace")
+                if isinstance(guard, _HopGuard):
+                    # This client is attached: this hook sees every hop, so the trace guard
+                    # (the fallback for clients that are not) comes off; the caller's stays.
+                    if guard.inner is None:
+                        del sent["trace"]
+                    else:
+                        sent["trace"] = guard.inner
+                request.extensions = sent
             return None
         url = str(request.url)
         if ext.get(_TOKEN_REQUEST):

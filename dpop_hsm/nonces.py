@@ -90,11 +90,14 @@ class NonceStore:
     def get(self, url: str) -> str | None:
         """The latest nonce of ``url``'s origin, or None if that server never sent one."""
         origin = origin_of(url)
-        with self._lock:
-            nonce = self._nonces.get(origin)
-            if nonce is not None:
-                self._nonces.move_to_end(origin)
-            return nonce
+        # Per request: the read alone needs no lock (one dict lookup is atomic), and an origin
+        # without a nonce (most resource servers) takes none. Only the LRU update locks.
+        nonce = self._nonces.get(origin)
+        if nonce is not None:
+            with self._lock:
+                if origin in self._nonces:  # forget() or eviction may have run meanwhile
+                    self._nonces.move_to_end(origin)
+        return nonce
 
     def put(self, url: str, nonce: str) -> None:
         if not is_valid_nonce(nonce):

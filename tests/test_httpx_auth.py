@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
 
 import pytest
 
@@ -301,6 +302,36 @@ def test_redirect_refused_or_detected(servers: LocalDPoPServers, dpop_signer: Si
         client.get(servers.rs_url + "/redirect?to=/api/dpop/test")  # no attach: loud, not silent
     with httpx.Client(auth=DPoPAuth(tc)) as client:  # not following: just the 307
         assert client.get(servers.rs_url + "/redirect?to=/x").status_code == 307
+
+
+def test_the_trace_guard_stays_where_no_hook_sees_the_hops(
+    servers: LocalDPoPServers, dpop_signer: Signer
+) -> None:
+    """attach() lets its client's request hook take the per-request trace guard off (that hook
+    sees every hop); the same auth on a client it was not attached to keeps the guard, so the
+    cross-origin hop goes out bare. The caller's own trace is called either way."""
+    auth = DPoPAuth(token_client(servers, dpop_signer))
+    written: list[tuple[str, list[bytes]]] = []
+
+    def mine(event: str, info: dict[str, Any]) -> None:
+        if event.endswith("send_request_headers.started"):
+            request = info["request"]
+            written.append((bytes(request.url).decode(), [k.lower() for k, _ in request.headers]))
+
+    trace = {"trace": mine}
+    with httpx.Client() as attached, httpx.Client(follow_redirects=True, auth=auth) as other:
+        auth.attach(attached)
+        assert attached.get(servers.api_url, extensions=trace).status_code == 200
+        assert written and {b"dpop", b"authorization"} <= set(written[-1][1])
+        with pytest.raises(RedirectError, match="attach"):
+            other.get(
+                servers.rs_url + "/redirect",
+                params={"to": servers.as_url + "/echo"},
+                extensions=trace,
+            )
+    hop_url, hop_fields = written[-1]
+    assert hop_url.startswith(servers.as_url + "/echo")
+    assert b"dpop" not in hop_fields and b"authorization" not in hop_fields
 
 
 def test_debug_log_holds_no_secret(

@@ -26,6 +26,7 @@ from dpop_hsm import errors
 from dpop_hsm.errors import DPoPError, InsecureEndpointError
 from dpop_hsm.jose import b64url_encode
 from dpop_hsm.proof import ProofFactory
+from dpop_hsm.resource_flow import ResourceFlow
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.verify import verify_proof
 from tests.support.raw_http import RawServer, Seen, response
@@ -167,7 +168,12 @@ def test_token_client_token_and_adapters_repr(signer: SoftwareSigner) -> None:
         token_mod.HttpResponse(200, (), TOKEN_JSON), sent_monotonic=0.0, sent_wall=0.0
     )
     request = client.token_request(nonce="n-1")
+    stamp = ResourceFlow(client, raise_on_rejection=False).stamp(
+        "GET", "https://rs.example.com/api", token
+    )
     shown = [
+        repr(stamp),
+        str(stamp),
         repr(client),
         str(client),
         repr(token),
@@ -185,7 +191,13 @@ def test_token_client_token_and_adapters_repr(signer: SoftwareSigner) -> None:
 
         shown.append(repr(HttpxAuth(client)))
     proof = request.header("DPoP") or ""
-    secrets_ = [*basic_forms(CLIENT_SECRET), ACCESS_TOKEN, proof, *private_material(signer)]
+    secrets_ = [
+        *basic_forms(CLIENT_SECRET),
+        ACCESS_TOKEN,
+        proof,
+        stamp.proof,
+        *private_material(signer),
+    ]
     assert_absent("\n".join(shown), secrets_, "repr/str of the client classes")
 
 
