@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import urllib3.util
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dpop_hsm.errors import ConfigurationError
@@ -128,7 +128,11 @@ def test_a_proof_from_an_unencoded_url_names_the_path_every_transport_sends(
 ) -> None:
     from dpop_hsm.htu import comparable_htu
 
-    url = f"https://api.example/{first}/{second}"
+    path = f"/{first}/{second}"
+    # Dot segments are another property (tests/test_htu.py); httpx also departs from RFC 3986
+    # §5.2.4 on them ("//." becomes "/", not "//"), so they stay out of this one.
+    assume(not {".", ".."} & set(path.split("/")))
+    url = "https://api.example" + path
     ours = normalize_htu(url)
     for transport, wire in _wire_urls(url).items():
         # What a verifier compares (RFC 3986 §6.2.2): equal for every transport.
