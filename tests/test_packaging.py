@@ -34,6 +34,7 @@ PYTHONS = ("3.11", "3.12", "3.13")  # the Programming Language classifiers, chec
 OPTIONAL_TOP_LEVEL = ("pkcs11", "tpm2_pytss", "httpx", "anyio", "redis", "aiohttp")
 # The extra each module needs; every module not listed must import with no extra at all.
 NEEDS_EXTRA = {
+    "dpop_hsm._redis_twin": "redis",
     "dpop_hsm.aiohttp": "aiohttp",
     "dpop_hsm.httpx": "httpx",
     "dpop_hsm.redis": "redis",
