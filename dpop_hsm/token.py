@@ -164,17 +164,55 @@ class Renewal:
         self.previous = previous
         self._done = False
         self._inner: Generator[HttpRequest, HttpResponse, Token] | None = None
+        # An async adapter advances the flow in a worker thread; a cancelled task leaves the
+        # block while that thread is still inside a step. ``_stepping`` says so (the flow
+        # cannot be closed from outside then), ``_closed`` tells the step to close it itself.
+        self._state = threading.Lock()
+        self._stepping = False
+        self._closed = False
 
     def flow(self) -> Generator[HttpRequest, HttpResponse, Token]:
         """Yield token requests, receive responses; return the new (cached) token.
 
         May return without yielding (a shared cache already holds a fresh token)."""
         client = self._client
-        self._inner = client.cache.renewal_flow(client, self.previous)
-        token = yield from self._inner
-        client._finish_renewal(token)
-        self._done = True
+        inner = self._inner = client.cache.renewal_flow(client, self.previous)
+        try:
+            request = self._step(inner, None)
+            while True:
+                request = self._step(inner, (yield request))
+        except StopIteration as stop:
+            token: Token = stop.value
+        finally:
+            inner.close()  # no-op once finished; else a shared cache's fleet lock goes now
+        self._finish(token)
         return token
+
+    def _step(
+        self, inner: Generator[HttpRequest, HttpResponse, Token], response: HttpResponse | None
+    ) -> HttpRequest:
+        with self._state:
+            if self._closed:
+                raise TransportError("the token renewal was abandoned by its caller")
+            self._stepping = True
+        try:
+            request = inner.send(response)  # type: ignore[arg-type] # None starts it
+        finally:
+            with self._state:
+                self._stepping = False
+                closed = self._closed
+        if closed:  # the caller left during this step: release what the flow holds, here
+            inner.close()
+            raise TransportError("the token renewal was abandoned by its caller")
+        return request
+
+    def _finish(self, token: Token | None) -> None:
+        with self._state:
+            first, self._done = not self._done, True
+        if first:
+            self._client._finish_renewal(token)
+        elif token is not None:  # fetched by a step its caller stopped waiting for: keep it
+            self._client.cache.put(self._client.cache_key, token)
 
     def fallback(self, error: DPoPError) -> Token:
         """The one rule for a failed renewal: keep the still-valid previous token, else raise.
@@ -199,11 +237,17 @@ class Renewal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._inner is not None:
-            self._inner.close()  # a shared cache's fleet lock is released now, not at GC
-        if not self._done:
-            self._done = True
-            self._client._finish_renewal(None)
+        with self._state:
+            self._closed = True
+            stepping = self._stepping
+        try:
+            # A shared cache's fleet lock is released now, not at GC. While a worker thread
+            # is inside a step (a cancelled asyncio task stopped waiting for it), the
+            # generator cannot be closed from here: that step closes it when it returns.
+            if self._inner is not None and not stepping:
+                self._inner.close()
+        finally:
+            self._finish(None)  # the slot is free for the next caller either way
 
 
 def drive_flow(
