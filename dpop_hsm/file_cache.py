@@ -9,7 +9,9 @@ The fleet lock is an ``fcntl.flock`` on one lock file per cache key, the way kub
 its token cache: the kernel releases it when the holder exits or dies, so a dead holder costs
 nothing, and a hung one at most the lease (waiters then renew locally). ``flock`` is used, not
 POSIX record locks, because those belong to the process and vanish when any of its file
-descriptors to the file is closed. Local file systems only (flock over NFS is not atomic).
+descriptors to the file is closed. Local file systems only (flock over NFS is not atomic). A
+forked child closes its copies of the parent's lock descriptors (else the child would hold the
+parent's lock for as long as it lives).
 
 Entries are written to a temporary file and renamed over the old one, so readers see a whole
 entry or the previous one. Files are 0600 in a 0700 directory owned by this user; an entry
@@ -26,6 +28,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -75,7 +78,7 @@ class _FileLock(SharedLock):
     def _release(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)  # closing the descriptor drops the flock
+            self.cache._close_lock(fd)  # closing the descriptor drops the flock
 
     def _extend(self) -> None:
         pass  # the kernel holds the lock as long as we live
@@ -109,6 +112,8 @@ class FileTokenCache(SharedTokenCache):
             raise ConfigurationError("FileTokenCache needs fcntl (POSIX)")
         self.directory = Path(directory)
         self._prepare_directory()
+        self._lock_fds: set[int] = set()  # descriptors holding a flock now (see _after_fork)
+        self._fds_lock = threading.Lock()
         super().__init__(
             what=f"directory {self.directory.name!r}",
             lease=lease,
@@ -134,6 +139,16 @@ class FileTokenCache(SharedTokenCache):
 
     def __repr__(self) -> str:
         return f"FileTokenCache({str(self.directory)!r})"
+
+    def _after_fork(self) -> None:
+        # The child's copies of lock descriptors (a renewal in another parent thread) would
+        # keep the parent's flock alive as long as the child lives: closed here.
+        super()._after_fork()
+        for fd in self._lock_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._lock_fds = set()
+        self._fds_lock = threading.Lock()
 
     def _path(self, name: str, suffix: str) -> Path:
         return self.directory / f"{name}{suffix}"
@@ -199,15 +214,24 @@ class FileTokenCache(SharedTokenCache):
     def _try_flock(self, key: CacheKey) -> int | None:
         """A descriptor holding the key's flock, or None when another holds it."""
         fd = self._open_lock(key)
+        with self._fds_lock:
+            self._lock_fds.add(fd)  # before it may hold the flock: a fork() then closes it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            self._close_lock(fd)
             return None
         except BaseException:
-            os.close(fd)
+            self._close_lock(fd)
             raise
         return fd
+
+    def _close_lock(self, fd: int) -> None:
+        with self._fds_lock:
+            if fd not in self._lock_fds:
+                return  # closed by _after_fork: the number may be another file's now
+            self._lock_fds.discard(fd)
+        os.close(fd)
 
     def lock(self, key: CacheKey, lease: float) -> SharedLock:
         try:
@@ -227,7 +251,7 @@ class FileTokenCache(SharedTokenCache):
                     return token
                 fd = self._guard(self._try_flock, key)
                 if fd is not None:  # the holder is gone: released, or died
-                    os.close(fd)
+                    self._close_lock(fd)
                     return self.load(key)
                 left = end - time.monotonic()
                 if left <= 0:

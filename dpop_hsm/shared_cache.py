@@ -291,6 +291,11 @@ class SharedTokenCache(TokenCache):
         self._rejected: OrderedDict[CacheKey, str] = OrderedDict()
         self._complained: set[str] = set()
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._meta = threading.Lock()
+        self.outage._lock = threading.Lock()
+
     # --- store primitives (subclasses) ----------------------------------------------------
 
     def _read(self, key: CacheKey) -> tuple[bytes, float | None] | str | None:

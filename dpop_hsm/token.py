@@ -29,8 +29,10 @@ asyncio tasks queue without blocking the loop.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +79,20 @@ log = logging.getLogger("dpop_hsm.token")
 
 DEFAULT_TIMEOUT = (10.0, 10.0)
 
+# fork() copies one thread: a renewal another thread ran, or a lock it held, never ends in the
+# child. Caches and clients re-arm themselves there (``_after_fork``), or the child would wait
+# forever for a renewal nobody runs.
+_FORK_AWARE: weakref.WeakSet[TokenCache | TokenClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for item in list(_FORK_AWARE):
+        item._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def timeout_pair(timeout: float | tuple[float, float]) -> tuple[float, float]:
     """A ``timeout`` option as the (connect, read) seconds requests takes: one number is both."""
@@ -112,6 +128,11 @@ class TokenCache:
             raise ConfigurationError("max_entries must be positive")
         self._max = max_entries
         self._tokens: OrderedDict[CacheKey, Token] = OrderedDict()
+        self._lock = threading.Lock()
+        _FORK_AWARE.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks (a parent thread may have held one at fork time)."""
         self._lock = threading.Lock()
 
     def get(self, key: CacheKey) -> Token | None:
@@ -361,10 +382,20 @@ class TokenClient:
             self.token_endpoint, client_id, self.scope, self.resource, signer.thumbprint
         )
         self._session = session
+        self._own_session = False  # made by _default_sender (a caller's session stays theirs)
         self._cond = threading.Condition(threading.Lock())
         self._renewing = False
         self._failures = 0  # renewals failed in a row
         self._retry_at = 0.0  # monotonic time before which a valid token is not renewed again
+        _FORK_AWARE.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: no renewal is running (its thread stayed in the parent), and the
+        private session's pooled sockets are the parent's (dropped, never closed)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._renewing = False
+        if self._own_session:
+            self._session, self._own_session = None, False
 
     @property
     def auth_method(self) -> AuthMethod:
@@ -474,6 +505,7 @@ class TokenClient:
 
         if self._session is None:
             self._session = requests.Session()
+            self._own_session = True
         session = self._session
         timeout = self.timeout
 

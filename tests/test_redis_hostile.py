@@ -4,11 +4,13 @@ Another writer (another tenant on the same prefix, an operator at ``redis-cli``,
 buggy client) can put anything under the cache's keys: a value of another type, a multi-MB
 value, bytes that are not text, a lock without an expiry, forged pub/sub messages. None of it
 may fail a request, switch sharing off (an outage), stall the fleet for more than one lease or
-be trusted.
+be trusted. And fork() after the cache was used.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -254,3 +256,41 @@ def test_a_token_lifetime_beyond_what_redis_accepts_is_shared_capped(
         adopted = newcomer.get_token()
         assert adopted.access_token == token.access_token and newcomer.token_requests == 0
         assert adopted.expires_in() <= MAX_LIFETIME
+
+
+def _read_line(fd: int, timeout: float = 10.0) -> bytes:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, "the child did not answer"
+    return os.read(fd, 200)
+
+
+def test_fork_after_use_gives_the_child_connections_of_its_own(
+    make: Any, servers: LocalDPoPServers, signer: SoftwareSigner
+) -> None:
+    """The child of a process whose cache holds pooled connections shares a token through
+    connections of its own, and the parent's keep working (redis-py's pool notices the pid)."""
+    cache = make()
+    client = _client(servers, signer, cache)
+    first = client.get_token()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            client.invalidate(first)
+            token = client.get_token()
+            fine = cache.outage.stats["outages"] == 0 and token.access_token != first.access_token
+            os.write(write_end, b"ok" if fine else b"bad")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        assert _read_line(read_end) == b"ok"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    shared = cache.load(client.cache_key)  # the child's token, over the parent's connections
+    assert shared is not None and shared.access_token != first.access_token
+    assert cache.outage.stats["outages"] == 0 and servers.counters.tokens_issued == 2
