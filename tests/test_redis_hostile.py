@@ -294,3 +294,54 @@ def test_fork_after_use_gives_the_child_connections_of_its_own(
     shared = cache.load(client.cache_key)  # the child's token, over the parent's connections
     assert shared is not None and shared.access_token != first.access_token
     assert cache.outage.stats["outages"] == 0 and servers.counters.tokens_issued == 2
+
+
+def test_a_frozen_redis_during_release_costs_one_timeout_and_the_lease_ends_the_lock(
+    own_redis: RedisServer, redis_prefix: str, servers: LocalDPoPServers, signer: SoftwareSigner
+) -> None:
+    from dpop_hsm.redis import RedisTokenCache
+
+    cache = RedisTokenCache.from_url(own_redis.url, prefix=redis_prefix, op_timeout=0.2)
+    other = own_redis.client()
+    try:
+        client = _client(servers, signer, cache)
+        _, lock_name, _ = _names(cache, client)
+        lock = cache.lock(client.cache_key, 5.0)
+        assert lock.held
+        own_redis.freeze()  # SIGSTOP: the release's compare-and-delete gets no answer
+        try:
+            done = threading.Event()
+
+            def release() -> None:
+                lock.release()
+                done.set()
+
+            threading.Thread(target=release, daemon=True).start()
+            assert done.wait(10), "release hung on a frozen Redis"
+            assert cache.outage.stats["failures"] == 1 and cache.outage.stats["outages"] == 1
+        finally:
+            own_redis.resume()
+        assert 0 < other.pttl(lock_name) <= 5000  # left behind, but with its lease: it ends
+    finally:
+        cache.close()
+        other.close()
+
+
+def test_an_error_while_holding_the_lock_releases_it(
+    make: Any, raw: Any, servers: LocalDPoPServers, signer: SoftwareSigner
+) -> None:
+    from dpop_hsm.errors import OAuthError
+
+    cache = make()
+    client = TokenClient(
+        signer,
+        token_endpoint=servers.token_endpoint,
+        client_id="c",
+        client_secret="not-the-secret",
+        scope="api",
+        cache=cache,
+    )
+    _, lock, _ = _names(cache, client)
+    with pytest.raises(OAuthError):
+        client.get_token()
+    assert raw.exists(lock) == 0 and cache.outage.stats["outages"] == 0
