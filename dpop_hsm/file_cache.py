@@ -9,13 +9,20 @@ The fleet lock is an ``fcntl.flock`` on one lock file per cache key, the way kub
 its token cache: the kernel releases it when the holder exits or dies, so a dead holder costs
 nothing, and a hung one at most the lease (waiters then renew locally). ``flock`` is used, not
 POSIX record locks, because those belong to the process and vanish when any of its file
-descriptors to the file is closed. Local file systems only (flock over NFS is not atomic).
+descriptors to the file is closed. Local file systems only (flock over NFS is not atomic). A
+forked child closes its copies of the parent's lock descriptors (else the child would hold the
+parent's lock for as long as it lives).
 
-Entries are written to a temporary file and renamed over the old one, so readers see a whole
-entry or the previous one. Files are 0600 in a 0700 directory owned by this user; an entry
-file that is not a regular file of ours with those permissions is ignored and replaced. The
-entry's expiry is the writer's wall clock — one host, one clock. Waiters poll the entry (every
-``poll_interval`` s): cheap local ``stat`` calls, no notifications to set up.
+The directory is opened once (``O_NOFOLLOW``), checked (a directory of this user; made 0700
+if it was not) and every file is then opened relative to that descriptor, so renaming the
+directory away or swapping a symlink in later never sends a token elsewhere. Entries are
+written to a temporary file and renamed over the old one, so readers see a whole entry or the
+previous one; a crash mid-write leaves the old entry and a ``.tmp-`` file. Files are 0600; an
+entry or lock file that is not a regular file of ours with that mode (a symlink, a FIFO, a
+directory, another user's file planted while the directory was open to others) is never
+trusted nor waited on: it is replaced. The entry's expiry is the writer's wall clock — one
+host, one clock. Waiters poll the entry (every ``poll_interval`` s): cheap local ``stat``
+calls, no notifications to set up.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import stat
-import tempfile
+import threading
 import time
+import weakref
 from pathlib import Path
 
 from .errors import ConfigurationError
-from .jose import compact_json
 from .shared_cache import (
     DEFAULT_BACKOFF,
     MAX_ENTRY,
@@ -39,6 +47,7 @@ from .shared_cache import (
     Unavailable,
     entry_id,
 )
+from .shared_entry import store_json
 from .strict_json import loads_strict
 from .token import CacheKey, Token
 
@@ -49,11 +58,12 @@ except ImportError:  # pragma: no cover - not POSIX
 
 __all__ = ["FileTokenCache"]
 
-_OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: opening a FIFO planted under an entry's name must not wait for a writer.
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 
 
 def _owned_private(st: os.stat_result) -> bool:
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o077
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
 class _FileLock(SharedLock):
@@ -75,7 +85,7 @@ class _FileLock(SharedLock):
     def _release(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)  # closing the descriptor drops the flock
+            self.cache._close_lock(fd)  # closing the descriptor drops the flock
 
     def _extend(self) -> None:
         pass  # the kernel holds the lock as long as we live
@@ -91,7 +101,8 @@ class FileTokenCache(SharedTokenCache):
     """Tokens shared through files in ``directory`` (created 0700); see the module docstring.
 
     Raises :class:`ConfigurationError` when the directory is not a directory owned by this
-    user, or cannot be created, or on a platform without ``fcntl``.
+    user, or cannot be created, or on a platform without ``fcntl``. :meth:`close` (or garbage
+    collection) closes the directory's descriptor.
     """
 
     def __init__(
@@ -108,7 +119,10 @@ class FileTokenCache(SharedTokenCache):
         if fcntl is None:  # pragma: no cover
             raise ConfigurationError("FileTokenCache needs fcntl (POSIX)")
         self.directory = Path(directory)
-        self._prepare_directory()
+        self._dir = self._open_directory()
+        self._close_dir = weakref.finalize(self, os.close, self._dir)
+        self._lock_fds: set[int] = set()  # descriptors holding a flock now (see _after_fork)
+        self._fds_lock = threading.Lock()
         super().__init__(
             what=f"directory {self.directory.name!r}",
             lease=lease,
@@ -119,30 +133,54 @@ class FileTokenCache(SharedTokenCache):
             poll_interval=poll_interval,
         )
 
-    def _prepare_directory(self) -> None:
+    def _open_directory(self) -> int:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = os.lstat(self.directory)
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS)
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ConfigurationError(
+                    "the token cache path is not a directory (or a symlink)"
+                ) from e
             raise ConfigurationError(f"cannot create the token cache directory: {e}") from e
-        if not stat.S_ISDIR(st.st_mode):
-            raise ConfigurationError("the token cache path is not a directory (or a symlink)")
-        if st.st_uid != os.geteuid():
-            raise ConfigurationError("the token cache directory belongs to another user")
-        if st.st_mode & 0o077:
-            os.chmod(self.directory, 0o700)  # tokens (and opt-in refresh tokens) are secrets
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise ConfigurationError("the token cache directory belongs to another user")
+            if stat.S_IMODE(st.st_mode) != 0o700:
+                os.fchmod(fd, 0o700)  # tokens (and opt-in refresh tokens) are secrets
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def close(self) -> None:
+        """Close the directory's descriptor; the cache is not used afterwards."""
+        self._close_dir()
+        self._dir = -1  # never a reused descriptor number: any later use fails (EBADF)
 
     def __repr__(self) -> str:
         return f"FileTokenCache({str(self.directory)!r})"
 
-    def _path(self, name: str, suffix: str) -> Path:
-        return self.directory / f"{name}{suffix}"
+    def _after_fork(self) -> None:
+        # The child's copies of lock descriptors (a renewal in another parent thread) would
+        # keep the parent's flock alive as long as the child lives: closed here.
+        super()._after_fork()
+        for fd in self._lock_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._lock_fds = set()
+        self._fds_lock = threading.Lock()
 
-    # --- store primitives -----------------------------------------------------------------
+    @staticmethod
+    def _name(key: CacheKey, suffix: str) -> str:
+        return f"{entry_id(key)}{suffix}"
 
-    def _read_file(self, path: Path) -> bytes | None:
+    # --- files, relative to the directory's descriptor ------------------------------------
+
+    def _read_file(self, name: str) -> bytes | None:
         try:
-            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+            fd = os.open(name, os.O_RDONLY | _OPEN_FLAGS, dir_fd=self._dir)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -151,63 +189,124 @@ class FileTokenCache(SharedTokenCache):
             raise
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or not _owned_private(st):
-                return b""
-            if st.st_size > MAX_ENTRY:
+            if not _owned_private(st) or st.st_size > MAX_ENTRY:
                 return b""
             with os.fdopen(fd, "rb", closefd=False) as f:
                 return f.read(MAX_ENTRY + 1)
         finally:
             os.close(fd)
 
-    def _write_file(self, path: Path, raw: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")  # 0600
+    def _new_file(self, raw: bytes) -> str:
+        """A new 0600 file of ours holding ``raw``, under a temporary name."""
+        tmp = f".tmp-{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS
+        fd = os.open(tmp, flags, 0o600, dir_fd=self._dir)
         try:
+            os.fchmod(fd, 0o600)  # whatever the umask: a lock file must open read-write
             with os.fdopen(fd, "wb") as f:
                 f.write(raw)
-            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=self._dir)
+            raise
+        return tmp
+
+    def _install(self, tmp: str, name: str) -> None:
+        """Rename ``tmp`` over ``name`` (atomic); a directory planted there is moved aside."""
+        d = self._dir
+        try:
+            try:
+                os.replace(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+            except IsADirectoryError:
+                os.rename(name, f".foreign-{secrets.token_hex(8)}", src_dir_fd=d, dst_dir_fd=d)
+                os.replace(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=d)
             raise
 
+    def _write_file(self, name: str, raw: bytes) -> None:
+        self._install(self._new_file(raw), name)
+
+    # --- store primitives -----------------------------------------------------------------
+
     def _read(self, key: CacheKey) -> tuple[bytes, float | None] | None:
-        raw = self._read_file(self._path(entry_id(key), ".json"))
+        raw = self._read_file(self._name(key, ".json"))
         return None if raw is None else (raw, None)
 
     def _write(self, key: CacheKey, raw: bytes, ttl: float) -> None:
-        self._write_file(self._path(entry_id(key), ".json"), raw)
+        self._write_file(self._name(key, ".json"), raw)
 
     def _delete(self, key: CacheKey, expected: bytes | None) -> None:
-        path = self._path(entry_id(key), ".json")
-        if expected is not None and self._read_file(path) != expected:
+        name = self._name(key, ".json")
+        if expected is not None and self._read_file(name) != expected:
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(name, dir_fd=self._dir)
 
-    def _open_lock(self, key: CacheKey) -> int:
-        path = self._path(entry_id(key), ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
+    def _open_lock(self, name: str) -> int | None:
+        """A descriptor of the lock file ``name`` (created 0600), or None if what is there
+        is not a regular file of ours with that mode (the caller replaces it)."""
         try:
-            if not _owned_private(os.fstat(fd)):
-                raise PermissionError("lock file is not ours with mode 0600")
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600, dir_fd=self._dir)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.EACCES):
+                return None  # a symlink, a directory, a file we may not open
+            raise
+        try:
+            if _owned_private(os.fstat(fd)):
+                return fd
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        os.close(fd)
+        return None
+
+    def _replace_lock_file(self, name: str) -> None:
+        """Put a fresh lock file of ours where a foreign one is: once, whoever sees it first.
+
+        Under a flock on the directory (a descriptor of its own, so threads exclude each other
+        too), and only if it is still foreign then: replacing a lock file another process of
+        ours has locked would let a second one take the "same" lock.
+        """
+        guard = os.open(".", os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS, dir_fd=self._dir)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            fd = self._open_lock(name)
+            if fd is not None:
+                os.close(fd)  # someone replaced it already
+                return
+            self._install(self._new_file(b""), name)
+        finally:
+            os.close(guard)
 
     def _try_flock(self, key: CacheKey) -> int | None:
         """A descriptor holding the key's flock, or None when another holds it."""
-        fd = self._open_lock(key)
+        name = self._name(key, ".lock")
+        fd = self._open_lock(name)
+        if fd is None:
+            self._replace_lock_file(name)
+            fd = self._open_lock(name)
+            if fd is None:
+                raise OSError(errno.EAGAIN, "the lock file keeps being replaced")
+        with self._fds_lock:
+            self._lock_fds.add(fd)  # before it may hold the flock: a fork() then closes it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            self._close_lock(fd)
             return None
         except BaseException:
-            os.close(fd)
+            self._close_lock(fd)
             raise
         return fd
+
+    def _close_lock(self, fd: int) -> None:
+        with self._fds_lock:
+            if fd not in self._lock_fds:
+                return  # closed by _after_fork: the number may be another file's now
+            self._lock_fds.discard(fd)
+        os.close(fd)
 
     def lock(self, key: CacheKey, lease: float) -> SharedLock:
         try:
@@ -216,7 +315,13 @@ class FileTokenCache(SharedTokenCache):
             return SharedLock(self, key, held=False, available=False)
         if fd is None:
             return SharedLock(self, key, held=False, lease_left=lease)
-        return _FileLock(self, key, fd, self.load(key))
+        lock = _FileLock(self, key, fd, None)
+        try:  # the re-read; from here on the lock is released whatever happens
+            lock.current = self.load(key)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
 
     def wait_for_update(self, key: CacheKey, timeout: float) -> Token | None:
         end = time.monotonic() + timeout
@@ -227,7 +332,7 @@ class FileTokenCache(SharedTokenCache):
                     return token
                 fd = self._guard(self._try_flock, key)
                 if fd is not None:  # the holder is gone: released, or died
-                    os.close(fd)
+                    self._close_lock(fd)
                     return self.load(key)
                 left = end - time.monotonic()
                 if left <= 0:
@@ -236,11 +341,11 @@ class FileTokenCache(SharedTokenCache):
         except Unavailable:
             return None
 
-    def _nonce_path(self, origin: str) -> Path:
-        return self._path("nonce-" + hashlib.sha256(origin.encode()).hexdigest(), ".json")
+    def _nonce_name(self, origin: str) -> str:
+        return "nonce-" + hashlib.sha256(origin.encode()).hexdigest() + ".json"
 
     def _read_nonce(self, origin: str) -> str | None:
-        raw = self._read_file(self._nonce_path(origin))
+        raw = self._read_file(self._nonce_name(origin))
         if not raw:
             return None
         try:
@@ -253,4 +358,4 @@ class FileTokenCache(SharedTokenCache):
         return nonce if isinstance(nonce, str) else None
 
     def _write_nonce(self, origin: str, nonce: str) -> None:
-        self._write_file(self._nonce_path(origin), compact_json({"origin": origin, "nonce": nonce}))
+        self._write_file(self._nonce_name(origin), store_json({"origin": origin, "nonce": nonce}))

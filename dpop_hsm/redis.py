@@ -16,6 +16,12 @@ the holder's lease: a holder that dies mid-renewal costs the fleet at most one l
 default lease is one token request's timeout (connect + read) plus 2 s, renewed before a
 nonce retry; a lease shorter than the AS's response time only risks a second token request.
 
+Whatever else is found under these names is untrusted and never an outage: every read is a
+script that returns a value only if it is a string of at most ``MAX_ENTRY`` ASCII bytes with a
+TTL (anything else is reported once and overwritten, without being transferred), and a lock
+without an expiry, or longer than any lease, gets one lease (a foreign ``SET`` without ``PX``
+would otherwise stall every renewal for good). Pub/sub messages only wake waiters to re-read.
+
 Degraded mode (see :mod:`dpop_hsm.shared_cache`): with the defaults of :meth:`from_url` — a
 0.5 s timeout per operation, no client-side retries, 5 s of skipping Redis after a failure —
 a down, frozen or refusing Redis adds at most one operation timeout to a request per back-off
@@ -50,14 +56,16 @@ from typing import TYPE_CHECKING, Any
 from ._optional import requires_extra
 from ._redis_twin import sync_twin
 from .errors import ConfigurationError
-from .jose import compact_json
 from .shared_cache import (
     DEFAULT_BACKOFF,
+    MAX_ENTRY,
+    MAX_LEASE,
     SharedLock,
     SharedTokenCache,
     Unavailable,
     entry_id,
 )
+from .shared_entry import store_json
 from .strict_json import loads_strict
 from .token import CacheKey, Token
 
@@ -79,40 +87,107 @@ DEFAULT_PREFIX = "dpop_hsm:"
 NONCE_TTL_MS = 300_000
 _PUBSUB_RETRY = 300.0  # seconds before trying pub/sub again after the server refused it
 
+# Every script treats what it finds under our names as untrusted: a key of another type, a
+# value too large or not ASCII, a lock without an expiry are someone else's writes, which are
+# reported, replaced or run out, and never make a command fail (that would read as an outage
+# and switch sharing off for good). Replies hold only ASCII, for clients that decode replies.
+_LUA_HELPERS = """
+local function string_value(k)
+  if redis.call('TYPE', k)['ok'] == 'string' then return redis.call('GET', k) end
+  return false
+end
+local function entry(k, max)
+  local t = redis.call('TYPE', k)['ok']
+  if t == 'none' then return {'none', false, -2} end
+  local ttl = redis.call('PTTL', k)
+  if t ~= 'string' then return {'type', false, ttl} end
+  if redis.call('STRLEN', k) > max then return {'big', false, ttl} end
+  local v = redis.call('GET', k)
+  if string.find(v, '[\\128-\\255]') then return {'binary', false, ttl} end
+  return {'ok', v, ttl}
+end
+"""
+# KEYS[1] entry (or nonce), KEYS[2] lock (optional); ARGV[1] the largest value read.
+# {status, value, pttl[, lock exists]}.
+_READ = (
+    _LUA_HELPERS
+    + """
+local r = entry(KEYS[1], tonumber(ARGV[1]))
+if KEYS[2] then r[4] = redis.call('EXISTS', KEYS[2]) end
+return r
+"""
+)
+# KEYS[1] lock, KEYS[2] entry; ARGV[1] owner, ARGV[2] lease ms, ARGV[3] longest lease ms,
+# ARGV[4] largest entry. SET NX PX, then who holds it for how long, and the entry (the re-read
+# after taking it), in one step. A lock without expiry, or longer than any lease, is a foreign
+# SET that would stall the fleet for good: it gets our lease, so it ends within one lease.
+_ATTEMPT = (
+    _LUA_HELPERS
+    + """
+local got = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -1 or ttl > tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  ttl = tonumber(ARGV[2])
+end
+local holder = string_value(KEYS[1])
+if not holder or #holder > 80 or not string.match(holder, '^[%w:]+$') then holder = 'foreign' end
+local r = entry(KEYS[2], tonumber(ARGV[4]))
+return {got, holder, ttl, r[1], r[2], r[3]}
+"""
+)
 # KEYS[1] lock; ARGV[1] owner, ARGV[2] channel. Compare-and-delete: a lock whose lease ended
 # and that another process took since is never deleted by its former owner.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+_RELEASE = (
+    _LUA_HELPERS
+    + """
+if string_value(KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.pcall('PUBLISH', ARGV[2], 'released')
   return 1
 end
 return 0
 """
+)
 # KEYS[1] entry, KEYS[2] lock; ARGV[1] value, ARGV[2] ttl ms, ARGV[3] owner ('' = none),
 # ARGV[4] channel. Store, release our lock, wake the waiters: one round trip.
-_PUBLISH = """
+_PUBLISH = (
+    _LUA_HELPERS
+    + """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
+if ARGV[3] ~= '' and string_value(KEYS[2]) == ARGV[3] then
   redis.call('DEL', KEYS[2])
 end
 redis.pcall('PUBLISH', ARGV[4], 'stored')
 return 1
 """
+)
 # KEYS[1] lock; ARGV[1] owner, ARGV[2] lease ms.
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+_EXTEND = (
+    _LUA_HELPERS
+    + """
+if string_value(KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
+)
 # KEYS[1] entry; ARGV[1] the value that may be deleted.
-_DELETE_IF = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+_DELETE_IF = (
+    _LUA_HELPERS
+    + """
+if string_value(KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+)
+_FOREIGN = {
+    "type": "entry is not a string value",
+    "big": "entry too large",
+    "binary": "entry is not ASCII",
+}
+_MAX_NONCE_VALUE = 8192
 
 
 def _ms(seconds: float) -> int:
@@ -201,6 +276,8 @@ class RedisTokenCache(SharedTokenCache):
         self.client = client
         self.prefix = prefix
         self._pubsub_refused_at: float | None = None
+        self._read_script = client.register_script(_READ)
+        self._attempt_script = client.register_script(_ATTEMPT)
         self._release_script = client.register_script(_RELEASE)
         self._publish_script = client.register_script(_PUBLISH)
         self._extend_script = client.register_script(_EXTEND)
@@ -269,13 +346,11 @@ class RedisTokenCache(SharedTokenCache):
 
     # --- store primitives -----------------------------------------------------------------
 
-    def _read(self, key: CacheKey) -> tuple[bytes, float | None] | None:
-        entry = self._entry_name(entry_id(key))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(entry)
-        pipe.pttl(entry)
-        raw, pttl = pipe.execute()
-        return _with_ttl(raw, pttl)
+    def _read(self, key: CacheKey) -> tuple[bytes, float | None] | str | None:
+        status, raw, pttl = self._read_script(
+            keys=[self._entry_name(entry_id(key))], args=[MAX_ENTRY]
+        )
+        return _entry(status, raw, pttl)
 
     def _write(self, key: CacheKey, raw: bytes, ttl: float) -> None:
         name = entry_id(key)
@@ -294,34 +369,30 @@ class RedisTokenCache(SharedTokenCache):
     def lock(self, key: CacheKey, lease: float) -> SharedLock:
         name = entry_id(key)
         owner = f"{os.getpid()}:{secrets.token_hex(16)}"
-        entry, lock = self._entry_name(name), self._lock_name(name)
-
-        def attempt() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.set(lock, owner, nx=True, px=_ms(lease))
-            pipe.get(lock)
-            pipe.pttl(lock)
-            pipe.get(entry)
-            pipe.pttl(entry)
-            result: list[Any] = pipe.execute()
-            return result
-
         try:
-            got, holder, lock_ttl, raw, pttl = self._guard(attempt)
+            got, holder, lock_ttl, *read = self._guard(
+                self._attempt_script,
+                [self._lock_name(name), self._entry_name(name)],
+                [owner, _ms(lease), _ms(MAX_LEASE), MAX_ENTRY],
+            )
         except Unavailable:
             return SharedLock(self, key, held=False, available=False)
-        read = _with_ttl(raw, pttl)
-        current = None if read is None else self._accept(key, *read)
-        return _RedisLock(
+        lock = _RedisLock(
             self,
             key,
             owner,
             lease,
             held=bool(got),
-            lease_left=max(0.0, lock_ttl / 1000) if lock_ttl > 0 else 0.0,
-            holder=holder.decode("utf-8", "replace") if isinstance(holder, bytes) else holder,
-            current=current,
+            lease_left=lock_ttl / 1000 if isinstance(lock_ttl, int) and lock_ttl > 0 else 0.0,
+            holder=_text(holder),
         )
+        try:  # the re-read; from here on the lock is released whatever happens
+            found = _entry(*read)
+            lock.current = None if found is None else self._accept(key, found)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
 
     def wait_for_update(self, key: CacheKey, timeout: float) -> Token | None:
         end = time.monotonic() + timeout
@@ -344,15 +415,20 @@ class RedisTokenCache(SharedTokenCache):
                 left = end - time.monotonic()
                 if left <= 0:
                     break
+                # Any message only wakes us to re-read: what it says is never trusted.
                 if pubsub.get_message(timeout=min(left, 1.0)) is not None:
                     token, lock_free = self._peek(key)
         except redis.ResponseError as e:
             raise _PubSubRefused from e  # e.g. NOPERM (an ACL without channels): poll instead
+        except UnicodeError:  # a forged non-text message, to a client that decodes replies
+            token, lock_free = None, False
         except self._errors as e:
             self.outage.failed(e)
             return None
         finally:
             pubsub.close()
+        if token is None and not lock_free:
+            return self._wait_polling(key, end)
         return token if token is not None else self.load(key)
 
     def _wait_polling(self, key: CacheKey, end: float) -> Token | None:
@@ -367,28 +443,22 @@ class RedisTokenCache(SharedTokenCache):
         """(a token not due for renewal, or None; whether the lock is free)."""
         name = entry_id(key)
 
-        def read() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.get(self._entry_name(name))
-            pipe.pttl(self._entry_name(name))
-            pipe.exists(self._lock_name(name))
-            result: list[Any] = pipe.execute()
-            return result
-
+        names = [self._entry_name(name), self._lock_name(name)]
         try:
-            raw, pttl, locked = self._guard(read)
+            status, raw, pttl, locked = self._guard(self._read_script, names, [MAX_ENTRY])
         except Unavailable:
             return None, True  # stop waiting: the caller renews locally
-        got = _with_ttl(raw, pttl)
-        token = None if got is None else self._accept(key, *got)
+        got = _entry(status, raw, pttl)
+        token = None if got is None else self._accept(key, got)
         if token is not None and token.needs_renewal():
             token = None
         return token, not locked
 
     def _read_nonce(self, origin: str) -> str | None:
-        raw = self.client.get(self._nonce_name(origin))
-        if raw is None:
-            return None
+        got = _entry(*self._read_script(keys=[self._nonce_name(origin)], args=[_MAX_NONCE_VALUE]))
+        if not isinstance(got, tuple):
+            return None  # absent, or not one of ours: overwritten by the next nonce
+        raw, _ = got
         try:
             value = loads_strict(raw)
         except ValueError:
@@ -399,7 +469,7 @@ class RedisTokenCache(SharedTokenCache):
         return nonce if isinstance(nonce, str) else None
 
     def _write_nonce(self, origin: str, nonce: str) -> None:
-        value = compact_json({"origin": origin, "nonce": nonce})
+        value = store_json({"origin": origin, "nonce": nonce})
         self.client.set(self._nonce_name(origin), value, px=NONCE_TTL_MS)
 
 
@@ -407,15 +477,20 @@ class _PubSubRefused(Exception):  # noqa: N818 - internal signal
     """The server refused pub/sub (ACL, proxy): waiters poll instead."""
 
 
-def _with_ttl(raw: Any, pttl: Any) -> tuple[bytes, float | None] | None:
-    """An entry and its remaining lifetime; an entry without a TTL is foreign (we always set
-    one) and reads as corrupt, so it gets overwritten."""
-    if raw is None:
+def _text(value: Any) -> str | None:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
+
+def _entry(status: Any, raw: Any, pttl: Any) -> tuple[bytes, float | None] | str | None:
+    """What a read script found: an entry and its remaining lifetime, None for none, or why
+    the value there is not an entry. A value without a TTL is foreign (we always set one)."""
+    kind = _text(status)
+    if kind == "none":
         return None
-    if isinstance(raw, str):  # a client made with decode_responses=True
-        raw = raw.encode("utf-8")
-    if not isinstance(raw, bytes):
-        return b"", None
+    if kind != "ok" or not isinstance(raw, bytes | str):
+        return _FOREIGN.get(str(kind), "entry is not a string value")
+    if pttl == -1:
+        return "entry has no TTL"
     if not isinstance(pttl, int) or pttl <= 0:
-        return b"", None
-    return raw, pttl / 1000
+        return None  # expiring this very moment
+    return (raw.encode("ascii") if isinstance(raw, str) else raw), pttl / 1000

@@ -42,13 +42,22 @@ from .errors import ConfigurationError
 from .htu import origin_of
 from .nonces import NonceStore, is_valid_nonce
 from .sansio import HttpRequest, HttpResponse
-from .shared_entry import MAX_ENTRY, Decoded, decode_entry, digest, encode_entry, entry_id
+from .shared_entry import (
+    MAX_ENTRY,
+    MAX_LIFETIME,
+    Decoded,
+    decode_entry,
+    digest,
+    encode_entry,
+    entry_id,
+)
 from .token import CacheKey, Token, TokenCache, TokenClient
 
 __all__ = [
     "DEFAULT_BACKOFF",
     "LEASE_MARGIN",
     "MAX_ENTRY",
+    "MAX_LEASE",
     "Decoded",
     "Outage",
     "SharedLock",
@@ -64,6 +73,7 @@ log = logging.getLogger("dpop_hsm.shared_cache")
 
 DEFAULT_BACKOFF = 5.0  # seconds the store is skipped after a failure: sharing resumes <= ~10 s
 LEASE_MARGIN = 2.0  # default lease: one token request's timeout (connect + read) plus this
+MAX_LEASE = 600.0  # no lease is longer: a lock that is (or has no expiry) is not one of ours
 _WAIT_SLACK = 0.05
 T = TypeVar("T")
 
@@ -195,7 +205,7 @@ class SharedLock:
                 if held:
                     self.cache._guard(self._release)
                 return
-            self.cache._guard(self._publish, raw, token.expires_in(), held)
+            self.cache._guard(self._publish, raw, _ttl(token), held)
             self.cache._remember(self.key, token, raw)
         except Unavailable:
             pass
@@ -264,8 +274,8 @@ class SharedTokenCache(TokenCache):
     ) -> None:
         """The options every shared cache has; bad values are a ConfigurationError."""
         super().__init__(max_entries=max_entries)
-        if lease is not None and not 0.1 <= lease <= 600:
-            raise ConfigurationError("lease must be within [0.1, 600] seconds")
+        if lease is not None and not 0.1 <= lease <= MAX_LEASE:
+            raise ConfigurationError(f"lease must be within [0.1, {MAX_LEASE:g}] seconds")
         if not 0.001 <= poll_interval <= 5:
             raise ConfigurationError("poll_interval must be within [0.001, 5] seconds")
         self.lease = lease
@@ -281,10 +291,16 @@ class SharedTokenCache(TokenCache):
         self._rejected: OrderedDict[CacheKey, str] = OrderedDict()
         self._complained: set[str] = set()
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._meta = threading.Lock()
+        self.outage._lock = threading.Lock()
+
     # --- store primitives (subclasses) ----------------------------------------------------
 
-    def _read(self, key: CacheKey) -> tuple[bytes, float | None] | None:
-        """The raw entry and the lifetime the store says is left (None: use the wall clock)."""
+    def _read(self, key: CacheKey) -> tuple[bytes, float | None] | str | None:
+        """The raw entry and the lifetime the store says is left (None: use the wall clock);
+        a string says why what the store holds there is not an entry (wrong type, no TTL…)."""
         raise NotImplementedError
 
     def _write(self, key: CacheKey, raw: bytes, ttl: float) -> None:
@@ -322,9 +338,13 @@ class SharedTokenCache(TokenCache):
             log.debug("token not shared: %s", e)
             return None
 
-    def _accept(self, key: CacheKey, raw: bytes, remaining: float | None) -> Token | None:
-        """Validate a raw entry; a corrupt or foreign one is reported once and ignored."""
+    def _accept(self, key: CacheKey, got: tuple[bytes, float | None] | str) -> Token | None:
+        """Validate what :meth:`_read` got; a corrupt or foreign entry is reported once and
+        ignored (the next renewal overwrites it)."""
         try:
+            if isinstance(got, str):
+                raise ValueError(got)
+            raw, remaining = got
             decoded = decode_entry(
                 key, raw, remaining=remaining, accept_refresh_token=self.share_refresh_tokens
             )
@@ -359,7 +379,7 @@ class SharedTokenCache(TokenCache):
             got = self._guard(self._read, key)
         except Unavailable:
             return None
-        return None if got is None else self._accept(key, *got)
+        return None if got is None else self._accept(key, got)
 
     def store(self, key: CacheKey, token: Token) -> None:
         """Publish ``token`` without the lock (best effort; never raises)."""
@@ -367,7 +387,7 @@ class SharedTokenCache(TokenCache):
         if raw is None:
             return
         try:
-            self._guard(self._write, key, raw, token.expires_in())
+            self._guard(self._write, key, raw, _ttl(token))
         except Unavailable:
             return
         self._remember(key, token, raw)
@@ -421,6 +441,11 @@ class SharedTokenCache(TokenCache):
 
 
 # --- the renewal --------------------------------------------------------------------------
+
+
+def _ttl(token: Token) -> float:
+    """The store TTL of ``token``'s entry: its remaining life, within :data:`MAX_LIFETIME`."""
+    return min(token.expires_in(), MAX_LIFETIME)
 
 
 def _fresh(token: Token | None) -> Token | None:

@@ -4,7 +4,9 @@ One JSON object per entry: the cache key it belongs to (to refuse entries writte
 key), the access token and its type, scope and lifetime, the issuer's wall-clock times, and the
 non-secret members of the token response; a refresh token only when the caller opted in. No
 key material, PIN or client secret ever gets in: the encoder takes a :class:`Token`, which
-holds none, and filters the response members by name as the session log does.
+holds none, and filters the response members by name as the session log does. Entries are
+ASCII (JSON escapes for the rest): a store tells ours from foreign bytes without parsing them,
+and no client that decodes replies as text can choke on one.
 
 Every read is validated (:func:`decode_entry`) as untrusted input: strict JSON, the exact
 cache key, a header-safe DPoP token (RFC 9449 §5: never a Bearer downgrade), a JWT access
@@ -14,6 +16,7 @@ token's ``cnf.jkt`` equal to ours (RFC 9449 §6.1), finite times within the life
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -29,17 +32,27 @@ __all__ = [
     "ENTRY_KIND",
     "ENTRY_VERSION",
     "MAX_ENTRY",
+    "MAX_LIFETIME",
     "Decoded",
     "decode_entry",
     "digest",
     "encode_entry",
     "entry_id",
+    "store_json",
 ]
 
 ENTRY_KIND = "dpop_hsm.token"
 ENTRY_VERSION = 1
 MAX_ENTRY = 64 * 1024
 MAX_ACCESS_TOKEN = 16 * 1024
+# The longest a shared entry lives: an entry claiming more is corrupt, and a token the AS gave a
+# longer life is shared for this long (its store TTL stays within what Redis accepts).
+MAX_LIFETIME = 366 * 86400.0
+
+
+def store_json(value: Any) -> bytes:
+    """Compact, ASCII-only JSON: what a shared store holds (entries, nonces)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def entry_id(key: CacheKey) -> str:
@@ -57,17 +70,19 @@ def encode_entry(key: CacheKey, token: Token, *, refresh_token: str | None = Non
 
     ``expires_at`` is absolute (``time.time()`` of this host), ``renew_before`` relative; a
     store with a clock of its own (Redis' key TTL) makes readers independent of host clocks.
-    Raises ``ValueError`` for a token that must not or cannot be shared (not DPoP, bound to
-    another key, expired, members that are not JSON).
+    Lifetimes beyond :data:`MAX_LIFETIME` are shared as that long. Raises ``ValueError`` for a
+    token that must not or cannot be shared (not DPoP, bound to another key, expired, members
+    that are not JSON).
     """
     if not token.is_dpop:
         raise ValueError("only DPoP tokens are shared")
     if token.jkt != key.jkt:
         raise ValueError("token is bound to another key than the cache key says")
     now_mono, now_wall = time.monotonic(), time.time()
-    expires_in = token.expires_at - now_mono
-    if expires_in <= 0:
+    expires_in = min(token.expires_at - now_mono, MAX_LIFETIME)
+    if not expires_in > 0:
         raise ValueError("token has expired")
+    lifetime = min(token.lifetime, MAX_LIFETIME)
     entry: dict[str, Any] = {
         "v": ENTRY_VERSION,
         "kind": ENTRY_KIND,
@@ -75,10 +90,10 @@ def encode_entry(key: CacheKey, token: Token, *, refresh_token: str | None = Non
         "access_token": token.access_token,
         "token_type": token.token_type,
         "scope": token.scope,
-        "lifetime": token.lifetime,
+        "lifetime": lifetime,
         "issued_at": token.issued_at,
         "expires_at": now_wall + expires_in,
-        "renew_before": max(0.0, token.expires_at - token.renew_at),
+        "renew_before": min(lifetime, max(0.0, token.expires_at - token.renew_at)),
         # Only the response's non-secret members; the secret ones never got into ``extra``,
         # and this filter keeps it so for tokens built by hand.
         "extra": {k: v for k, v in token.extra.items() if k not in SECRET_FIELDS},
@@ -86,8 +101,8 @@ def encode_entry(key: CacheKey, token: Token, *, refresh_token: str | None = Non
     if refresh_token is not None:
         entry["refresh_token"] = refresh_token
     try:
-        raw = compact_json(entry)
-    except (TypeError, ValueError) as e:
+        raw = store_json(entry)
+    except (TypeError, ValueError, RecursionError) as e:
         raise ValueError("token members are not JSON") from e
     if len(raw) > MAX_ENTRY:
         raise ValueError("token entry too large to share")
@@ -140,6 +155,8 @@ def decode_entry(
     content), so the caller ignores it and overwrites it.
     """
     now_mono, now_wall = time.monotonic(), time.time()
+    if not raw:
+        raise ValueError("entry is empty")
     if len(raw) > MAX_ENTRY:
         raise ValueError("entry too large")
     try:
@@ -180,7 +197,7 @@ def decode_entry(
     issued_at = _number(entry, "issued_at")
     expires_at = _number(entry, "expires_at")
     renew_before = _number(entry, "renew_before")
-    if not lifetime > 0 or not 0 <= renew_before <= lifetime:
+    if not 0 < lifetime <= MAX_LIFETIME or not 0 <= renew_before <= lifetime:
         raise ValueError("entry lifetime or renew_before out of range")
     expires_in = expires_at - now_wall if remaining is None else remaining
     expires_in = min(expires_in, lifetime)

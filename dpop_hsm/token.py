@@ -29,8 +29,10 @@ asyncio tasks queue without blocking the loop.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +79,20 @@ log = logging.getLogger("dpop_hsm.token")
 
 DEFAULT_TIMEOUT = (10.0, 10.0)
 
+# fork() copies one thread: a renewal another thread ran, or a lock it held, never ends in the
+# child. Caches and clients re-arm themselves there (``_after_fork``), or the child would wait
+# forever for a renewal nobody runs.
+_FORK_AWARE: weakref.WeakSet[TokenCache | TokenClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for item in list(_FORK_AWARE):
+        item._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def timeout_pair(timeout: float | tuple[float, float]) -> tuple[float, float]:
     """A ``timeout`` option as the (connect, read) seconds requests takes: one number is both."""
@@ -112,6 +128,11 @@ class TokenCache:
             raise ConfigurationError("max_entries must be positive")
         self._max = max_entries
         self._tokens: OrderedDict[CacheKey, Token] = OrderedDict()
+        self._lock = threading.Lock()
+        _FORK_AWARE.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks (a parent thread may have held one at fork time)."""
         self._lock = threading.Lock()
 
     def get(self, key: CacheKey) -> Token | None:
@@ -164,17 +185,55 @@ class Renewal:
         self.previous = previous
         self._done = False
         self._inner: Generator[HttpRequest, HttpResponse, Token] | None = None
+        # An async adapter advances the flow in a worker thread; a cancelled task leaves the
+        # block while that thread is still inside a step. ``_stepping`` says so (the flow
+        # cannot be closed from outside then), ``_closed`` tells the step to close it itself.
+        self._state = threading.Lock()
+        self._stepping = False
+        self._closed = False
 
     def flow(self) -> Generator[HttpRequest, HttpResponse, Token]:
         """Yield token requests, receive responses; return the new (cached) token.
 
         May return without yielding (a shared cache already holds a fresh token)."""
         client = self._client
-        self._inner = client.cache.renewal_flow(client, self.previous)
-        token = yield from self._inner
-        client._finish_renewal(token)
-        self._done = True
+        inner = self._inner = client.cache.renewal_flow(client, self.previous)
+        try:
+            request = self._step(inner, None)
+            while True:
+                request = self._step(inner, (yield request))
+        except StopIteration as stop:
+            token: Token = stop.value
+        finally:
+            inner.close()  # no-op once finished; else a shared cache's fleet lock goes now
+        self._finish(token)
         return token
+
+    def _step(
+        self, inner: Generator[HttpRequest, HttpResponse, Token], response: HttpResponse | None
+    ) -> HttpRequest:
+        with self._state:
+            if self._closed:
+                raise TransportError("the token renewal was abandoned by its caller")
+            self._stepping = True
+        try:
+            request = inner.send(response)  # type: ignore[arg-type] # None starts it
+        finally:
+            with self._state:
+                self._stepping = False
+                closed = self._closed
+        if closed:  # the caller left during this step: release what the flow holds, here
+            inner.close()
+            raise TransportError("the token renewal was abandoned by its caller")
+        return request
+
+    def _finish(self, token: Token | None) -> None:
+        with self._state:
+            first, self._done = not self._done, True
+        if first:
+            self._client._finish_renewal(token)
+        elif token is not None:  # fetched by a step its caller stopped waiting for: keep it
+            self._client.cache.put(self._client.cache_key, token)
 
     def fallback(self, error: DPoPError) -> Token:
         """The one rule for a failed renewal: keep the still-valid previous token, else raise.
@@ -199,11 +258,17 @@ class Renewal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._inner is not None:
-            self._inner.close()  # a shared cache's fleet lock is released now, not at GC
-        if not self._done:
-            self._done = True
-            self._client._finish_renewal(None)
+        with self._state:
+            self._closed = True
+            stepping = self._stepping
+        try:
+            # A shared cache's fleet lock is released now, not at GC. While a worker thread
+            # is inside a step (a cancelled asyncio task stopped waiting for it), the
+            # generator cannot be closed from here: that step closes it when it returns.
+            if self._inner is not None and not stepping:
+                self._inner.close()
+        finally:
+            self._finish(None)  # the slot is free for the next caller either way
 
 
 def drive_flow(
@@ -317,10 +382,20 @@ class TokenClient:
             self.token_endpoint, client_id, self.scope, self.resource, signer.thumbprint
         )
         self._session = session
+        self._own_session = False  # made by _default_sender (a caller's session stays theirs)
         self._cond = threading.Condition(threading.Lock())
         self._renewing = False
         self._failures = 0  # renewals failed in a row
         self._retry_at = 0.0  # monotonic time before which a valid token is not renewed again
+        _FORK_AWARE.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: no renewal is running (its thread stayed in the parent), and the
+        private session's pooled sockets are the parent's (dropped, never closed)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._renewing = False
+        if self._own_session:
+            self._session, self._own_session = None, False
 
     @property
     def auth_method(self) -> AuthMethod:
@@ -430,6 +505,7 @@ class TokenClient:
 
         if self._session is None:
             self._session = requests.Session()
+            self._own_session = True
         session = self._session
         timeout = self.timeout
 

@@ -21,6 +21,7 @@ from dpop_hsm.errors import ConfigurationError
 from dpop_hsm.file_cache import FileTokenCache
 from dpop_hsm.jose import b64url_encode, compact_json
 from dpop_hsm.shared_cache import Outage, Unavailable, decode_entry, encode_entry, entry_id
+from dpop_hsm.shared_entry import MAX_LIFETIME
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
 from dpop_hsm.token import CacheKey, Token, TokenClient, drive_flow
@@ -137,6 +138,14 @@ HOSTILE: dict[str, Any] = {
     "scope not a string": _mutate({"scope": 7}),
     "refresh token not a string": _mutate({"refresh_token": 5}),
     "too large": b"{" + b" " * 70_000 + b"}",
+    "empty": b"",
+    "deep nesting": b"[" * 30_000 + b"]" * 30_000,  # within MAX_ENTRY: the parser's limit
+    "negative lifetime": _mutate({"lifetime": -60}),
+    "float lifetime beyond any token's": _mutate({"lifetime": 1e12}),
+    "string lifetime": _mutate({"lifetime": "60"}),
+    "infinite expiry": _mutate({"expires_at": 12345.5}).replace(b"12345.5", b"1e999"),
+    "boolean expiry": _mutate({"expires_at": True}),
+    "negative renew_before": _mutate({"renew_before": -1}),
 }
 
 
@@ -161,6 +170,14 @@ WHY = {
     "boolean lifetime": "lifetime is not a finite number",
     "string expiry": "expires_at is not a finite number",
     "too large": "too large",
+    "empty": "empty",
+    "deep nesting": "strict JSON",
+    "negative lifetime": "out of range",
+    "float lifetime beyond any token's": "out of range",
+    "string lifetime": "lifetime is not a finite number",
+    "infinite expiry": "strict JSON",
+    "boolean expiry": "expires_at is not a finite number",
+    "negative renew_before": "out of range",
 }
 
 
@@ -176,6 +193,24 @@ def test_corrupt_or_foreign_entries_are_refused(name: str) -> None:
 def test_a_jwt_bound_to_our_key_and_an_opaque_token_are_accepted() -> None:
     for access_token in (_jwt({"cnf": {"jkt": JKT}}), "opaque.two-dots-but.not-json!"):
         assert decode_entry(KEY, _mutate({"access_token": access_token})) is not None
+
+
+def test_a_lifetime_beyond_max_lifetime_is_shared_as_max_lifetime() -> None:
+    """What Redis' PX accepts and readers agree on: the entry says at most MAX_LIFETIME."""
+    decade = 10 * 365 * 86400.0
+    entry = json.loads(encode_entry(KEY, _token(lifetime=decade, renew_before=60)))
+    assert entry["lifetime"] == MAX_LIFETIME and entry["renew_before"] == 60
+    assert entry["expires_at"] <= time.time() + MAX_LIFETIME
+    decoded = decode_entry(KEY, encode_entry(KEY, _token(lifetime=decade)))
+    assert decoded is not None and decoded.token.expires_in() <= MAX_LIFETIME
+
+
+def test_entries_are_ascii_whatever_the_token_response_held() -> None:
+    """A store may tell foreign bytes from ours without parsing (the Redis read script does)."""
+    raw = encode_entry(KEY, _token(scope="lecture écriture", extra=MappingProxyType({"n": "é"})))
+    assert raw.isascii()
+    decoded = decode_entry(KEY, raw)
+    assert decoded is not None and decoded.token.scope == "lecture écriture"
 
 
 def test_only_dpop_tokens_of_the_cache_key_are_shared() -> None:
