@@ -48,6 +48,7 @@ Sentinel, custom connection classes, an async-only credential provider) are refu
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import time
@@ -83,6 +84,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_OP_TIMEOUT", "RedisTokenCache"]
 
 DEFAULT_OP_TIMEOUT = 0.5
+_log = logging.getLogger("dpop_hsm.redis")
+_SLOW_TIMEOUT = 2.0  # seconds: a socket timeout above it is warned about (see __init__)
 DEFAULT_PREFIX = "dpop_hsm:"
 NONCE_TTL_MS = 300_000
 _PUBSUB_RETRY = 300.0  # seconds before trying pub/sub again after the server refused it
@@ -263,6 +266,20 @@ class RedisTokenCache(SharedTokenCache):
             raise ConfigurationError("prefix must be a printable string of at most 200 chars")
         kwargs = client.connection_pool.connection_kwargs
         where = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        bounds = [kwargs.get("socket_timeout"), kwargs.get("socket_connect_timeout")]
+        if any(b is None or b > _SLOW_TIMEOUT for b in bounds):
+            # A frozen Redis holds a renewing request for one socket timeout per operation
+            # before the degraded mode starts: redis-py's 5 s default (none at all before 8.0)
+            # breaks the promise that Redis adds under 2 s to any one request. Said once.
+            _log.warning(
+                "the Redis client for the token cache (redis at %s) allows socket timeouts over "
+                "%.0f s (%s): a frozen Redis would stall token renewals that long; "
+                "RedisTokenCache.from_url uses %.1f s",
+                where,
+                _SLOW_TIMEOUT,
+                "socket_timeout, socket_connect_timeout = " + ", ".join(map(str, bounds)),
+                DEFAULT_OP_TIMEOUT,
+            )
         super().__init__(
             what=f"redis at {where}",
             lease=lease,

@@ -525,3 +525,21 @@ def test_a_refusing_redis_is_an_outage_too(
     assert cache.outage.stats["outages"] == 1
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "NoPermissionError" in warnings[0].getMessage()
+
+
+def test_a_client_with_slow_socket_timeouts_is_warned_about_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis as redis_py
+
+    from dpop_hsm.redis import RedisTokenCache
+
+    caplog.set_level(logging.WARNING, logger="dpop_hsm")
+    RedisTokenCache.from_url(redis_server.url).close()
+    timed = redis_py.Redis(port=redis_server.port, socket_timeout=1, socket_connect_timeout=1)
+    RedisTokenCache(timed).close()
+    assert not caplog.records  # from_url's defaults, or the caller's own bounds
+    RedisTokenCache(redis_py.Redis(port=redis_server.port)).close()  # redis-py's 5 s default
+    RedisTokenCache(redis_py.Redis(port=redis_server.port, socket_timeout=None)).close()
+    warnings = [r for r in caplog.records if "socket_timeout" in r.getMessage()]
+    assert len(warnings) == 2 and f":{redis_server.port}" in warnings[0].getMessage()
