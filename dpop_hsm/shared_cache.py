@@ -3,7 +3,11 @@
 A DPoP-bound token is useless without its private key (RFC 9449 §6), so processes that sign
 with the same key (one HSM key, many workers) may share the token; the key itself is never
 shared and no entry ever holds key material, a PIN or a client secret. A refresh token is
-written only when the cache was created with ``share_refresh_tokens=True``.
+written only when the cache was created with ``share_refresh_tokens=True`` and the cached
+token carries one; the tokens a :class:`~dpop_hsm.token.TokenClient` caches today come from
+client_credentials, which issues no refresh token (RFC 6749 §4.4.3), so the option writes
+nothing more yet. It is the opt-in for grants that will: off, a refresh token never reaches
+the store whatever the grant.
 
 :class:`SharedTokenCache` is the base of :class:`dpop_hsm.redis.RedisTokenCache` and
 :class:`dpop_hsm.file_cache.FileTokenCache`. It is a :class:`~dpop_hsm.token.TokenCache`: every
