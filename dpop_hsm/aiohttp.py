@@ -219,8 +219,9 @@ class DPoPMiddleware(AsyncFlowAdapter):
             return cached
         async with self._loop_locks.current():
             got = tc.try_acquire()
-            if got is None:  # another thread renews: wait for it off the loop
-                got = await asyncio.get_running_loop().run_in_executor(None, tc.acquire)
+            while got is None:  # another thread renews: wait for it off the loop, taking nothing
+                await asyncio.get_running_loop().run_in_executor(None, tc.wait_for_renewal)
+                got = tc.try_acquire()
             if isinstance(got, Token):
                 return got
             with got:

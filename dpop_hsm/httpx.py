@@ -452,8 +452,9 @@ class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
                 if value is None:
                     async with self._async_lock():
                         got = tc.try_acquire()
-                        if got is None:  # another thread renews: wait for it off the loop
-                            got = await anyio.to_thread.run_sync(tc.acquire)
+                        while got is None:  # another thread renews: wait off the loop, take nothing
+                            await anyio.to_thread.run_sync(tc.wait_for_renewal)
+                            got = tc.try_acquire()
                         if isinstance(got, Token):
                             value = got
                         else:

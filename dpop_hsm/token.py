@@ -445,6 +445,26 @@ class TokenClient:
                     raise TransportError("timed out waiting for another token renewal")
                 self._cond.wait(remaining)
 
+    def wait_for_renewal(self, *, timeout: float | None = None) -> None:
+        """Block until :meth:`try_acquire` would not return None, taking nothing.
+
+        For event loops, which wait for another thread's renewal in a worker thread: a worker
+        that took the :class:`Renewal` slot itself would hold it for good if the task that
+        awaits it were cancelled meanwhile (nobody would exit the slot). This one only waits;
+        the loop then calls :meth:`try_acquire` again. Same time limit as :meth:`acquire`.
+        """
+        limit = timeout if timeout is not None else 4 * sum(self.timeout) + 5
+        deadline = time.monotonic() + limit
+        with self._cond:
+            while self._renewing:
+                token = self.cache.get(self.cache_key)
+                if token is not None and token.is_valid():
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportError("timed out waiting for another token renewal")
+                self._cond.wait(remaining)
+
     def try_acquire(self) -> Token | Renewal | None:
         """:meth:`acquire` without waiting: None while another caller renews and no valid
         token exists (an event loop then waits for it in a worker thread, not on the loop)."""

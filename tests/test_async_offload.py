@@ -299,3 +299,30 @@ def test_a_shared_cache_renewal_never_runs_on_the_event_loop(
     statuses, loop_thread = asyncio.run(main())
     assert statuses == [200] * 4
     assert threads and loop_thread not in threads
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_a_task_cancelled_while_another_thread_renews_leaves_the_slot_free(
+    name: str, local: LocalDPoPServers, key: SoftwareSigner
+) -> None:
+    from dpop_hsm.token import Renewal
+
+    tc = client_for(local, key)
+    holder = tc.acquire()  # this thread renews; no token is cached yet
+    assert isinstance(holder, Renewal)
+
+    async def main() -> None:
+        task = asyncio.create_task(ADAPTERS[name](tc, local.api_url, 1))
+        await asyncio.sleep(0.3)  # the task now waits for our renewal in a worker thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with holder:  # our renewal ends without a token: the slot is free again
+            pass
+
+    asyncio.run(main())
+    again = tc.try_acquire()
+    assert isinstance(again, Renewal), "the cancelled task's worker kept the renewal slot"
+    with again:
+        pass
+    assert asyncio.run(ADAPTERS[name](tc, local.api_url, 2)) == [200, 200]
