@@ -60,6 +60,8 @@ __all__ = ["FileTokenCache"]
 
 # O_NONBLOCK: opening a FIFO planted under an entry's name must not wait for a writer.
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+# What opening a name of ours answers when someone planted another kind of file there.
+_FOREIGN_ERRNOS = frozenset({errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM})
 
 
 def _owned_private(st: os.stat_result) -> bool:
@@ -184,8 +186,10 @@ class FileTokenCache(SharedTokenCache):
         except FileNotFoundError:
             return None
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                return b""  # a symlink planted in our directory: corrupt, gets replaced
+            if e.errno in _FOREIGN_ERRNOS:
+                # A symlink, socket, directory or file we may not open, planted under our
+                # name: foreign, so it is replaced — never an outage that would stop sharing.
+                return b""
             raise
         try:
             st = os.fstat(fd)
@@ -250,8 +254,8 @@ class FileTokenCache(SharedTokenCache):
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600, dir_fd=self._dir)
         except OSError as e:
-            if e.errno in (errno.ELOOP, errno.EISDIR, errno.EACCES):
-                return None  # a symlink, a directory, a file we may not open
+            if e.errno in _FOREIGN_ERRNOS:
+                return None  # a symlink, socket, directory or file we may not open
             raise
         try:
             if _owned_private(os.fstat(fd)):

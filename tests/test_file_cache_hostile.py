@@ -248,3 +248,31 @@ def test_fork_during_a_renewal_leaves_the_child_no_lock_and_no_stuck_renewal(
         os.waitpid(pid, 0)
         for fd in (answer_r, answer_w, exit_r, exit_w):
             os.close(fd)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".lock"])
+def test_a_socket_under_an_entry_or_lock_name_is_replaced_not_an_outage(
+    tmp_path: Path,
+    servers: LocalDPoPServers,
+    signer: SoftwareSigner,
+    suffix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """open() of a unix socket fails with ENXIO: re-raised, it made load() or lock() an outage,
+    the back-off skipped the store that would have replaced it, and sharing never resumed."""
+    import socket
+
+    directory = tmp_path / "cache"
+    cache = FileTokenCache(directory)
+    client = _client(servers, signer, cache)
+    planted = socket.socket(socket.AF_UNIX)
+    try:
+        monkeypatch.chdir(directory)  # a relative name: the full path is over AF_UNIX's limit
+        planted.bind(f"{entry_id(client.cache_key)}{suffix}")
+        token = _in_thread(client.get_token)
+        assert not cache.outage.down and cache.outage.stats["failures"] == 0
+        newcomer = _client(servers, signer, FileTokenCache(directory))
+        assert _in_thread(newcomer.get_token).access_token == token.access_token  # shared
+        assert servers.counters.tokens_issued == 1
+    finally:
+        planted.close()
