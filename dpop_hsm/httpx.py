@@ -489,15 +489,21 @@ class DPoPAuth(AsyncFlowAdapter, httpx.Auth):
     # --- redirects ------------------------------------------------------------------------
 
     def attach(self, client: httpx.Client | httpx.AsyncClient) -> None:
-        """Use this auth on ``client`` and re-sign / strip redirect hops (RFC 9449 §4.3)."""
+        """Use this auth on ``client`` and re-sign / strip redirect hops (RFC 9449 §4.3).
+
+        Idempotent: a second hook would take the first send for a redirect hop, so attaching
+        twice (say, in a factory and again by its caller) adds nothing.
+        """
         client.auth = self
-        if isinstance(client, httpx.AsyncClient):
-            hooks = client.event_hooks
-            hooks["request"] = [*hooks.get("request", []), self._async_redirect_hook]
-            client.event_hooks = hooks
-        else:
-            hooks = client.event_hooks
-            hooks["request"] = [*hooks.get("request", []), self.redirect_hook]
+        hook: Any = (
+            self._async_redirect_hook
+            if isinstance(client, httpx.AsyncClient)
+            else self.redirect_hook
+        )
+        hooks = client.event_hooks
+        present = hooks.get("request", [])
+        if hook not in present:  # bound methods of one auth compare equal
+            hooks["request"] = [*present, hook]
             client.event_hooks = hooks
 
     def _hop_action(self, request: httpx.Request, is_async: bool) -> Callable[[], None] | None:

@@ -289,6 +289,26 @@ def test_redirects_with_attach(servers: LocalDPoPServers, dpop_signer: Signer) -
     asyncio.run(main())
 
 
+def test_attaching_twice_is_attaching_once(servers: LocalDPoPServers, dpop_signer: Signer) -> None:
+    # A second redirect hook took the first send for a redirect hop: token fetches failed
+    # with a RedirectError although nothing redirected.
+    auth = DPoPAuth(token_client(servers, dpop_signer))
+    with httpx.Client(follow_redirects=True) as client:
+        auth.attach(client)
+        auth.attach(client)
+        assert len(client.event_hooks["request"]) == 1
+        assert client.get(servers.api_url).status_code == 200
+
+    async def main() -> None:
+        async with httpx.AsyncClient() as client:
+            auth.attach(client)
+            auth.attach(client)
+            assert len(client.event_hooks["request"]) == 1
+            assert (await client.get(servers.api_url)).status_code == 200
+
+    asyncio.run(main())
+
+
 def test_redirect_refused_or_detected(servers: LocalDPoPServers, dpop_signer: Signer) -> None:
     tc = token_client(servers, dpop_signer)
     with httpx.Client(follow_redirects=True) as client:
