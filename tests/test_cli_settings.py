@@ -161,16 +161,47 @@ def test_named_files_and_profiles_must_exist(tmp_path: Path) -> None:
         resolve_settings(namespace(config=str(tmp_path / "bin.toml")), CLIENT_SETTINGS, {})
 
 
+def _shared_group() -> int:
+    """A group the file may be given that is not this user's private group (else: skip)."""
+    import pwd
+
+    own = pwd.getpwuid(os.geteuid()).pw_gid
+    if os.geteuid() == 0:
+        return 65534  # root may give a file any group: nogroup is nobody's private group
+    others = [g for g in os.getgroups() if g != own]
+    if not others:
+        pytest.skip("this user belongs to no group but its own")
+    return others[0]
+
+
 @pytest.mark.parametrize("mode", [0o666, 0o646, 0o664, 0o620])
 def test_config_writable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
     # Like ssh with ~/.ssh/config: whoever can write the file chooses the key reference (and
     # with it a module-path to load) and the token endpoint (which receives the secret).
     path = write_config(tmp_path, CONFIG)
+    if mode & 0o020:
+        os.chown(path, -1, _shared_group())
     os.chmod(path, mode)
     with pytest.raises(ConfigFileError) as caught:
         resolve_settings(namespace(config=str(path), config_profile="ci"), CLIENT_SETTINGS, {})
     assert "writable by other users" in caught.value.message
     assert "chmod go-w" in caught.value.message and str(path) in caught.value.message
+
+
+def test_group_write_for_the_owners_private_group_is_fine(tmp_path: Path) -> None:
+    # umask 002 with user-private groups (RHEL, Fedora, Debian's USERGROUPS): ssh accepts it.
+    import grp
+    import pwd
+
+    user = pwd.getpwuid(os.geteuid())
+    if grp.getgrgid(user.pw_gid).gr_mem not in ([], [user.pw_name]):
+        pytest.skip("this user's primary group has other members")
+    path = write_config(tmp_path, CONFIG)
+    os.chown(path, -1, user.pw_gid)
+    os.chmod(path, 0o664)
+    args = namespace(config=str(path), config_profile="ci")
+    resolve_settings(args, CLIENT_SETTINGS, {})
+    assert args.client_id == "ci-client"
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o600, 0o444])

@@ -174,16 +174,32 @@ def _check_owner(path: Path, st: os.stat_result) -> None:
     It holds no secret, so reading is harmless, but it decides which code and which servers
     dpop-hsm trusts: a key reference in it may load a PKCS#11 module (``module-path=``, allowed
     because the user wrote it), and its token endpoint receives the client secret. Whoever can
-    write it can do both. Owner: this user or root; no group or world write bit.
+    write it can do both. Owner: this user or root; no world write bit, and a group write bit
+    only for the owner's private group with no other members (what ssh's secure_permissions
+    allows, so umask 002 systems with user-private groups keep working).
     """
     import stat
 
-    if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+    group_writable = bool(st.st_mode & 0o020) and not _private_group(st.st_gid, st.st_uid)
+    if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o002 or group_writable:
         raise ConfigFileError(
             f"config file {str(path)!r} is writable by other users or not yours (mode "
             f"{stat.S_IMODE(st.st_mode):o}): it chooses the code and servers dpop-hsm trusts; "
             "chmod go-w it if it is yours"
         )
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """True when ``gid`` is ``uid``'s own group: its primary group, with no other members."""
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(gid)
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid and all(member == user.pw_name for member in group.gr_mem)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
