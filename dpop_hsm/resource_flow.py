@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple, Protocol
 
 from .challenges import find_challenge
 from .errors import ConfigurationError, NonceError, RedirectError, UnauthorizedError
-from .htu import origin_of, require_https
+from .htu import origin_of, require_https, safe_url
 from .nonces import NonceStore
 from .proof import ProofFactory
 from .sansio import header_values
@@ -103,7 +103,9 @@ class Stamp(NamedTuple):
     method: str
 
     def __repr__(self) -> str:  # the Authorization value is the token itself; the proof too
-        return f"Stamp({self.method} {self.url}, token=****, proof=****, nonce={self.nonce!r})"
+        # The URL as error messages show it: a query may hold an API key or a code.
+        where = safe_url(self.url)
+        return f"Stamp({self.method} {where}, token=****, proof=****, nonce={self.nonce!r})"
 
 
 # Hot path: the tuple built directly, without the Python-level ``__new__`` a NamedTuple has.

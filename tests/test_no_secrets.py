@@ -169,7 +169,7 @@ def test_token_client_token_and_adapters_repr(signer: SoftwareSigner) -> None:
     )
     request = client.token_request(nonce="n-1")
     stamp = ResourceFlow(client, raise_on_rejection=False).stamp(
-        "GET", "https://rs.example.com/api", token
+        "GET", f"https://rs.example.com/api?access_token={CLIENT_SECRET}", token
     )
     shown = [
         repr(stamp),
