@@ -20,7 +20,7 @@ Authorization server (``as_url``, also the issuer):
   Requests are read strictly: one ``application/x-www-form-urlencoded`` body, each parameter
   once (``resource`` may repeat, RFC 8707 §2), an empty one counts as omitted (RFC 6749 §3.1),
   one client authentication method per request (§2.3), client_credentials for confidential
-  clients only (§4.4); a body has ``body_timeout`` seconds to arrive (else 408).
+  clients only (§4.4); a body that stops arriving for ``body_timeout`` seconds gets 408.
 Resource server (``rs_url``):
   ``/api/dpop/test`` returns the token's claims (never the proof); rejects Bearer use of a bound
   token, replays, wrong htm/htu/ath, a key that does not match ``cnf.jkt``, and (``rs_nonce``)

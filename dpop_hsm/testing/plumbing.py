@@ -272,10 +272,12 @@ class LoopbackServer(ThreadingHTTPServer):
     allow_reuse_address = True
     # The stdlib default backlog (5) drops SYNs under 32 concurrent clients: 1 s retransmits.
     request_queue_size = 128
-    # Seconds a request body may take to arrive once its headers did. A client whose
-    # Content-Length promises more than it sends would otherwise hold a handler thread, and
-    # itself, until one side gives up; it gets 408 instead (RFC 9110 §15.5.9). Idle
-    # keep-alive connections between requests are not bounded by this.
+    # Seconds the server waits for more of a request body once its headers arrived (per read,
+    # an idle bound: a client that trickles a byte every few seconds is not cut off, which a
+    # loopback test server does not need). A client whose Content-Length promises more than it
+    # sends would otherwise hold a handler thread, and itself, until one side gives up; it
+    # gets 408 instead (RFC 9110 §15.5.9). Idle keep-alive connections between requests are
+    # not bounded by this.
     body_timeout = 10.0
 
     def __init__(self, app: Role, host: str, port: int) -> None:
