@@ -179,6 +179,28 @@ def test_basic_with_its_own_client_id_in_the_form_is_fine(
     assert status == 200, body
 
 
+def test_basic_credentials_are_form_decoded_first(key: SoftwareSigner) -> None:
+    # RFC 6749 §2.3.1: client_id and secret are application/x-www-form-urlencoded (Appendix B)
+    # before Basic, so "+" is a space and "%2B" a plus; our own client sends "%20" and "%2B".
+    from urllib.parse import quote, quote_plus
+
+    secret = "a b+c"
+    with LocalDPoPServers(
+        clients=[ClientRegistration("spaced id", client_secret=secret)],
+        as_nonce=False,
+        rs_nonce=False,
+    ) as servers:
+        for encode in (quote_plus, lambda v: quote(v, safe="")):
+            pair = f"{encode('spaced id')}:{encode(secret)}"
+            basic = "Basic " + base64.b64encode(pair.encode()).decode()
+            headers = [("Authorization", basic), ("Content-Type", FORM)]
+            status, body, _ = _token_request(servers, key, M2M, headers)
+            assert status == 200, body
+        raw = "Basic " + base64.b64encode(b"spaced id:a b+c").decode()  # "+" not encoded
+        headers = [("Authorization", raw), ("Content-Type", FORM)]
+        assert _token_request(servers, key, M2M, headers)[0] == 401
+
+
 @pytest.mark.parametrize("scheme", ["Bearer", "DPoP"])
 def test_an_unsupported_authorization_scheme_is_invalid_client(
     srv: LocalDPoPServers, key: SoftwareSigner, scheme: str

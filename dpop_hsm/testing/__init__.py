@@ -22,7 +22,7 @@ Authorization server (``as_url``, also the issuer):
   one client authentication method per request (§2.3), client_credentials for confidential
   clients only (§4.4); a body that stops arriving for ``body_timeout`` seconds gets 408.
 Resource server (``rs_url``):
-  ``/api/dpop/test`` returns the token's claims (never the proof); rejects Bearer use of a bound
+  ``/api/dpop/test`` (and every path below it) returns the token's claims (never the proof); rejects Bearer use of a bound
   token, replays, wrong htm/htu/ath, a key that does not match ``cnf.jkt``, and (``rs_nonce``)
   a missing/stale nonce, each with ``WWW-Authenticate: DPoP error="…"`` and ``algs`` (§7.1,
   §9). ``/redirect?to=…`` answers 307.

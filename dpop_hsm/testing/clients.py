@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TypeGuard
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from ..errors import ConfigurationError, DPoPError, InvalidProofError, VerificationError
 from ..verify import DEFAULT_ALGORITHMS, ReplayCache, public_key_from_jwk, verify_jws_signature
@@ -225,7 +225,8 @@ class ClientAuthenticator:
             try:
                 decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
                 raw_id, _, raw_secret = decoded.partition(":")
-                client_id, secret = unquote(raw_id), unquote(raw_secret)
+                # RFC 6749 §2.3.1: both are form-urlencoded (Appendix B) first, so "+" is a space.
+                client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
             except (ValueError, UnicodeDecodeError) as e:
                 raise _invalid_client("client_auth", "bad Basic header") from e
             if form.get("client_id", client_id) != client_id:
