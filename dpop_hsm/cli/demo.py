@@ -31,7 +31,6 @@ from .common import (
     load_key,
     secret_from_options,
 )
-from .demo_login import claims_from_api as _claims_from_api
 from .net import DEMO_CLIENT_SECRET, demo_clients
 from .settings import KEY_SETTINGS
 
@@ -156,7 +155,9 @@ def run_demo(
             servers.stop()
         else:
             requests_count = {}
-    claims = _claims_from_api(body)
+    from .demo_login import claims_from_api  # here: it imports subprocess, tempfile, shutil
+
+    claims = claims_from_api(body)
     cnf = claims.get("cnf")
     token_jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
     bound = token_jkt == signer.thumbprint
