@@ -17,11 +17,11 @@ from the environment) is refused before it reaches a token or the network.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote
 
+from .bounded_read import read_bounded
 from .errors import SecretSourceError
 
 __all__ = ["SecretSource", "read_secret_source", "resolve_secret"]
@@ -41,22 +41,8 @@ def _utf8(value: str, what: str) -> str:
 
 
 def _read_secret_file(path: Path, what: str) -> str:
+    raw, _ = read_bounded(path, MAX_SECRET_FILE, f"{what}: {str(path)!r}", SecretSourceError)
     shown = repr(str(path))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise SecretSourceError(f"{what}: cannot read {shown}: {e.strerror}") from e
-    try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise SecretSourceError(f"{what}: {shown} is a directory, not a secret file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_SECRET_FILE + 1)
-    except OSError as e:
-        raise SecretSourceError(f"{what}: cannot read {shown}: {e.strerror}") from e
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_SECRET_FILE:
-        raise SecretSourceError(f"{what}: {shown} is larger than 64 KiB; not a secret file")
     text = _utf8(raw.decode("utf-8", "surrogateescape"), f"{what}: {shown}")
     if text.endswith("\n"):
         text = text[:-2] if text.endswith("\r\n") else text[:-1]

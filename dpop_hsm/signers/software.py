@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ..algorithms import DEFAULT_ALG, MIN_RSA_BITS, AlgorithmInfo, algorithm
+from ..bounded_read import read_bounded
 from ..ecdsa import der_to_raw
 from ..errors import InvalidJwkError, KeyReferenceError, SecretSourceError, UnsupportedKeyError
 from ..jose import jwk_thumbprint
@@ -240,22 +241,7 @@ def _read_key_file(path: Path) -> bytes:
     working deployments, while the warning still reaches the person who can ``chmod 600``.
     """
     shown = repr(str(path))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise KeyReferenceError(f"cannot read key file {shown}: {e.strerror}") from e
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise KeyReferenceError(f"key file {shown} is a directory")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(_MAX_KEY_FILE + 1)
-    except OSError as e:
-        raise KeyReferenceError(f"cannot read key file {shown}: {e.strerror}") from e
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_KEY_FILE:
-        raise KeyReferenceError(f"key file {shown} is larger than 1 MiB")
+    data, st = read_bounded(path, _MAX_KEY_FILE, f"key file {shown}", KeyReferenceError)
     if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
         log.warning(
             "key file %s is accessible to other users (mode %o): chmod 600 it",
