@@ -24,16 +24,17 @@ from dpop_hsm.errors import ConfigurationError
 from dpop_hsm.file_cache import FileTokenCache
 from dpop_hsm.shared_cache import decode_entry, entry_id
 from dpop_hsm.signers.software import SoftwareSigner
-from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
-from dpop_hsm.token import Renewal, TokenClient
+from dpop_hsm.testing import LocalDPoPServers
+from dpop_hsm.token import Renewal
+from tests.support.caches import CACHE_CLIENT_SECRET, cache_client, cache_servers
 
-SECRET = "file-hostile-secret-77d1"  # a fixture value the local AS registers
+SECRET = CACHE_CLIENT_SECRET
 NOBODY = 65534
 
 
 @pytest.fixture
 def servers() -> Iterator[LocalDPoPServers]:
-    with LocalDPoPServers(clients=[ClientRegistration("c", client_secret=SECRET)]) as srv:
+    with cache_servers() as srv:
         yield srv
 
 
@@ -42,16 +43,7 @@ def signer() -> SoftwareSigner:
     return SoftwareSigner.generate("ES256")
 
 
-def _client(srv: LocalDPoPServers, signer: SoftwareSigner, cache: Any) -> TokenClient:
-    return TokenClient(
-        signer,
-        token_endpoint=srv.token_endpoint,
-        client_id="c",
-        client_secret=SECRET,
-        scope="api",
-        cache=cache,
-        timeout=(2.0, 2.0),
-    )
+_client = cache_client
 
 
 def _in_thread(fn: Any) -> Any:

@@ -22,14 +22,15 @@ import pytest
 from dpop_hsm.errors import ConfigurationError
 from dpop_hsm.shared_cache import decode_entry, entry_id
 from dpop_hsm.signers.software import SoftwareSigner
-from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
-from dpop_hsm.token import CacheKey, TokenClient
+from dpop_hsm.testing import LocalDPoPServers
+from dpop_hsm.token import CacheKey
+from tests.support.caches import CACHE_CLIENT_SECRET, cache_client, cache_servers
 from tests.support.redis import RedisServer, _require_redis
 
 if TYPE_CHECKING:
     import redis
 
-SECRET = "redis-twin-client-secret-0c7d"  # a fixture value the local AS registers
+SECRET = CACHE_CLIENT_SECRET
 PASSWORD = "redis-twin-password-5be1"  # the server's requirepass: must never be shown
 
 
@@ -52,9 +53,7 @@ def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 def servers() -> Iterator[LocalDPoPServers]:
-    with LocalDPoPServers(
-        clients=[ClientRegistration("c", client_secret=SECRET)], as_nonce=True, rs_nonce=True
-    ) as srv:
+    with cache_servers(as_nonce=True, rs_nonce=True) as srv:
         yield srv
 
 
@@ -63,16 +62,7 @@ def signer() -> SoftwareSigner:
     return SoftwareSigner.generate("ES256")
 
 
-def _client(srv: LocalDPoPServers, signer: SoftwareSigner, cache: Any) -> TokenClient:
-    return TokenClient(
-        signer,
-        token_endpoint=srv.token_endpoint,
-        client_id="c",
-        client_secret=SECRET,
-        scope="api",
-        cache=cache,
-        timeout=(2.0, 2.0),
-    )
+_client = cache_client
 
 
 def _app_client(transport: str, server: RedisServer) -> redis.asyncio.Redis:

@@ -24,8 +24,9 @@ from dpop_hsm.jose import b64url_encode
 from dpop_hsm.requests import DPoPSession
 from dpop_hsm.shared_cache import decode_entry, entry_id
 from dpop_hsm.signers.software import SoftwareSigner
-from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
+from dpop_hsm.testing import LocalDPoPServers
 from dpop_hsm.token import Token, TokenClient
+from tests.support.caches import CACHE_CLIENT_SECRET, cache_client, cache_servers
 from tests.support.redis import RedisServer, _require_redis
 
 
@@ -35,14 +36,12 @@ def _needs_redis() -> None:
     _require_redis()
 
 
-SECRET = "redis-cache-secret-93a0"  # a fixture value the local AS registers
+SECRET = CACHE_CLIENT_SECRET
 
 
 @pytest.fixture
 def servers() -> Iterator[LocalDPoPServers]:
-    with LocalDPoPServers(
-        clients=[ClientRegistration("c", client_secret=SECRET)], as_nonce=True, rs_nonce=True
-    ) as srv:
+    with cache_servers(as_nonce=True, rs_nonce=True) as srv:
         yield srv
 
 
@@ -88,17 +87,7 @@ def caches(
         cache.close()
 
 
-def _client(srv: LocalDPoPServers, signer: SoftwareSigner, cache: Any, **kw: Any) -> TokenClient:
-    return TokenClient(
-        signer,
-        token_endpoint=srv.token_endpoint,
-        client_id="c",
-        client_secret=SECRET,
-        scope="api",
-        cache=cache,
-        timeout=(2.0, 2.0),
-        **kw,
-    )
+_client = cache_client
 
 
 def _entry_name(cache: Any, client: TokenClient) -> str:

@@ -23,6 +23,7 @@ from dpop_hsm.shared_cache import decode_entry, entry_id
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
 from dpop_hsm.token import Token, TokenClient
+from tests.support.caches import CACHE_CLIENT_SECRET, cache_client, cache_servers
 from tests.support.redis import RedisServer, _require_redis
 
 
@@ -31,12 +32,12 @@ def _needs_redis() -> None:
     _require_redis()
 
 
-SECRET = "redis-hostile-secret-5e7b"  # a fixture value the local AS registers
+SECRET = CACHE_CLIENT_SECRET
 
 
 @pytest.fixture
 def servers() -> Iterator[LocalDPoPServers]:
-    with LocalDPoPServers(clients=[ClientRegistration("c", client_secret=SECRET)]) as srv:
+    with cache_servers() as srv:
         yield srv
 
 
@@ -77,16 +78,7 @@ def raw(redis_server: RedisServer) -> Iterator[Any]:
     client.close()
 
 
-def _client(srv: LocalDPoPServers, signer: SoftwareSigner, cache: Any) -> TokenClient:
-    return TokenClient(
-        signer,
-        token_endpoint=srv.token_endpoint,
-        client_id="c",
-        client_secret=SECRET,
-        scope="api",
-        cache=cache,
-        timeout=(2.0, 2.0),
-    )
+_client = cache_client
 
 
 def _names(cache: Any, client: TokenClient) -> tuple[str, str, str]:

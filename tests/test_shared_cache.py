@@ -23,10 +23,11 @@ from dpop_hsm.jose import b64url_encode, compact_json
 from dpop_hsm.shared_cache import Outage, Unavailable, decode_entry, encode_entry, entry_id
 from dpop_hsm.shared_entry import MAX_LIFETIME
 from dpop_hsm.signers.software import SoftwareSigner
-from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
-from dpop_hsm.token import CacheKey, Token, TokenClient, drive_flow
+from dpop_hsm.testing import LocalDPoPServers
+from dpop_hsm.token import CacheKey, Token, drive_flow
+from tests.support.caches import CACHE_CLIENT_SECRET, cache_client, cache_servers
 
-SECRET = "shared-cache-secret-41c2"  # a fixture value the local AS registers
+SECRET = CACHE_CLIENT_SECRET
 JKT = "x" * 43
 KEY = CacheKey("https://as.example/token", "client", "api", ("https://rs.example",), JKT)
 
@@ -273,9 +274,7 @@ def test_an_outage_warns_once_skips_the_store_and_reports_recovery(
 
 @pytest.fixture
 def servers() -> Any:
-    with LocalDPoPServers(
-        clients=[ClientRegistration("c", client_secret=SECRET)], as_nonce=True, rs_nonce=True
-    ) as srv:
+    with cache_servers(as_nonce=True, rs_nonce=True) as srv:
         yield srv
 
 
@@ -284,16 +283,7 @@ def signer() -> SoftwareSigner:
     return SoftwareSigner.generate("ES256")
 
 
-def _client(srv: LocalDPoPServers, signer: SoftwareSigner, cache: Any) -> TokenClient:
-    return TokenClient(
-        signer,
-        token_endpoint=srv.token_endpoint,
-        client_id="c",
-        client_secret=SECRET,
-        scope="api",
-        cache=cache,
-        timeout=(2.0, 2.0),
-    )
+_client = cache_client
 
 
 def test_file_cache_shares_one_token_between_caches(

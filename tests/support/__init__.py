@@ -10,6 +10,7 @@
 - ``adapters``: one small driver per HTTP adapter, for the adapter contract suite.
 - ``oauth``: drives the local AS's login, PAR, device and refresh endpoints like a browser would.
 - ``redis``: pytest plugin, a private redis-server on a free 127.0.0.1 port.
+- ``caches``: the local servers and the TokenClient every token-cache suite uses.
 - ``fleet``: starts, commands and collects the fleet tests' worker processes.
 - ``fleet_worker``: one worker process of the fleet tests, driven over stdio.
 - ``cli``: pytest plugin and helpers for running ``dpop-hsm`` in-process and as a child.
