@@ -78,6 +78,7 @@ log = logging.getLogger("dpop_hsm.token")
 
 DEFAULT_TIMEOUT = (10.0, 10.0)
 
+
 def timeout_pair(timeout: float | tuple[float, float]) -> tuple[float, float]:
     """A ``timeout`` option as the (connect, read) seconds requests takes: one number is both."""
     if isinstance(timeout, int | float):

@@ -491,7 +491,7 @@ def test_a_renewal_abandoned_while_its_worker_resumes_is_closed_once(
     def leave() -> None:  # the loop thread: the task was cancelled
         try:
             renewal.__exit__(None, None, None)
-        except BaseException as e:  # noqa: BLE001 - whatever it is, the test reports it
+        except BaseException as e:  # whatever it is, the test reports it
             errors.append(e)
 
     leaver = threading.Thread(target=leave)
