@@ -172,7 +172,15 @@ class FileTokenCache(SharedTokenCache):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._lock_fds = set()
-        self._fds_lock = threading.Lock()
+        self._fds_lock = threading.Lock()  # the copy is held (by _before_fork): a new one
+
+    def _before_fork(self) -> None:
+        # fork() waits for an open+record or discard+close step in another thread, so the
+        # child's set names exactly the lock descriptors it has.
+        self._fds_lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._fds_lock.release()
 
     @staticmethod
     def _name(key: CacheKey, suffix: str) -> str:
@@ -287,14 +295,12 @@ class FileTokenCache(SharedTokenCache):
     def _try_flock(self, key: CacheKey) -> int | None:
         """A descriptor holding the key's flock, or None when another holds it."""
         name = self._name(key, ".lock")
-        fd = self._open_lock(name)
+        fd = self._open_recorded(name)
         if fd is None:
-            self._replace_lock_file(name)
-            fd = self._open_lock(name)
+            self._replace_lock_file(name)  # not under _fds_lock: it may wait for a flock
+            fd = self._open_recorded(name)
             if fd is None:
                 raise OSError(errno.EAGAIN, "the lock file keeps being replaced")
-        with self._fds_lock:
-            self._lock_fds.add(fd)  # before it may hold the flock: a fork() then closes it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -305,12 +311,24 @@ class FileTokenCache(SharedTokenCache):
             raise
         return fd
 
+    def _open_recorded(self, name: str) -> int | None:
+        """:meth:`_open_lock`, recorded in ``_lock_fds`` before it may hold the flock.
+
+        Opened and recorded as one step (fork() waits for it, see _before_fork): a child forked
+        in between would keep an unrecorded copy, and with it the flock taken next.
+        """
+        with self._fds_lock:
+            fd = self._open_lock(name)
+            if fd is not None:
+                self._lock_fds.add(fd)
+            return fd
+
     def _close_lock(self, fd: int) -> None:
         with self._fds_lock:
             if fd not in self._lock_fds:
                 return  # closed by _after_fork: the number may be another file's now
             self._lock_fds.discard(fd)
-        os.close(fd)
+            os.close(fd)  # inside: a child forked before the close would keep an unrecorded copy
 
     def lock(self, key: CacheKey, lease: float) -> SharedLock:
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
+from . import _fork
 from .device import DEVICE_CODE_GRANT
 from .errors import ConfigurationError, TokenResponseError
 from .pkce import validate_verifier
@@ -112,6 +113,11 @@ class RefreshTokenGrant(Grant):
         self._send_scope = send_scope
         self.resource = _resources(resource)
         self.on_rotate = on_rotate
+        self._lock = threading.Lock()
+        _fork.register(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (a parent thread may have held it at fork time)."""
         self._lock = threading.Lock()
 
     @property

@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from . import _fork
 from .challenges import find_challenge
 from .errors import ConfigurationError
 from .htu import origin_of
@@ -82,6 +83,11 @@ class NonceStore:
             raise ConfigurationError("max_origins must be positive")
         self._max = max_origins
         self._nonces: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        _fork.register(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (a parent thread may have held it at fork time)."""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:

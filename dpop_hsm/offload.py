@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import _fork
 from .resource_flow import FlowAdapter, RedirectPolicy
 
 if TYPE_CHECKING:
@@ -55,6 +56,14 @@ class SigningOffload:
         self._workers = signer_concurrency(signer)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        _fork.register(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new pool on first use. The parent's pool came without its
+        threads, yet its idle count says a worker is free, so it would never start one and the
+        first signature would wait forever. Dropped, not shut down (its threads are not here)."""
+        self._lock = threading.Lock()
+        self._executor = None
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -539,6 +539,10 @@ class SharedNonceStore(NonceStore):
         self._checked: OrderedDict[str, float] = OrderedDict()
         self._guard_lock = threading.Lock()
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._guard_lock = threading.Lock()
+
     def get(self, url: str) -> str | None:
         nonce = super().get(url)
         if nonce is not None:

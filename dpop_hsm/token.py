@@ -29,16 +29,15 @@ asyncio tasks queue without blocking the loop.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from . import _fork
 from .errors import ConfigurationError, DPoPError, RedirectError, TransportError
 from .htu import require_https
 from .nonces import NonceStore
@@ -79,20 +78,6 @@ log = logging.getLogger("dpop_hsm.token")
 
 DEFAULT_TIMEOUT = (10.0, 10.0)
 
-# fork() copies one thread: a renewal another thread ran, or a lock it held, never ends in the
-# child. Caches and clients re-arm themselves there (``_after_fork``), or the child would wait
-# forever for a renewal nobody runs.
-_FORK_AWARE: weakref.WeakSet[TokenCache | TokenClient] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for item in list(_FORK_AWARE):
-        item._after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 def timeout_pair(timeout: float | tuple[float, float]) -> tuple[float, float]:
     """A ``timeout`` option as the (connect, read) seconds requests takes: one number is both."""
@@ -129,7 +114,7 @@ class TokenCache:
         self._max = max_entries
         self._tokens: OrderedDict[CacheKey, Token] = OrderedDict()
         self._lock = threading.Lock()
-        _FORK_AWARE.add(self)
+        _fork.register(self)  # re-armed in a forked child (a parent thread's lock or renewal)
 
     def _after_fork(self) -> None:
         """In a forked child: fresh locks (a parent thread may have held one at fork time)."""
@@ -187,10 +172,12 @@ class Renewal:
         self._inner: Generator[HttpRequest, HttpResponse, Token] | None = None
         # An async adapter advances the flow in a worker thread; a cancelled task leaves the
         # block while that thread is still inside a step. ``_stepping`` says so (the flow
-        # cannot be closed from outside then), ``_closed`` tells the step to close it itself.
+        # cannot be closed from outside then), ``_closed`` tells the step to close it itself,
+        # ``_inner_closed`` that one thread has closed it (see _close_inner).
         self._state = threading.Lock()
         self._stepping = False
         self._closed = False
+        self._inner_closed = False
 
     def flow(self) -> Generator[HttpRequest, HttpResponse, Token]:
         """Yield token requests, receive responses; return the new (cached) token.
@@ -205,7 +192,7 @@ class Renewal:
         except StopIteration as stop:
             token: Token = stop.value
         finally:
-            inner.close()  # no-op once finished; else a shared cache's fleet lock goes now
+            self._close_inner()  # no-op once finished; else a shared cache's fleet lock goes now
         self._finish(token)
         return token
 
@@ -223,9 +210,24 @@ class Renewal:
                 self._stepping = False
                 closed = self._closed
         if closed:  # the caller left during this step: release what the flow holds, here
-            inner.close()
+            self._close_inner()
             raise TransportError("the token renewal was abandoned by its caller")
         return request
+
+    def _close_inner(self) -> None:
+        """Close the inner flow exactly once, and never while another thread executes it.
+
+        Two threads may want to close it at the same moment (the worker's ``finally`` and the
+        loop's ``__exit__``); a generator closed while it runs raises ``ValueError`` in one of
+        them. The flag makes one thread the closer; while a step runs nobody closes it here,
+        the stepping thread does when its step returns (it sees ``_closed``).
+        """
+        with self._state:
+            inner = self._inner
+            if inner is None or self._inner_closed or self._stepping:
+                return
+            self._inner_closed = True
+        inner.close()
 
     def _finish(self, token: Token | None) -> None:
         with self._state:
@@ -259,14 +261,12 @@ class Renewal:
         tb: TracebackType | None,
     ) -> None:
         with self._state:
-            self._closed = True
-            stepping = self._stepping
+            self._closed = True  # from here on no step starts
         try:
             # A shared cache's fleet lock is released now, not at GC. While a worker thread
             # is inside a step (a cancelled asyncio task stopped waiting for it), the
             # generator cannot be closed from here: that step closes it when it returns.
-            if self._inner is not None and not stepping:
-                self._inner.close()
+            self._close_inner()
         finally:
             self._finish(None)  # the slot is free for the next caller either way
 
@@ -387,7 +387,7 @@ class TokenClient:
         self._renewing = False
         self._failures = 0  # renewals failed in a row
         self._retry_at = 0.0  # monotonic time before which a valid token is not renewed again
-        _FORK_AWARE.add(self)
+        _fork.register(self)  # re-armed in a forked child (a parent thread's lock or renewal)
 
     def _after_fork(self) -> None:
         """In a forked child: no renewal is running (its thread stayed in the parent), and the

@@ -22,7 +22,7 @@ import pytest
 
 from dpop_hsm.errors import ConfigurationError
 from dpop_hsm.file_cache import FileTokenCache
-from dpop_hsm.shared_cache import decode_entry, entry_id
+from dpop_hsm.shared_cache import SharedLock, decode_entry, entry_id
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import LocalDPoPServers
 from dpop_hsm.token import Renewal
@@ -268,3 +268,73 @@ def test_a_socket_under_an_entry_or_lock_name_is_replaced_not_an_outage(
         assert servers.counters.tokens_issued == 1
     finally:
         planted.close()
+
+
+class _PausedOpenCache(FileTokenCache):
+    """A file cache whose lock-file open pauses once, after the open, for the test: a fork
+    can then be started while a descriptor is open but perhaps not yet recorded."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.opened = threading.Event()
+        self.proceed = threading.Event()
+
+    def _open_lock(self, name: str) -> int | None:
+        fd = super()._open_lock(name)
+        if not self.opened.is_set():
+            self.opened.set()
+            assert self.proceed.wait(10)
+        return fd
+
+
+def test_a_fork_while_a_lock_file_is_being_opened_leaves_the_child_no_copy_of_it(
+    tmp_path: Path, servers: LocalDPoPServers, signer: SoftwareSigner
+) -> None:
+    """The lock file was opened, then recorded: a child forked in between kept an unrecorded
+    copy of the descriptor, and with it the flock the parent took next, for as long as the
+    child lived. Now fork() waits for the open+record step."""
+    directory = tmp_path / "cache"
+    cache = _PausedOpenCache(directory)
+    key = _client(servers, signer, cache).cache_key
+    taken: list[SharedLock] = []
+    locker = threading.Thread(target=lambda: taken.append(cache.lock(key, 5.0)))
+    locker.start()
+    assert cache.opened.wait(10)
+    answer_r, answer_w = os.pipe()  # child -> parent
+    exit_r, exit_w = os.pipe()  # parent -> child: "you may exit now"
+    pids: list[int] = []
+
+    def fork() -> None:  # waits in fork() for the locker's step (once fixed)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.write(answer_w, b"forked")
+                _answer(exit_r)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+
+    forker = threading.Thread(target=fork)
+    forker.start()
+    # Ordering only, asserted nowhere: on the old code the fork happens right away, in the gap;
+    # fixed, it waits for the step, which goes on now.
+    time.sleep(0.2)
+    cache.proceed.set()
+    try:
+        locker.join(timeout=10)
+        forker.join(timeout=10)
+        assert len(taken) == 1 and taken[0].held and pids
+        assert _answer(answer_r) == b"forked"
+        taken[0].release()
+        # The child still lives: yet the released lock is free for the next process.
+        attempt = FileTokenCache(directory).lock(key, 1.0)
+        assert attempt.held, "the forked child kept the parent's flock"
+        attempt.release()
+    finally:
+        os.write(exit_w, b"exit")
+        for pid in pids:
+            os.waitpid(pid, 0)
+        for fd in (answer_r, answer_w, exit_r, exit_w):
+            os.close(fd)

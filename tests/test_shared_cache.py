@@ -11,20 +11,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
 
-from dpop_hsm.errors import ConfigurationError
+from dpop_hsm.errors import ConfigurationError, TransportError
 from dpop_hsm.file_cache import FileTokenCache
 from dpop_hsm.jose import b64url_encode, compact_json
+from dpop_hsm.sansio import HttpRequest, HttpResponse
 from dpop_hsm.shared_cache import Outage, Unavailable, decode_entry, encode_entry, entry_id
 from dpop_hsm.shared_entry import MAX_LIFETIME
 from dpop_hsm.signers.software import SoftwareSigner
 from dpop_hsm.testing import LocalDPoPServers
-from dpop_hsm.token import CacheKey, Token, drive_flow
+from dpop_hsm.token import CacheKey, Renewal, Token, TokenClient, drive_flow
 from tests.support.caches import CACHE_CLIENT_SECRET, cache_client, cache_servers
 
 SECRET = CACHE_CLIENT_SECRET
@@ -438,3 +440,66 @@ def test_file_cache_never_holds_the_refresh_token_client_secret_or_key(
         assert secret not in blob
     assert b64url_encode(d).encode() not in blob and d not in blob and pem not in blob
     assert b"refresh_token" not in blob and b'"d"' not in blob
+
+
+class _SlowReleaseCache(FileTokenCache):
+    """A file cache whose renewal, when closed, waits for the test before it finishes: the
+    close is then provably in progress while another thread touches the flow."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.closing = threading.Event()
+        self.release = threading.Event()
+        self.closes = 0
+
+    def renewal_flow(
+        self, client: TokenClient, previous: Token | None
+    ) -> Generator[HttpRequest, HttpResponse, Token]:
+        try:
+            return (yield from super().renewal_flow(client, previous))
+        finally:  # the fleet lock is released by now (yield from closed the inner flow)
+            self.closes += 1
+            self.closing.set()
+            assert self.release.wait(10)
+
+
+def test_a_renewal_abandoned_while_its_worker_resumes_is_closed_once(
+    tmp_path: Path, servers: LocalDPoPServers, signer: SoftwareSigner
+) -> None:
+    """A cancelled async task leaves the Renewal block on the loop thread while a worker thread
+    resumes its flow. Both closed the inner flow: the second close, during the first, raised
+    ValueError('generator already executing') on one side instead of the TransportError."""
+    cache = _SlowReleaseCache(tmp_path / "cache")
+    client = _client(servers, signer, cache)
+    renewal = client.acquire()
+    assert isinstance(renewal, Renewal)
+    flow = renewal.flow()
+    request = next(flow)  # the fleet lock is held; the token request is ready
+    response = client._default_sender()(request)
+    errors: list[BaseException] = []
+
+    def leave() -> None:  # the loop thread: the task was cancelled
+        try:
+            renewal.__exit__(None, None, None)
+        except BaseException as e:  # whatever it is, the test reports it
+            errors.append(e)
+
+    leaver = threading.Thread(target=leave)
+    leaver.start()
+    try:
+        assert cache.closing.wait(10), "__exit__ never closed the flow"
+        # The worker resumes the flow while __exit__ is still closing it.
+        with pytest.raises(TransportError, match="abandoned"):
+            flow.send(response)
+    finally:
+        cache.release.set()
+        leaver.join(timeout=10)
+    assert not leaver.is_alive() and errors == []
+    assert cache.closes == 1
+    again = client.try_acquire()
+    assert isinstance(again, Renewal), "the abandoned renewal kept the slot"
+    with again:
+        pass
+    attempt = FileTokenCache(tmp_path / "cache").lock(client.cache_key, 1.0)
+    assert attempt.held, "the abandoned renewal kept the fleet lock"
+    attempt.release()
