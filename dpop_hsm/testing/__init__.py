@@ -22,10 +22,11 @@ Authorization server (``as_url``, also the issuer):
   one client authentication method per request (§2.3), client_credentials for confidential
   clients only (§4.4); a body that stops arriving for ``body_timeout`` seconds gets 408.
 Resource server (``rs_url``):
-  ``/api/dpop/test`` (and every path below it) returns the token's claims (never the proof); rejects Bearer use of a bound
-  token, replays, wrong htm/htu/ath, a key that does not match ``cnf.jkt``, and (``rs_nonce``)
-  a missing/stale nonce, each with ``WWW-Authenticate: DPoP error="…"`` and ``algs`` (§7.1,
-  §9). ``/redirect?to=…`` answers 307.
+  ``/api/dpop/test`` (and every path below it) returns the token's claims (never the
+  proof); rejects Bearer use of a bound token, replays, wrong htm/htu/ath, a key that does
+  not match ``cnf.jkt``, and (``rs_nonce``) a missing/stale nonce, each with
+  ``WWW-Authenticate: DPoP error="…"`` and ``algs`` (§7.1, §9). ``/redirect?to=…`` answers
+  307.
 
 ``LocalDPoPServers()`` with no ``clients`` serves two ready clients: ``DEFAULT_CLIENT``
 (client_id ``dpop-hsm-test``, secret ``dpop-hsm-test-secret``, ``client_secret_basic``, scope
