@@ -29,6 +29,7 @@ asyncio tasks queue without blocking the loop.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -229,13 +230,13 @@ class Renewal:
             self._inner_closed = True
         inner.close()
 
-    def _finish(self, token: Token | None) -> None:
+    def _finish(self, token: Token | None, *, failed: bool = True) -> None:
         with self._state:
             first, self._done = not self._done, True
         if first:
-            self._client._finish_renewal(token)
-        elif token is not None:  # fetched by a step its caller stopped waiting for: keep it
-            self._client.cache.put(self._client.cache_key, token)
+            self._client._finish_renewal(token, failed=failed)
+        elif token is not None:  # fetched by a step its caller stopped waiting for
+            self._client._adopt_late_token(token)
 
     def fallback(self, error: DPoPError) -> Token:
         """The one rule for a failed renewal: keep the still-valid previous token, else raise.
@@ -268,7 +269,18 @@ class Renewal:
             # generator cannot be closed from here: that step closes it when it returns.
             self._close_inner()
         finally:
-            self._finish(None)  # the slot is free for the next caller either way
+            # The slot is free for the next caller either way. A caller that was cancelled
+            # (asyncio, or httpx closing its auth flow) did not see the AS fail: no back-off.
+            self._finish(None, failed=not _is_cancellation(exc_type))
+
+
+def _is_cancellation(exc_type: type[BaseException] | None) -> bool:
+    if exc_type is None:
+        return False
+    asyncio = sys.modules.get("asyncio")  # not loaded: no task exists that could be cancelled
+    if asyncio is not None and issubclass(exc_type, asyncio.CancelledError):
+        return True
+    return issubclass(exc_type, GeneratorExit)
 
 
 def drive_flow(
@@ -487,12 +499,25 @@ class TokenClient:
             return token
         return None
 
-    def _finish_renewal(self, token: Token | None) -> None:
+    def _adopt_late_token(self, token: Token) -> None:
+        """Keep a token whose renewal's caller stopped waiting, unless a newer one is cached."""
+        with self._cond:
+            current = self.cache.get(self.cache_key)
+            if current is not None and current.expires_at >= token.expires_at:
+                return
+            self.cache.put(self.cache_key, token)
+            self._failures = 0
+            self._retry_at = 0.0
+            self._cond.notify_all()
+
+    def _finish_renewal(self, token: Token | None, *, failed: bool = True) -> None:
         with self._cond:
             if token is not None:
                 self.cache.put(self.cache_key, token)
                 self._failures = 0
                 self._retry_at = 0.0
+            elif not failed:
+                pass  # abandoned by its caller: the slot is freed below, the back-off unchanged
             else:
                 # Exponential backoff (1 s, 2 s, 4 s … 60 s) for renewals while a still-valid
                 # token exists; with no valid token, acquire() renews at once as before.
