@@ -10,16 +10,24 @@ from dpop_hsm.testing import ClientRegistration, LocalDPoPServers
 from dpop_hsm.token import Token, TokenClient
 
 
-def test_failed_renewal_backs_off_while_the_token_is_valid() -> None:
+def _servers() -> LocalDPoPServers:
     client = ClientRegistration("c", "client_secret_basic", "s")
-    with LocalDPoPServers(clients=[client], as_nonce=False, token_lifetime=300) as servers:
-        tc = TokenClient(
-            SoftwareSigner.generate(),
-            token_endpoint=servers.token_endpoint,
-            client_id="c",
-            client_secret="s",
-            renew_before=299.5,  # due for renewal half a second after it is issued
-        )
+    return LocalDPoPServers(clients=[client], as_nonce=False, token_lifetime=300)
+
+
+def _due_client(servers: LocalDPoPServers) -> TokenClient:
+    return TokenClient(
+        SoftwareSigner.generate(),
+        token_endpoint=servers.token_endpoint,
+        client_id="c",
+        client_secret="s",
+        renew_before=299.5,  # due for renewal half a second after it is issued
+    )
+
+
+def test_failed_renewal_backs_off_while_the_token_is_valid() -> None:
+    with _servers() as servers:
+        tc = _due_client(servers)
         first = tc.get_token()
         time.sleep(0.6)
         servers.as_behavior = "error_500"
@@ -40,15 +48,8 @@ def test_a_cancelled_renewal_is_no_failure_and_a_late_token_never_replaces_a_new
 
     from dpop_hsm.token import Renewal
 
-    client = ClientRegistration("c", "client_secret_basic", "s")
-    with LocalDPoPServers(clients=[client], as_nonce=False, token_lifetime=300) as servers:
-        tc = TokenClient(
-            SoftwareSigner.generate(),
-            token_endpoint=servers.token_endpoint,
-            client_id="c",
-            client_secret="s",
-            renew_before=299.5,  # due for renewal half a second after it is issued
-        )
+    with _servers() as servers:
+        tc = _due_client(servers)
         first = tc.get_token()
         time.sleep(0.6)
         renewal = tc.acquire()
